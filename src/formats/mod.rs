@@ -1,0 +1,3 @@
+//! On-disk formats: weight encodings and the model directory.
+
+pub mod weights;

@@ -1,0 +1,1 @@
+//! Weight encodings (placeholder, filled in by its branch).

@@ -1,0 +1,1 @@
+//! Depthwise 3x3 convolution as a candle custom op (placeholder, filled in by its branch).

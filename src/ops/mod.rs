@@ -1,0 +1,3 @@
+//! Custom tensor operations that candle lacks or runs slowly.
+
+pub mod depthwise;
