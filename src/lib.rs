@@ -5,3 +5,4 @@
 
 pub mod formats;
 pub mod ops;
+pub mod zoo;

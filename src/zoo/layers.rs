@@ -1,0 +1,219 @@
+//! Building blocks shared by the architectures: convolution (with the fast depthwise path),
+//! BatchNorm, linear layers and activations.
+//!
+//! Every layer is built from a [`VarBuilder`] whose `pp` path is the PyTorch state_dict key,
+//! so weights move between PyTorch and candle without renaming. Initialisation follows
+//! PyTorch's defaults (uniform in ±1/sqrt(fan_in) for weights and biases; BatchNorm gamma 1,
+//! beta 0) so that training from scratch behaves like the reference code.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
+
+use crate::ops::depthwise::depthwise_conv3x3;
+
+/// BatchNorm settings of the reference models (PyTorch defaults).
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+
+fn uniform_init(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// A 2-D convolution `conv(i, o, k, g)` with optional bias.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+}
+
+impl Conv {
+    /// `padding` is `k / 2` for the study's "same" convolutions; ResNet passes its own.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let fan_in = in_c / groups * k * k;
+        let weight =
+            vb.get_with_hints((out_c, in_c / groups, k, k), "weight", uniform_init(fan_in))?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_c, "bias", uniform_init(fan_in))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+            groups,
+        })
+    }
+
+    /// The study's convolution: stride 1, padding k/2, with bias.
+    pub fn same(
+        in_c: usize,
+        out_c: usize,
+        k: usize,
+        groups: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Self::new(in_c, out_c, k, 1, k / 2, groups, true, vb)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn padding(&self) -> usize {
+        self.padding
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    fn is_depthwise3x3(&self) -> bool {
+        let (out_c, in_per_group, kh, kw) = match self.weight.dims4() {
+            Ok(d) => d,
+            Err(_) => return false,
+        };
+        in_per_group == 1
+            && out_c == self.groups
+            && kh == 3
+            && kw == 3
+            && self.stride == 1
+            && self.padding == 1
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if self.is_depthwise3x3() {
+            depthwise_conv3x3(x, &self.weight)?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// BatchNorm2d: batch statistics and a running-stat update in train mode, running stats in eval.
+#[derive(Debug, Clone)]
+pub struct Bn {
+    inner: BatchNorm,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+impl Bn {
+    pub fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let cfg = BatchNormConfig {
+            eps: BN_EPS,
+            remove_mean: true,
+            affine: true,
+            momentum: BN_MOMENTUM,
+        };
+        let inner = candle_nn::batch_norm(c, cfg, vb.clone())?;
+        Ok(Self {
+            inner,
+            weight: vb.get(c, "weight")?,
+            bias: vb.get(c, "bias")?,
+            running_mean: vb.get(c, "running_mean")?,
+            running_var: vb.get(c, "running_var")?,
+        })
+    }
+
+    /// Gamma: the importance score used by channel pruning.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn running_mean(&self) -> &Tensor {
+        &self.running_mean
+    }
+
+    pub fn running_var(&self) -> &Tensor {
+        &self.running_var
+    }
+}
+
+impl ModuleT for Bn {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.inner.forward_t(x, train)
+    }
+}
+
+/// Fully connected layer `Linear(i, o)` with bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub fn new(in_f: usize, out_f: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints((out_f, in_f), "weight", uniform_init(in_f))?;
+        let b = vb.get_with_hints(out_f, "bias", uniform_init(in_f))?;
+        Ok(Self {
+            inner: candle_nn::Linear::new(w, Some(b)),
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.inner.forward(x)
+    }
+}
+
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    x.clamp(0f32, 6f32)
+}
+
+/// 2x2 max pool, stride 2 (floor), as `nn.MaxPool2d(2)`.
+pub fn pool2(x: &Tensor) -> Result<Tensor> {
+    x.max_pool2d(2)
+}
+
+/// Global average pool: [N, C, H, W] -> [N, C].
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean((2, 3))
+}
