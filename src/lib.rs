@@ -5,4 +5,5 @@
 
 pub mod formats;
 pub mod ops;
+pub mod preprocess;
 pub mod zoo;
