@@ -1,4 +1,5 @@
-//! On-disk formats: weight encodings and the model directory.
+//! On-disk formats: weight encodings, the model directory and ONNX export.
 
 pub mod model_dir;
+pub mod onnx;
 pub mod weights;

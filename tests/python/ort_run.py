@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Run or benchmark an exported slimserve ONNX model with onnxruntime (CPU).
+
+  ort_run.py run   --model m.onnx --input x.f32 --shape 3,3,32,32 --output y.f32 [--check]
+      Reads the input as raw little-endian f32 of the given NCHW shape, runs it through
+      the "input" -> "logits" graph and writes the logits as raw little-endian f32. With
+      --check, first runs onnx.checker.check_model(full_check=True). Prints a JSON summary
+      ({"output_shape": [...], "input_dims": [...], "output_dims": [...]}) on stdout.
+
+  ort_run.py bench --model m.onnx --batch 8 --threads 1 [--seconds 5 | --iterations 100]
+      Times repeated runs of a random batch after a warm-up, with intra_op_num_threads =
+      threads, inter_op_num_threads = 1 and ORT_ENABLE_ALL graph optimisations; prints
+      {"images_per_s": ..., ...} as JSON on stdout.
+
+Needs onnxruntime, onnx and numpy:
+  python3 -m venv .venv && .venv/bin/pip install onnxruntime onnx numpy
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+INPUT = "input"
+OUTPUT = "logits"
+
+
+def session(model, threads=None):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def dims(value):
+    return [d if isinstance(d, (int, str)) else None for d in value.shape]
+
+
+def cmd_run(args):
+    if args.check:
+        import onnx
+
+        onnx.checker.check_model(args.model, full_check=True)
+    shape = [int(d) for d in args.shape.split(",")]
+    x = np.fromfile(args.input, dtype="<f4")
+    if x.size != int(np.prod(shape)):
+        sys.exit(f"{args.input}: {x.size} floats, shape {shape} needs {int(np.prod(shape))}")
+    sess = session(args.model)
+    (y,) = sess.run([OUTPUT], {INPUT: x.reshape(shape)})
+    np.ascontiguousarray(y, dtype="<f4").tofile(args.output)
+    print(
+        json.dumps(
+            {
+                "output_shape": list(y.shape),
+                "input_dims": dims(sess.get_inputs()[0]),
+                "output_dims": dims(sess.get_outputs()[0]),
+            }
+        )
+    )
+
+
+def cmd_bench(args):
+    sess = session(args.model, threads=args.threads)
+    inp = sess.get_inputs()[0]
+    _, c, h, w = inp.shape
+    if not all(isinstance(d, int) for d in (c, h, w)):
+        sys.exit(f"{args.model}: input {inp.name} has non-static CHW dims {inp.shape}")
+    x = np.random.default_rng(0).standard_normal((args.batch, c, h, w), dtype=np.float32)
+    feed = {INPUT: x}
+
+    warm_end = time.perf_counter() + args.warmup_seconds
+    warm = 0
+    while warm < 2 or time.perf_counter() < warm_end:
+        sess.run([OUTPUT], feed)
+        warm += 1
+
+    iters = 0
+    start = time.perf_counter()
+    if args.iterations is not None:
+        for _ in range(args.iterations):
+            sess.run([OUTPUT], feed)
+        iters = args.iterations
+    else:
+        end = start + args.seconds
+        while iters == 0 or time.perf_counter() < end:
+            sess.run([OUTPUT], feed)
+            iters += 1
+    elapsed = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "images_per_s": iters * args.batch / elapsed,
+                "batch": args.batch,
+                "threads": args.threads,
+                "iterations": iters,
+                "seconds": elapsed,
+                "ms_per_batch": 1e3 * elapsed / iters,
+                "onnxruntime": ort.__version__,
+            }
+        )
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run one input batch, write raw f32 logits")
+    r.add_argument("--model", required=True)
+    r.add_argument("--input", required=True, help="raw little-endian f32, NCHW")
+    r.add_argument("--shape", required=True, help="comma-separated NCHW, e.g. 3,3,32,32")
+    r.add_argument("--output", required=True, help="where to write raw little-endian f32 logits")
+    r.add_argument("--check", action="store_true", help="onnx.checker.check_model(full_check=True) first")
+    r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="measure throughput, print JSON")
+    b.add_argument("--model", required=True)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--warmup-seconds", type=float, default=1.0)
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--seconds", type=float, default=5.0, help="measure for this long (default)")
+    g.add_argument("--iterations", type=int, help="measure exactly this many runs instead")
+    b.set_defaults(func=cmd_bench)
+
+    args = p.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
