@@ -1,1 +1,44 @@
-fn main() {}
+//! `slimtrain`: training and compression for slimserve models.
+//!
+//! The binary only parses arguments and calls the command modules.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Train, distil, quantize, prune, export and benchmark the study's small image classifiers.
+#[derive(Parser, Debug)]
+#[command(name = "slimtrain", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List the architectures with parameters, f32 weight-file bytes and MACs per image.
+    Zoo(commands::zoo::Args),
+    /// Convert a PyTorch checkpoint (zip-format .pth/.bin, or safetensors) into a model directory.
+    Import(commands::import::Args),
+    /// Write a model directory as ONNX (opset 17, dynamic batch, eval-mode semantics).
+    ExportOnnx(commands::export::Args),
+    /// Re-encode a model's weights: uint8 (the study's per-tensor min/max), uint8 per channel, f16, f32.
+    Quantize(commands::quantize::Args),
+    /// Images/s of candle's eval forward vs ONNX Runtime on the same weights, per architecture.
+    Bench(commands::bench::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Zoo(a) => commands::zoo::run(a),
+        Command::Import(a) => commands::import::run(a),
+        Command::ExportOnnx(a) => commands::export::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
