@@ -1,0 +1,3 @@
+//! slimtrain: training and compression for slimserve models.
+
+pub mod data;
