@@ -74,7 +74,8 @@ impl fmt::Display for FetchTarget {
 }
 
 /// Fetches `what` (idempotent: quick when already present) and returns the folder to pass to
-/// [`super::open`].
+/// [`super::open`]. Fashion-MNIST lives where its Debian package puts it
+/// (`/usr/share/datasets/fashion-mnist`), not in `cache_dir`.
 pub fn fetch(what: FetchTarget, cache_dir: &Path) -> Result<PathBuf, DataError> {
     match what {
         FetchTarget::FashionMnist => fetch_fashion_mnist(),

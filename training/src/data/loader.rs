@@ -219,7 +219,8 @@ impl Loader {
     }
 
     /// Iterates over the batches of `epoch`, starting after `skip_batches` batches (resume).
-    /// Batches are `(images [B, 3, S, S] f32 on the CPU, labels [B] u32)`.
+    /// Batches are `(images [B, 3, S, S] f32, labels [B] u32)` on the CPU; move them to the
+    /// training device with `to_device`.
     pub fn epoch(&self, epoch: u64, skip_batches: usize) -> Batches {
         let order: Vec<usize> = self
             .epoch_order(epoch)
