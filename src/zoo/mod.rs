@@ -4,6 +4,7 @@
 //! determines the weight keys and shapes, so the same spec drives training, import, export and
 //! serving. Weight keys are the PyTorch state_dict keys of the reference models.
 
+mod init;
 mod layers;
 mod mobile;
 mod plain;
@@ -244,6 +245,23 @@ impl Model {
     pub fn init(spec: &ModelSpec, device: &Device) -> Result<(VarMap, Self), ZooError> {
         let varmap = VarMap::new();
         let model = Self::new(spec, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+        Ok((varmap, model))
+    }
+
+    /// Like [`Model::init`], but the weights are a function of `seed` (PyTorch's default
+    /// distributions, drawn per weight name), so runs are reproducible.
+    pub fn init_seeded(
+        spec: &ModelSpec,
+        device: &Device,
+        seed: u64,
+    ) -> Result<(VarMap, Self), ZooError> {
+        let varmap = VarMap::new();
+        let backend = init::Seeded {
+            varmap: varmap.clone(),
+            seed,
+        };
+        let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+        let model = Self::new(spec, vb)?;
         Ok((varmap, model))
     }
 

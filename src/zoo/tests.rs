@@ -203,3 +203,31 @@ fn invalid_specs_are_errors_not_panics() {
     assert!(g.validate().is_err());
     assert!(ModelSpec::new(Arch::Student, 0, 64).validate().is_err());
 }
+
+#[test]
+fn seeded_init_is_reproducible_and_follows_pytorch_defaults() {
+    let s = spec(Arch::StudentDeeper, 32);
+    let weights = |seed| {
+        let (varmap, _) = Model::init_seeded(&s, &Device::Cpu, seed).unwrap();
+        let data = varmap.data().lock().unwrap();
+        let get = |k: &str| {
+            data[k]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        (
+            get("cnn.3.3.weight"),
+            get("cnn.3.1.weight"),
+            get("cnn.3.1.running_var"),
+        )
+    };
+    let (a, gamma, var) = weights(1);
+    assert_eq!(a, weights(1).0, "same seed, same weights");
+    assert_ne!(a, weights(2).0, "another seed, other weights");
+    // Pointwise conv 64 -> 128: fan_in 64, so U(-1/8, 1/8), and not all at the bound.
+    assert!(a.iter().all(|v| v.abs() <= 0.125) && a.iter().any(|v| v.abs() < 0.1));
+    assert!(gamma.iter().all(|&g| g == 1.0) && var.iter().all(|&v| v == 1.0));
+}

@@ -53,7 +53,11 @@ pub fn prune(
 ) -> Result<(ModelSpec, BTreeMap<String, Tensor>)> {
     let range = prunable(spec.arch)?;
     if new_widths.len() != spec.widths.len() {
-        bail!("{} widths given for {} layers", new_widths.len(), spec.widths.len());
+        bail!(
+            "{} widths given for {} layers",
+            new_widths.len(),
+            spec.widths.len()
+        );
     }
     let mut out = tensors.clone();
     let get = |m: &BTreeMap<String, Tensor>, k: &str| -> Result<Tensor> {
@@ -112,7 +116,11 @@ mod tests {
                 widths: widths_at(Arch::Student, mult).unwrap(),
                 ..ModelSpec::new(Arch::Student, 11, 256)
             };
-            assert_eq!(param_count(&weight_shapes(&spec).unwrap()), want, "width_mult {mult}");
+            assert_eq!(
+                param_count(&weight_shapes(&spec).unwrap()),
+                want,
+                "width_mult {mult}"
+            );
             mult *= 0.95;
         }
     }
@@ -135,12 +143,18 @@ mod tests {
             *g = 0.0;
         }
         gamma.swap(0, 127); // channel 0 now unimportant, channel 127 important
-        tensors.insert("cnn.4.1.weight".into(), Tensor::new(gamma.as_slice(), &Device::Cpu).unwrap());
-        tensors.insert("cnn.4.1.bias".into(), Tensor::zeros(128, candle_core::DType::F32, &Device::Cpu).unwrap());
+        tensors.insert(
+            "cnn.4.1.weight".into(),
+            Tensor::new(gamma.as_slice(), &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "cnn.4.1.bias".into(),
+            Tensor::zeros(128, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
         let mut widths = spec.widths.clone();
         widths[3] = 121;
         let (new_spec, pruned) = prune(&spec, &tensors, &widths).unwrap();
-        assert_eq!(pruned["cnn.3.3.weight"].dims(), &[121, 128, 1, 1]);
+        assert_eq!(pruned["cnn.3.3.weight"].dims(), &[121, 64, 1, 1]);
         assert_eq!(pruned["cnn.4.0.weight"].dims(), &[121, 1, 3, 3]);
         assert_eq!(pruned["cnn.4.3.weight"].dims(), &[128, 121, 1, 1]);
         // Kept: channels 1..=120 and 127; dropped: 0 and 121..=126 (all with gamma 0, beta 0).
@@ -158,7 +172,10 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(d < 1e-5, "pruning zero-gamma channels changed the logits by {d}");
+        assert!(
+            d < 1e-5,
+            "pruning zero-gamma channels changed the logits by {d}"
+        );
     }
 
     #[test]

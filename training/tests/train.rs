@@ -21,15 +21,23 @@ fn ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Three classes told apart by colour, with noise so that training has something to do.
 fn photo(label: usize, i: usize) -> RgbImage {
     let base = [[200u8, 40, 40], [40, 200, 40], [40, 40, 200]][label];
     RgbImage::from_fn(40, 36, |x, y| {
-        let n = ((x * 7 + y * 13 + i * 31) % 50) as u8;
-        Rgb([base[0].saturating_add(n), base[1].saturating_add(n), base[2].saturating_add(n)])
+        let n = ((x as usize * 7 + y as usize * 13 + i * 31) % 50) as u8;
+        Rgb([
+            base[0].saturating_add(n),
+            base[1].saturating_add(n),
+            base[2].saturating_add(n),
+        ])
     })
 }
 
@@ -40,11 +48,17 @@ fn food11(root: &Path, per_class_train: usize) -> PathBuf {
         std::fs::create_dir_all(&dir).unwrap();
         for label in 0..3 {
             for i in 0..n {
-                photo(label, i).save(dir.join(format!("{label}_{i}.jpg"))).unwrap();
+                photo(label, i)
+                    .save(dir.join(format!("{label}_{i}.jpg")))
+                    .unwrap();
             }
         }
     }
-    std::fs::write(root.join("training/1_999.jpg"), b"\xff\xd8\xff\xe0 truncated").unwrap();
+    std::fs::write(
+        root.join("training/1_999.jpg"),
+        b"\xff\xd8\xff\xe0 truncated",
+    )
+    .unwrap();
     root.to_path_buf()
 }
 
@@ -52,18 +66,38 @@ fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
 }
 
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+fn run(args: &[String]) -> Output {
+    slimtrain(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 #[test]
 fn train_distill_eval_quantize_prune_on_a_food11_folder() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = food11(&tmp.path().join("food-11"), 8);
-    let common = ["--input-size", "32", "--batch-size", "4", "--epochs", "2"];
+    let data = s(&food11(&tmp.path().join("food-11"), 8));
+    let common = strings(&["--batch-size", "4", "--epochs", "2"]);
 
     let teacher = tmp.path().join("big");
-    let mut args = vec!["train", "--arch", "big", "--data", &s(&data), "--out", &s(&teacher)];
-    args.extend(common);
-    args[9] = "64"; // big needs 64 pixels for its six pools
-    let log = ok(&slimtrain(&args));
-    assert!(log.contains("1_999.jpg"), "the corrupt image is reported by path: {log}");
+    let mut args = strings(&[
+        "train",
+        "--arch",
+        "big",
+        "--data",
+        &data,
+        "--out",
+        &s(&teacher),
+        "--input-size",
+        "64",
+    ]);
+    args.extend(common.clone());
+    let log = ok(&run(&args));
+    assert!(
+        log.contains("1_999.jpg"),
+        "the corrupt image is reported by path: {log}"
+    );
     let csv = std::fs::read_to_string(teacher.join("log.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "header + one row per epoch: {csv}");
     let cfg: serde_json::Value =
@@ -74,20 +108,39 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
 
     // The student must take the teacher's input size.
     let kd = tmp.path().join("kd");
-    let mut args = vec![
-        "distill", "--teacher", &s(&teacher.join("best")), "--arch", "student-deeper",
-        "--data", &s(&data), "--out", &s(&kd), "--temperature", "4", "--alpha", "0.5",
-    ];
-    args.extend(common);
-    let err = slimtrain(&args);
+    let mut args = strings(&[
+        "distill",
+        "--teacher",
+        &s(&teacher.join("best")),
+        "--arch",
+        "student-deeper",
+        "--data",
+        &data,
+        "--out",
+        &s(&kd),
+        "--temperature",
+        "4",
+        "--alpha",
+        "0.5",
+    ]);
+    args.extend(common.clone());
+    let mut wrong = args.clone();
+    wrong.extend(strings(&["--input-size", "32"]));
+    let err = run(&wrong);
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("--input-size 64"));
-    args[14] = "64";
-    ok(&slimtrain(&args));
+    args.extend(strings(&["--input-size", "64"]));
+    ok(&run(&args));
 
     let q8 = tmp.path().join("kd-q8");
-    ok(&slimtrain(&["quantize", "--model", &s(&kd.join("best")), "--out", &s(&q8)]));
-    let eval = slimtrain(&["eval", "--model", &s(&q8), "--data", &s(&data), "--json"]);
+    ok(&slimtrain(&[
+        "quantize",
+        "--model",
+        &s(&kd.join("best")),
+        "--out",
+        &s(&q8),
+    ]));
+    let eval = slimtrain(&["eval", "--model", &s(&q8), "--data", &data, "--json"]);
     ok(&eval);
     let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert_eq!(report["images"], 9);
@@ -95,8 +148,23 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
 
     let pruned = tmp.path().join("pruned");
     ok(&slimtrain(&[
-        "prune", "--model", &s(&kd.join("best")), "--rate", "0.9", "--steps", "2",
-        "--data", &s(&data), "--out", &s(&pruned), "--input-size", "64", "--batch-size", "4", "--epochs", "1",
+        "prune",
+        "--model",
+        &s(&kd.join("best")),
+        "--rate",
+        "0.9",
+        "--steps",
+        "2",
+        "--data",
+        &data,
+        "--out",
+        &s(&pruned),
+        "--input-size",
+        "64",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
     ]));
     let curve = std::fs::read_to_string(pruned.join("curve.csv")).unwrap();
     let params: Vec<u64> = curve
@@ -114,8 +182,23 @@ fn resume_after_kill_continues_exactly() {
     let data = food11(&tmp.path().join("food-11"), 40);
     let args = |out: &Path| -> Vec<String> {
         [
-            "train", "--arch", "student", "--data", &s(&data), "--out", &s(out), "--input-size", "48",
-            "--batch-size", "4", "--epochs", "2", "--checkpoint-every", "1", "--seed", "7",
+            "train",
+            "--arch",
+            "student",
+            "--data",
+            &s(&data),
+            "--out",
+            &s(out),
+            "--input-size",
+            "48",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--seed",
+            "7",
         ]
         .iter()
         .map(|a| a.to_string())
@@ -123,7 +206,12 @@ fn resume_after_kill_continues_exactly() {
     };
 
     let reference = tmp.path().join("reference");
-    ok(&slimtrain(&args(&reference).iter().map(String::as_str).collect::<Vec<_>>()));
+    ok(&slimtrain(
+        &args(&reference)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    ));
 
     let killed = tmp.path().join("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_slimtrain"))
@@ -135,31 +223,58 @@ fn resume_after_kill_continues_exactly() {
     let state = killed.join("checkpoint/state.json");
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let s: Option<serde_json::Value> = std::fs::read(&state).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        let s: Option<serde_json::Value> = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
         if s.is_some_and(|s| s["epoch"] == 0 && s["batch"].as_u64().unwrap_or(0) >= 3) {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
-        assert!(Instant::now() < deadline, "no mid-epoch checkpoint appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run finished before it could be killed"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no mid-epoch checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
-    let at_kill: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let at_kill: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
     assert_eq!(at_kill["epoch"], 0, "killed mid-epoch");
 
     let mut resume = args(&killed);
     resume.push("--resume".into());
-    let log = ok(&slimtrain(&resume.iter().map(String::as_str).collect::<Vec<_>>()));
+    let log = ok(&slimtrain(
+        &resume.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
     assert!(log.contains("resuming"), "{log}");
 
-    for file in ["checkpoint/model.safetensors", "checkpoint/optimizer.safetensors", "best/model.safetensors"] {
+    for file in [
+        "checkpoint/model.safetensors",
+        "checkpoint/optimizer.safetensors",
+        "best/model.safetensors",
+    ] {
         let a = std::fs::read(reference.join(file)).unwrap();
         let b = std::fs::read(killed.join(file)).unwrap();
-        assert!(a == b, "{file} differs between the uninterrupted and the resumed run");
+        assert!(
+            a == b,
+            "{file} differs between the uninterrupted and the resumed run"
+        );
     }
-    let rows = |d: &Path| std::fs::read_to_string(d.join("log.csv")).unwrap().lines().count();
-    assert_eq!(rows(&killed), rows(&reference), "one log row per epoch, none lost or doubled");
+    let rows = |d: &Path| {
+        std::fs::read_to_string(d.join("log.csv"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(
+        rows(&killed),
+        rows(&reference),
+        "one log row per epoch, none lost or doubled"
+    );
 
     // Starting over a finished run without --resume is refused rather than overwriting it.
     let again = slimtrain(&args(&killed).iter().map(String::as_str).collect::<Vec<_>>());

@@ -24,7 +24,7 @@ enum Action {
 pub fn run(args: Args) -> Result<()> {
     match args.action {
         Action::Fetch { what, cache } => {
-            slimtrain::data::fetch::run_fetch_cli(&what, &cache)?;
+            slimtrain::data::run_fetch_cli(&what, &cache)?;
         }
     }
     Ok(())

@@ -65,7 +65,13 @@ pub fn run(args: Args) -> Result<()> {
         "train" => &data.train,
         other => bail!("--split {other}: expected val, test or train"),
     };
-    let r = train::evaluate(&model, samples, data.num_classes(), args.batch_size, &device)?;
+    let r = train::evaluate(
+        &model,
+        samples,
+        data.num_classes(),
+        args.batch_size,
+        &device,
+    )?;
     let c = &r.confusion;
     let n = c.classes;
     let report = Report {
@@ -75,8 +81,15 @@ pub fn run(args: Args) -> Result<()> {
         accuracy: c.accuracy(),
         ci95: wilson_interval(c.correct(), c.total()),
         majority_baseline: c.majority_baseline(),
-        per_class_accuracy: data.classes.iter().cloned().zip(c.per_class_accuracy()).collect(),
-        confusion: (0..n).map(|t| c.counts[t * n..(t + 1) * n].to_vec()).collect(),
+        per_class_accuracy: data
+            .classes
+            .iter()
+            .cloned()
+            .zip(c.per_class_accuracy())
+            .collect(),
+        confusion: (0..n)
+            .map(|t| c.counts[t * n..(t + 1) * n].to_vec())
+            .collect(),
         weight_file_bytes: loaded.file_bytes,
         unreadable_images: r.bad_images,
     };
@@ -105,7 +118,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!("confusion (rows: truth, columns: predicted):");
     for row in &report.confusion {
-        println!("  {}", row.iter().map(|v| format!("{v:>5}")).collect::<String>());
+        println!(
+            "  {}",
+            row.iter().map(|v| format!("{v:>5}")).collect::<String>()
+        );
     }
     if r.bad_images > 0 {
         println!("{} unreadable images were skipped", r.bad_images);

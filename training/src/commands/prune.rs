@@ -43,7 +43,11 @@ pub fn run(args: Args) -> Result<()> {
     let data = data::open(&fit.data, fit.seed)?;
     let (start, _) = train::load_model(&args.model, &device)?;
     if start.config.labels != data.classes {
-        bail!("{} was trained on other classes than {}", args.model.display(), fit.data.display());
+        bail!(
+            "{} was trained on other classes than {}",
+            args.model.display(),
+            fit.data.display()
+        );
     }
     let objective = match &args.teacher {
         Some(t) => Objective::Distill {
@@ -57,7 +61,13 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&fit.out)?;
     let curve_path = fit.out.join("curve.csv");
     let mut curve = String::from("step,rate,width_mult,params,val_accuracy,weight_bytes\n");
-    let first = train::evaluate(&start.build(&device)?, &data.val, data.num_classes(), 64, &device)?;
+    let first = train::evaluate(
+        &start.build(&device)?,
+        &data.val,
+        data.num_classes(),
+        64,
+        &device,
+    )?;
     let mut row = |step: usize, mult: f64, loaded: &model_dir::LoadedModel, acc: f64| {
         let line = format!(
             "{step},{},{mult:.6},{},{acc:.6},{}\n",
@@ -80,12 +90,25 @@ pub fn run(args: Args) -> Result<()> {
         let provenance = Provenance {
             source: Some(current.dir.display().to_string()),
             command: Some(super::command_line()),
-            notes: Some(format!("pruned to width_mult {mult:.4} (rate {})", args.rate)),
+            notes: Some(format!(
+                "pruned to width_mult {mult:.4} (rate {})",
+                args.rate
+            )),
             ..Default::default()
         };
         // A fresh optimizer every step: the reference code's single optimizer never fine-tuned.
         let resume = out.join("run.json").exists();
-        train::fit(&out, &spec, &data, &objective, &fit.config(), resume, Some(&tensors), provenance, &device)?;
+        train::fit(
+            &out,
+            &spec,
+            &data,
+            &objective,
+            &fit.config(),
+            resume,
+            Some(&tensors),
+            provenance,
+            &device,
+        )?;
         current = model_dir::load(&out.join("best"))?;
         let acc = current.config.provenance.val_accuracy.unwrap_or(0.0);
         row(step, mult, &current, acc);

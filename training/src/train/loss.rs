@@ -25,7 +25,7 @@ pub fn distillation(
 ) -> Result<Tensor> {
     let teacher = teacher.detach();
     let n = student.dim(0)? as f64;
-    let p_t = softmax_last_dim(&(teacher / temperature)?)?;
+    let p_t = softmax_last_dim(&(&teacher / temperature)?)?;
     let log_p_t = log_softmax(&(&teacher / temperature)?, D::Minus1)?;
     let log_p_s = log_softmax(&(student / temperature)?, D::Minus1)?;
     let kl = ((p_t * (log_p_t - log_p_s)?)?.sum_all()? / n)?;
@@ -48,14 +48,23 @@ mod tests {
         let s = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.0, -1.0, 3.0]], &d).unwrap();
         let t = Tensor::new(&[[2.0f32, 1.0, 0.0], [0.5, 0.5, 2.0]], &d).unwrap();
         let y = Tensor::new(&[1u32, 2], &d).unwrap();
-        let got = distillation(&s, &t, &y, 2.0, 0.5).unwrap().to_scalar::<f32>().unwrap();
+        let got = distillation(&s, &t, &y, 2.0, 0.5)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((got - 0.364214).abs() < 1e-5, "{got}");
         let ce = cross_entropy(&s, &y).unwrap().to_scalar::<f32>().unwrap();
         assert!((ce - 0.2651263).abs() < 1e-5, "{ce}");
         // alpha = 0 is plain cross-entropy; identical logits give zero KL.
-        let pure = distillation(&s, &t, &y, 20.0, 0.0).unwrap().to_scalar::<f32>().unwrap();
+        let pure = distillation(&s, &t, &y, 20.0, 0.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!((pure - ce).abs() < 1e-6);
-        let same = distillation(&s, &s, &y, 20.0, 1.0).unwrap().to_scalar::<f32>().unwrap();
+        let same = distillation(&s, &s, &y, 20.0, 1.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(same.abs() < 1e-6, "{same}");
     }
 

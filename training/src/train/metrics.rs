@@ -26,7 +26,9 @@ impl Confusion {
     }
 
     pub fn correct(&self) -> u64 {
-        (0..self.classes).map(|i| self.counts[i * self.classes + i]).sum()
+        (0..self.classes)
+            .map(|i| self.counts[i * self.classes + i])
+            .sum()
     }
 
     pub fn accuracy(&self) -> f64 {
@@ -56,7 +58,11 @@ impl Confusion {
             return 0.0;
         }
         let best = (0..self.classes)
-            .map(|t| self.counts[t * self.classes..(t + 1) * self.classes].iter().sum::<u64>())
+            .map(|t| {
+                self.counts[t * self.classes..(t + 1) * self.classes]
+                    .iter()
+                    .sum::<u64>()
+            })
             .max()
             .unwrap_or(0);
         best as f64 / total as f64
@@ -101,7 +107,10 @@ mod tests {
     fn wilson_matches_reference() {
         // Reference: statsmodels proportion_confint(80, 100, method="wilson") = (0.7112, 0.8666).
         let (lo, hi) = wilson_interval(80, 100);
-        assert!((lo - 0.7112).abs() < 1e-3 && (hi - 0.8666).abs() < 1e-3, "{lo} {hi}");
+        assert!(
+            (lo - 0.7112).abs() < 1e-3 && (hi - 0.8666).abs() < 1e-3,
+            "{lo} {hi}"
+        );
         assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
     }
 }

@@ -112,7 +112,13 @@ pub struct EvalResult {
     pub bad_images: usize,
 }
 
-pub fn evaluate(model: &Model, samples: &[Sample], classes: usize, batch: usize, device: &Device) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &Model,
+    samples: &[Sample],
+    classes: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<EvalResult> {
     let size = model.spec().input_size;
     let loader = Loader::new(samples, LoaderConfig::eval(batch, size))?;
     let mut confusion = Confusion::new(classes);
@@ -235,7 +241,10 @@ impl RunDir {
     fn append_log(&self, line: &str) -> Result<()> {
         let path = self.root.join("log.csv");
         let new = !path.exists();
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
         if new {
             writeln!(
                 f,
@@ -266,9 +275,14 @@ pub fn fit(
         bail!("--batch-size and --epochs must be positive");
     }
     if data.train.is_empty() || data.val.is_empty() {
-        bail!("{}: the train and validation splits must both hold images", data.name);
+        bail!(
+            "{}: the train and validation splits must both hold images",
+            data.name
+        );
     }
-    let run = RunDir { root: out.to_path_buf() };
+    let run = RunDir {
+        root: out.to_path_buf(),
+    };
     let info = RunInfo {
         spec: spec.clone(),
         dataset: data.name.clone(),
@@ -280,17 +294,24 @@ pub fn fit(
     let checkpoint = run.latest_checkpoint();
     if resume {
         let recorded: RunInfo = serde_json::from_slice(
-            &std::fs::read(&info_path).with_context(|| format!("--resume: {}", info_path.display()))?,
+            &std::fs::read(&info_path)
+                .with_context(|| format!("--resume: {}", info_path.display()))?,
         )
         .with_context(|| format!("{}", info_path.display()))?;
-        if recorded.spec != info.spec || recorded.classes != info.classes || recorded.objective != info.objective {
+        if recorded.spec != info.spec
+            || recorded.classes != info.classes
+            || recorded.objective != info.objective
+        {
             bail!(
                 "--resume: {} was started with a different model, dataset classes or objective",
                 info_path.display()
             );
         }
         if recorded.config.batch_size != cfg.batch_size || recorded.config.seed != cfg.seed {
-            bail!("--resume: batch size and seed must match the original run ({})", info_path.display());
+            bail!(
+                "--resume: batch size and seed must match the original run ({})",
+                info_path.display()
+            );
         }
     } else if checkpoint.is_some() {
         bail!(
@@ -301,8 +322,7 @@ pub fn fit(
     std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
     model_dir::write_atomic(&info_path, &serde_json::to_vec_pretty(&info)?)?;
 
-    device.set_seed(cfg.seed)?;
-    let (varmap, model) = Model::init(spec, device)?;
+    let (varmap, model) = Model::init_seeded(spec, device, cfg.seed)?;
     if let Some(t) = init {
         set_vars(&varmap, t)?;
     }
@@ -313,7 +333,10 @@ pub fn fit(
             set_vars(&varmap, &read_tensors(&dir.join("model.safetensors"))?)?;
             state = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
                 .with_context(|| format!("{}", dir.join("state.json").display()))?;
-            opt.load_state(&read_tensors(&dir.join("optimizer.safetensors"))?, state.optimizer_step)?;
+            opt.load_state(
+                &read_tensors(&dir.join("optimizer.safetensors"))?,
+                state.optimizer_step,
+            )?;
             run.truncate_log(state.epoch)?;
             eprintln!(
                 "resuming {} at epoch {} batch {} ({} images seen)",
@@ -323,12 +346,23 @@ pub fn fit(
                 state.images_seen
             );
         } else {
-            eprintln!("--resume: no checkpoint in {} yet, starting from scratch", out.display());
+            eprintln!(
+                "--resume: no checkpoint in {} yet, starting from scratch",
+                out.display()
+            );
         }
     }
 
-    let loader = Loader::new(&data.train, LoaderConfig::train(cfg.batch_size, spec.input_size, cfg.seed))?
-        .on_bad_image(|b| eprintln!("warning: skipping unreadable image {}: {}", b.path, b.reason));
+    let loader = Loader::new(
+        &data.train,
+        LoaderConfig::train(cfg.batch_size, spec.input_size, cfg.seed),
+    )?
+    .on_bad_image(|b| {
+        eprintln!(
+            "warning: skipping unreadable image {}: {}",
+            b.path, b.reason
+        )
+    });
     let steps = loader
         .batches_per_epoch()
         .min(cfg.max_steps_per_epoch.unwrap_or(usize::MAX));
@@ -347,16 +381,17 @@ pub fn fit(
         let epoch = state.epoch;
         let bar = ProgressBar::new(steps as u64).with_position(state.batch as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-            )
-            .expect("progress template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .expect("progress template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(format!("{}/{}", epoch + 1, cfg.epochs));
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0u64, 0u64);
-        for batch in loader.epoch(epoch as u64, state.batch).take(steps.saturating_sub(state.batch)) {
+        for batch in loader
+            .epoch(epoch as u64, state.batch)
+            .take(steps.saturating_sub(state.batch))
+        {
             let (x, y) = batch?;
             let (x, y) = (x.to_device(device)?, y.to_device(device)?);
             let n = y.dim(0)? as u64;
@@ -376,7 +411,11 @@ pub fn fit(
             opt.backward_step(&loss)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
-                bail!("loss became {l} at epoch {} batch {}; lower --lr", epoch + 1, state.batch + 1);
+                bail!(
+                    "loss became {l} at epoch {} batch {}; lower --lr",
+                    epoch + 1,
+                    state.batch + 1
+                );
             }
             let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
             let truth: Vec<u32> = y.to_vec1()?;
@@ -394,7 +433,10 @@ pub fn fit(
                 correct as f64 / seen as f64,
                 seen as f64 / elapsed.max(1e-9)
             ));
-            if cfg.checkpoint_every > 0 && state.batch % cfg.checkpoint_every == 0 && state.batch < steps {
+            if cfg.checkpoint_every > 0
+                && state.batch % cfg.checkpoint_every == 0
+                && state.batch < steps
+            {
                 state.wall_seconds += elapsed;
                 run.save_checkpoint(&varmap, &opt, &state)?;
                 state.wall_seconds -= elapsed;
@@ -402,7 +444,13 @@ pub fn fit(
         }
         bar.finish_and_clear();
         let train_seconds = started.elapsed().as_secs_f64();
-        let eval = evaluate(&model, &data.val, data.num_classes(), cfg.batch_size.max(32), device)?;
+        let eval = evaluate(
+            &model,
+            &data.val,
+            data.num_classes(),
+            cfg.batch_size.max(32),
+            device,
+        )?;
         let acc = eval.confusion.accuracy();
         final_acc = acc;
         state.wall_seconds += started.elapsed().as_secs_f64();
@@ -420,7 +468,11 @@ pub fn fit(
         );
         run.append_log(&format!(
             "{},{train_loss:.6},{train_acc:.6},{:.6},{acc:.6},{ips:.2},{},{:.1},{}",
-            state.epoch, eval.mean_loss, state.images_seen, state.wall_seconds, opt.lr()
+            state.epoch,
+            eval.mean_loss,
+            state.images_seen,
+            state.wall_seconds,
+            opt.lr()
         ))?;
         if state.best_val_accuracy.is_none_or(|b| acc > b) {
             state.best_val_accuracy = Some(acc);
@@ -457,9 +509,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let n = s.strip_prefix("cuda:").map(str::parse).transpose()?.unwrap_or(0);
+            let n = s
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(0);
             if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this build has no CUDA support (rebuild with --features cuda)");
+                bail!(
+                    "--device {s}: this build has no CUDA support (rebuild with --features cuda)"
+                );
             }
             Ok(Device::new_cuda(n)?)
         }

@@ -118,11 +118,15 @@ impl AdamW {
         for (i, (name, p)) in self.params.iter().enumerate() {
             for (prefix, slot) in [("m", &mut self.m), ("v", &mut self.v)] {
                 let key = format!("{prefix}.{name}");
-                let t = state
-                    .get(&key)
-                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state lacks `{key}`")))?;
+                let t = state.get(&key).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("optimizer state lacks `{key}`"))
+                })?;
                 if t.dims() != p.as_tensor().dims() {
-                    candle_core::bail!("optimizer state `{key}` has shape {:?}, expected {:?}", t.dims(), p.dims());
+                    candle_core::bail!(
+                        "optimizer state `{key}` has shape {:?}, expected {:?}",
+                        t.dims(),
+                        p.dims()
+                    );
                 }
                 slot[i] = t.to_device(p.device())?;
             }
@@ -154,8 +158,12 @@ mod tests {
             ..Default::default()
         };
         let mut opt = AdamW::new(&varmap, cfg).unwrap();
-        opt.backward_step(&p.sqr().unwrap().sum_all().unwrap()).unwrap();
-        let w: Vec<f32> = varmap.data().lock().unwrap()["w"].as_tensor().to_vec1().unwrap();
+        opt.backward_step(&p.sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+        let w: Vec<f32> = varmap.data().lock().unwrap()["w"]
+            .as_tensor()
+            .to_vec1()
+            .unwrap();
         assert!((w[0] - (1.0 * 0.999 - 0.1)).abs() < 1e-5, "{w:?}");
         assert!((w[1] - (-2.0 * 0.999 + 0.1)).abs() < 1e-5, "{w:?}");
         assert_eq!(opt.step_count(), 1);
