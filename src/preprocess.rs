@@ -93,18 +93,24 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, PreprocessError
     Ok(img.to_rgb8())
 }
 
-/// Resizes the shorter side to `resize` and takes the centre `crop` square.
-pub fn resize_center_crop(img: &RgbImage, pp: &Preprocessing) -> RgbImage {
+/// Resizes the shorter side to `resize` (bilinear), keeping both sides at least `crop`.
+/// Training augments from this image; evaluation crops its centre.
+pub fn resize_shorter(img: &RgbImage, pp: &Preprocessing) -> RgbImage {
     let (w, h) = img.dimensions();
-    let short = w.min(h) as f64;
-    let scale = pp.resize as f64 / short;
+    let scale = pp.resize as f64 / w.min(h) as f64;
     let nw = ((w as f64 * scale).round() as u32).max(pp.crop as u32);
     let nh = ((h as f64 * scale).round() as u32).max(pp.crop as u32);
-    let resized = if (nw, nh) == (w, h) {
+    if (nw, nh) == (w, h) {
         img.clone()
     } else {
         image::imageops::resize(img, nw, nh, FilterType::Triangle)
-    };
+    }
+}
+
+/// Resizes the shorter side to `resize` and takes the centre `crop` square.
+pub fn resize_center_crop(img: &RgbImage, pp: &Preprocessing) -> RgbImage {
+    let resized = resize_shorter(img, pp);
+    let (nw, nh) = resized.dimensions();
     let c = pp.crop as u32;
     let x = (nw - c) / 2;
     let y = (nh - c) / 2;

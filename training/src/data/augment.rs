@@ -9,7 +9,8 @@
 //! borders. With crop at the centre, no flip and angle 0 the output equals the evaluation
 //! path bit for bit.
 
-use image::{imageops::FilterType, RgbImage};
+use image::RgbImage;
+pub use slimserve::preprocess::resize_shorter;
 use slimserve::preprocess::{image_to_input, Preprocessing};
 
 use super::rng::Rng;
@@ -149,20 +150,6 @@ fn reflect(i: i64, n: i64) -> usize {
     let period = 2 * (n - 1);
     let m = i.rem_euclid(period);
     (if m < n { m } else { period - m }) as usize
-}
-
-/// Resizes the shorter side to `pp.resize` with the same arithmetic and filter as
-/// `slimserve::preprocess::resize_center_crop` (sides at least `pp.crop`), without cropping.
-pub fn resize_shorter(img: &RgbImage, pp: &Preprocessing) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let scale = pp.resize as f64 / w.min(h) as f64;
-    let nw = ((w as f64 * scale).round() as u32).max(pp.crop as u32);
-    let nh = ((h as f64 * scale).round() as u32).max(pp.crop as u32);
-    if (nw, nh) == (w, h) {
-        img.clone()
-    } else {
-        image::imageops::resize(img, nw, nh, FilterType::Triangle)
-    }
 }
 
 /// The training path for sample `index` of `epoch`: CHW floats of `pp.crop` squared.
