@@ -3,4 +3,5 @@
 
 pub mod data;
 pub mod prune;
+pub mod report;
 pub mod train;

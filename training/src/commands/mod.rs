@@ -7,6 +7,7 @@ pub mod export;
 pub mod import;
 pub mod prune;
 pub mod quantize;
+pub mod report;
 pub mod train;
 pub mod zoo;
 
