@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::grpc::pb::slimserve::v1 as pb;
 use pb::classifier_client::ClassifierClient;
@@ -29,6 +29,14 @@ pub struct ClassifyArgs {
     /// Server name to verify in its certificate (default: HOST from --addr).
     #[arg(long, env = "SLIMSERVE_TLS_DOMAIN", requires = "tls_ca")]
     pub tls_domain: Option<String>,
+
+    /// PEM client certificate, for servers that require mutual TLS (needs --tls-key).
+    #[arg(long, env = "SLIMSERVE_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SLIMSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Images to classify (JPEG, PNG, WebP, BMP, GIF).
     #[arg(required = true)]
@@ -69,11 +77,14 @@ pub async fn connect(args: &ClassifyArgs) -> Result<ClassifierClient<Channel>, C
         message,
     };
     let mut endpoint = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
-    if let Some(ca) = &args.tls_ca {
-        let pem = std::fs::read(ca).map_err(|source| ClientError::Read {
-            path: ca.clone(),
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| ClientError::Read {
+            path: path.clone(),
             source,
-        })?;
+        })
+    };
+    if let Some(ca) = &args.tls_ca {
+        let pem = read(ca)?;
         let domain = match &args.tls_domain {
             Some(d) => d.clone(),
             None => args
@@ -82,13 +93,13 @@ pub async fn connect(args: &ClassifyArgs) -> Result<ClassifierClient<Channel>, C
                 .map(|(host, _)| host.trim_matches(['[', ']']).to_string())
                 .ok_or_else(|| bad("expected HOST:PORT".into()))?,
         };
-        endpoint = endpoint
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(pem))
-                    .domain_name(domain),
-            )
-            .map_err(|e| bad(e.to_string()))?;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(pem))
+            .domain_name(domain);
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
     }
     let channel = endpoint
         .connect()

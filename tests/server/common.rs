@@ -15,7 +15,7 @@ use slimserve::zoo::{Arch, Model, ModelSpec};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -47,6 +47,8 @@ pub struct TestServer {
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     pub dir: TempDir,
+    /// How the harness's own clients connect, when the server uses TLS.
+    tls: Option<ClientTlsConfig>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -85,17 +87,39 @@ impl TestServer {
             grpc,
             metrics,
             dir,
+            tls: None,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
+    /// As [`TestServer::start`] for a TLS server; the harness connects with `tls`.
+    pub async fn start_tls(
+        models: &[&str],
+        tls: ClientTlsConfig,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut server = Self::start_unready(models, tweak).await;
+        server.tls = Some(tls);
+        server.wait_serving().await;
+        server
+    }
+
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        match &self.tls {
+            None => Channel::from_shared(format!("http://{}", self.grpc))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+            Some(tls) => Channel::from_shared(format!("https://localhost:{}", self.grpc.port()))
+                .unwrap()
+                .tls_config(tls.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        }
     }
 
     pub async fn classifier(&self) -> ClassifierClient<Channel> {

@@ -9,4 +9,5 @@ mod lifecycle;
 mod metrics;
 mod overload;
 mod prometheus;
+mod tls;
 mod triton;
