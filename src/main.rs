@@ -52,6 +52,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_max_level(tracing::Level::INFO)
         .with_target(false)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     server::run(config, shutdown::signal()).await?;
     Ok(())
