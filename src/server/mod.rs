@@ -108,6 +108,8 @@ const HEALTH_SERVICES: &[&str] = &[
 /// A server with its ports bound; [`Server::serve`] runs it.
 pub struct Server {
     config: Config,
+    /// Opened at bind time, so a bad `--device` fails before anything listens.
+    device: candle_core::Device,
     grpc: TcpListener,
     metrics: TcpListener,
 }
@@ -120,7 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 impl Server {
     /// Checks the device and TLS files, then binds both ports (port 0 picks a free one).
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
-        config.device.open()?;
+        let device = config.device.open()?;
         tls::server_tls(&config)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -131,6 +133,7 @@ impl Server {
         let metrics = bind(config.metrics_addr).await?;
         Ok(Self {
             config,
+            device,
             grpc,
             metrics,
         })
@@ -154,12 +157,12 @@ impl Server {
         let metrics_addr = self.metrics_addr();
         let Server {
             config,
+            device,
             grpc: grpc_listener,
             metrics: metrics_listener,
         } = self;
         let prometheus = crate::telemetry::init();
         let state = Arc::new(State::new(&config));
-        let device = config.device.open()?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in HEALTH_SERVICES {
