@@ -8,6 +8,7 @@ mod kserve;
 mod lifecycle;
 mod metrics;
 mod overload;
+mod own_api;
 mod prometheus;
 mod tls;
 mod triton;
