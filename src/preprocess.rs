@@ -38,7 +38,7 @@ impl Preprocessing {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PreprocessError {
     #[error("empty image data")]
     Empty,

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# GPU check: builds slimserve with candle's CUDA backend (no system CUDA toolkit needed: the
+# toolkit comes from NVIDIA's pip wheels, per shared/GPU.md), then
+#   1. examples/gpu_check: CPU vs GPU logits within 1e-3 for every model under models/ (or
+#      fresh `big` and `student-deeper` if there are none), and GPU throughput per model and
+#      batch size;
+#   2. the server on the GPU: `slimserve --device cuda:0` on loopback, `slimserve classify` of
+#      a test image against each model, clean shutdown on SIGTERM.
+# Run from the repository root on a machine with an NVIDIA driver (H100/H200: sm_90):
+#   bash deploy/gpu-check.sh            # B=/path/to/build-cache to reuse the toolkit venv
+# Needs python3 (venv, pip), gcc, cargo and PyPI access for the first run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+B=${B:-$PWD/target/gpu-check}
+MODELS=${MODELS:-models}
+mkdir -p "$B"
+
+echo "== CUDA toolkit from pip wheels into $B/venv"
+if [ ! -x "$B/venv/bin/python" ]; then python3 -m venv "$B/venv"; fi
+"$B/venv/bin/pip" install -q --disable-pip-version-check --no-deps \
+  nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+  nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14 \
+  nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+N=$(echo "$B"/venv/lib/python3*/site-packages/nvidia)
+[ -d "$N/cu13/bin" ] || { echo "gpu-check: no $N/cu13 after pip install" >&2; exit 1; }
+
+echo "== fake CUDA_HOME in $B/cuda (links into the wheels, stub libcuda for linking only)"
+CUDA_HOME=$B/cuda
+rm -rf "$CUDA_HOME"
+mkdir -p "$CUDA_HOME/lib/stubs"
+for d in bin include nvvm; do ln -s "$N/cu13/$d" "$CUDA_HOME/$d"; done
+link_lib() { # name target-glob
+  local target
+  target=$(ls "$N"/cu13/lib/$2 2>/dev/null | head -1)
+  [ -n "$target" ] || { echo "gpu-check: missing $2 in $N/cu13/lib" >&2; exit 1; }
+  ln -s "$target" "$CUDA_HOME/lib/$1"
+}
+link_lib libcudart.so 'libcudart.so.13*'
+link_lib libcublas.so 'libcublas.so.13*'
+link_lib libcublasLt.so 'libcublasLt.so.13*'
+link_lib libnvrtc.so 'libnvrtc.so.13*'
+link_lib libcurand.so 'libcurand.so.10*'
+# One dummy function per cu* symbol in cuda.h: enough to link; the driver's libcuda.so.1
+# provides the real ones at run time. Never put this directory on LD_LIBRARY_PATH.
+grep -ohE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' "$CUDA_HOME/include/cuda.h" \
+  | sed -E 's/[[:space:]]*\($//' | sort -u | sed 's/.*/void &(void) {}/' > "$B/libcuda_stub.c"
+gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CUDA_HOME/lib/stubs/libcuda.so" "$B/libcuda_stub.c"
+
+export CUDA_HOME PATH=$CUDA_HOME/bin:$PATH CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
+export LIBRARY_PATH=$CUDA_HOME/lib:$CUDA_HOME/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
+nvcc --version | tail -2
+
+echo "== cargo build --release --features cuda (first build: ~10 min, nvcc compiles candle's kernels)"
+cargo build --release --features cuda --bin slimserve --example gpu_check
+
+# Run time: the driver's libcuda.so.1 from the system, the rest from the wheels.
+export LD_LIBRARY_PATH=$N/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+BIN=${CARGO_TARGET_DIR:-target}/release
+if ldd "$BIN/slimserve" | grep "not found"; then
+  echo "gpu-check: unresolved libraries above (is the NVIDIA driver installed?)" >&2
+  exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+echo "== 1. CPU vs GPU logits and GPU throughput"
+"$BIN/examples/gpu_check" --models "$MODELS" --device cuda:0
+
+echo "== 2. the server on the GPU"
+if ! ls "$MODELS"/*/config.json >/dev/null 2>&1; then
+  echo "no models under $MODELS: skipping the server check"
+  exit 0
+fi
+LOG=$B/server.log
+"$BIN/slimserve" --models "$MODELS" --device cuda:0 \
+  --grpc-addr 127.0.0.1:18001 --metrics-addr 127.0.0.1:18002 >"$LOG" 2>&1 &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  grep -q "serving .* model" "$LOG" && break
+  kill -0 "$SERVER" 2>/dev/null || { cat "$LOG"; echo "gpu-check: server exited" >&2; exit 1; }
+  sleep 1
+done
+grep -q "serving .* model" "$LOG" || { cat "$LOG"; echo "gpu-check: server not ready" >&2; exit 1; }
+IMG=$B/check.png
+"$B/venv/bin/python" - "$IMG" <<'PY'
+import struct, sys, zlib
+w = h = 320
+raw = bytearray()
+for y in range(h):
+    raw.append(0)  # filter type: none
+    for x in range(w):
+        raw += bytes(((x * 7) % 256, (y * 5) % 256, 128))
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+       + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+open(sys.argv[1], "wb").write(png)
+PY
+for dir in "$MODELS"/*/; do
+  model=$(basename "$dir")
+  "$BIN/slimserve" classify --addr 127.0.0.1:18001 --model "$model" "$IMG"
+done
+kill -TERM "$SERVER"
+wait "$SERVER"
+trap - EXIT
+grep -E "device|model .*:" "$LOG" | head -20
+echo "gpu-check: done"

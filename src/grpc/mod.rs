@@ -1,0 +1,147 @@
+//! The gRPC edge: generated protocol code, the own API (`slimserve.v1.Classifier`), the KServe
+//! v2 / Triton API (`inference.GRPCInferenceService`), and the mapping of errors to status codes.
+//!
+//! Handlers validate and preprocess (decode on the blocking pool), then hand inputs to the
+//! model's batcher: `grpc -> batcher -> backend`.
+
+mod classifier;
+mod input;
+mod kserve;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::transport::server::Router;
+
+pub use classifier::ClassifierService;
+pub use kserve::KServeService;
+
+use crate::server::State;
+
+/// Code generated from `proto/` by build.rs.
+pub mod pb {
+    pub mod slimserve {
+        pub mod v1 {
+            tonic::include_proto!("slimserve.v1");
+        }
+    }
+    /// KServe v2 / Triton (`package inference`).
+    pub mod inference {
+        tonic::include_proto!("inference");
+    }
+}
+
+/// Encoded descriptors of our protos, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("slimserve_descriptor");
+
+/// Adds the own API, KServe and reflection (v1 and v1alpha, which older grpcurl uses) to a
+/// router that already holds the health service.
+pub fn add_services(router: Router, state: Arc<State>) -> Router {
+    let limit = state.max_message_bytes;
+    let classifier = pb::slimserve::v1::classifier_server::ClassifierServer::new(
+        ClassifierService::new(state.clone()),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(usize::MAX);
+    let kserve = pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+        KServeService::new(state),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(usize::MAX);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    router
+        .add_service(status::Edge::new(classifier, limit))
+        .add_service(status::Edge::new(kserve, limit))
+        .add_service(reflection().build_v1().expect("descriptor sets are valid"))
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .expect("descriptor sets are valid"),
+        )
+}
+
+/// When the request reached the server (recorded by [`status::Edge`] before decoding).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival(pub tokio::time::Instant);
+
+/// Our deadline falls slightly before the client's (1/20 of the timeout, 1 to 10 ms), so the
+/// client still hears our DEADLINE_EXCEEDED (with its message) before its own timer fires.
+fn deadline_slack(timeout: Duration) -> Duration {
+    (timeout / 20).clamp(Duration::from_millis(1), Duration::from_millis(10))
+}
+
+/// The request's deadline from its `grpc-timeout` header, counted from arrival.
+pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<tokio::time::Instant> {
+    let timeout = request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)?;
+    let arrival = request
+        .extensions()
+        .get::<Arrival>()
+        .map(|a| a.0)
+        .unwrap_or_else(tokio::time::Instant::now);
+    Some(arrival + timeout.saturating_sub(deadline_slack(timeout)))
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Converts a finished RPC into its answer, recording request metrics and KServe statistics.
+pub(crate) fn finish<T>(
+    method: &'static str,
+    started: Instant,
+    model: Option<&crate::server::ServedModel>,
+    result: Result<T, crate::error::Error>,
+) -> Result<T, tonic::Status> {
+    let elapsed = started.elapsed();
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => status::code(e),
+    };
+    crate::telemetry::count_request(model.map_or("", |m| m.name.as_str()), method, code);
+    if let Some(m) = model {
+        if result.is_ok() {
+            m.metrics.request_duration.record(elapsed.as_secs_f64());
+            m.stats.success.add(1, elapsed);
+        } else {
+            m.stats.fail.add(1, elapsed);
+        }
+    }
+    result.map_err(tonic::Status::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("5"), None);
+        assert_eq!(parse_grpc_timeout("123456789m"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+    }
+}

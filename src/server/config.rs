@@ -1,0 +1,159 @@
+//! `slimserve serve` configuration: one clap struct, every flag also read from an environment
+//! variable (`SLIMSERVE_*`), so containers configure it without a command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::backend::DeviceSpec;
+use crate::preprocess::DEFAULT_MAX_PIXELS;
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Directory holding one sub-directory per model (config.json + weights). Change it to
+    /// serve models from elsewhere, e.g. a mounted volume.
+    #[arg(long, env = "SLIMSERVE_MODELS", default_value = "models")]
+    pub models: PathBuf,
+
+    /// gRPC listen address (own API, KServe v2, health, reflection). 8001 is Triton's gRPC
+    /// port, which perf_analyzer and tritonclient expect.
+    #[arg(long, env = "SLIMSERVE_GRPC_ADDR", default_value = "0.0.0.0:8001")]
+    pub grpc_addr: SocketAddr,
+
+    /// Prometheus `/metrics` listen address (HTTP). 8002 is Triton's metrics port.
+    #[arg(long, env = "SLIMSERVE_METRICS_ADDR", default_value = "0.0.0.0:8002")]
+    pub metrics_addr: SocketAddr,
+
+    /// Model answering requests that name none. Default: the first model by name.
+    #[arg(long, env = "SLIMSERVE_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+
+    /// Where models run: cpu, cuda or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, env = "SLIMSERVE_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+
+    /// Most inputs per forward pass. Raise it on a GPU for throughput; lower it to cut the
+    /// latency a large batch adds on a CPU.
+    #[arg(long, env = "SLIMSERVE_MAX_BATCH_SIZE", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_batch_size: u32,
+
+    /// Longest a batch waits for more inputs after its first (e.g. 2ms, 500us; 0 = take what
+    /// is queued). Raise it when many clients send single images and throughput matters more
+    /// than the last millisecond of latency.
+    #[arg(long, env = "SLIMSERVE_MAX_BATCH_DELAY", default_value = "2ms", value_parser = parse_duration)]
+    pub max_batch_delay: Duration,
+
+    /// Inputs that may wait in each model's queue before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "SLIMSERVE_MAX_QUEUE_SIZE", default_value_t = 256)]
+    pub max_queue_size: usize,
+
+    /// Inputs per model admitted and not yet answered (decoding, queued or computing) before
+    /// new ones get RESOURCE_EXHAUSTED. Bounds memory held by decoded images.
+    #[arg(long, env = "SLIMSERVE_MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: usize,
+
+    /// Largest gRPC request message; bigger ones get RESOURCE_EXHAUSTED. Raise it for large
+    /// raw-tensor batches.
+    #[arg(long, env = "SLIMSERVE_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Images whose header claims more pixels are refused before decoding.
+    #[arg(long, env = "SLIMSERVE_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+
+    /// Log and skip model directories that fail to load instead of refusing to start.
+    #[arg(long, env = "SLIMSERVE_SKIP_BAD_MODELS")]
+    pub skip_bad_models: bool,
+
+    /// PEM certificate chain: serve gRPC over TLS (needs --tls-key).
+    #[arg(long, env = "SLIMSERVE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "SLIMSERVE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: require client certificates signed by it (mutual TLS).
+    #[arg(long, env = "SLIMSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// After SIGTERM/SIGINT, how long accepted requests may take to finish before exit.
+    #[arg(long, env = "SLIMSERVE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Fault injection: extra time added to every batch's compute, to rehearse overload
+    /// (queueing, deadlines, shedding) on fast models. Never set in production.
+    #[arg(long, env = "SLIMSERVE_INJECT_COMPUTE_DELAY", default_value = "0", value_parser = parse_duration, hide = true)]
+    pub inject_compute_delay: Duration,
+}
+
+impl Config {
+    /// The defaults, as `slimserve serve` with no flags and no environment would have them.
+    pub fn with_models(models: impl Into<PathBuf>) -> Self {
+        Self {
+            models: models.into(),
+            grpc_addr: "0.0.0.0:8001".parse().expect("valid address"),
+            metrics_addr: "0.0.0.0:8002".parse().expect("valid address"),
+            default_model: None,
+            device: DeviceSpec::Cpu,
+            max_batch_size: 32,
+            max_batch_delay: Duration::from_millis(2),
+            max_queue_size: 256,
+            max_in_flight: 512,
+            max_message_bytes: 16 << 20,
+            max_image_pixels: DEFAULT_MAX_PIXELS,
+            skip_bad_models: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            shutdown_timeout: Duration::from_secs(30),
+            inject_compute_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Parses `250us`, `2ms`, `1.5s`, `1m`; a bare number is milliseconds (`0` = zero).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration `{s}`: expected e.g. 2ms, 500us, 1.5s"))?;
+    let seconds = match unit.trim() {
+        "" | "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "ns" => value / 1e9,
+        "s" => value,
+        "m" => value * 60.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit `{other}` in `{s}`: use ns, us, ms, s or m"
+            ))
+        }
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("invalid duration `{s}`"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 weeks").is_err());
+    }
+}

@@ -1,0 +1,285 @@
+//! Every metric the server exports, defined once: names (units in the name), help texts,
+//! histogram buckets, and per-model handles.
+//!
+//! Metrics go to one process-wide Prometheus recorder ([`init`]); `/metrics` renders it. Per-model
+//! series carry a `model` label, so `big`, `kd` and `kd-q8` can be compared from `/metrics` alone,
+//! e.g. p99 latency per model:
+//! `histogram_quantile(0.99, sum by (model, le) (rate(slimserve_request_duration_seconds_bucket[1m])))`.
+//!
+//! [`ModelStats`] keeps the cumulative counters KServe's ModelStatistics reports.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{
+    describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// End-to-end latency of successful requests, from arrival to answer (histogram).
+pub const REQUEST_DURATION_SECONDS: &str = "slimserve_request_duration_seconds";
+/// Finished requests by model, RPC method and gRPC status code name (counter).
+pub const REQUESTS_TOTAL: &str = "slimserve_requests_total";
+/// Image decode + resize, or tensor validation, per input (histogram).
+pub const PREPROCESS_DURATION_SECONDS: &str = "slimserve_preprocess_duration_seconds";
+/// Time an input waited in its model's queue before joining a batch (histogram).
+pub const QUEUE_WAIT_SECONDS: &str = "slimserve_queue_wait_seconds";
+/// Forward pass of one batch on the executor (histogram).
+pub const BATCH_COMPUTE_DURATION_SECONDS: &str = "slimserve_batch_compute_duration_seconds";
+/// Inputs per executed batch (histogram).
+pub const BATCH_SIZE_INPUTS: &str = "slimserve_batch_size_inputs";
+/// Inputs waiting in the model's queue (gauge).
+pub const QUEUE_DEPTH_INPUTS: &str = "slimserve_queue_depth_inputs";
+/// Inputs admitted and not yet answered: preprocessing, queued or computing (gauge).
+pub const IN_FLIGHT_INPUTS: &str = "slimserve_in_flight_inputs";
+/// Inputs dropped from the queue before compute, by reason `deadline` or `cancelled` (counter).
+pub const DROPPED_INPUTS_TOTAL: &str = "slimserve_dropped_inputs_total";
+/// Always 1; labels describe the served model (gauge).
+pub const MODEL_INFO: &str = "slimserve_model_info";
+
+/// Latency buckets: about 1.5x apart from 0.25 ms to 10 s, so p50 and p99 interpolate
+/// within a few tens of percent anywhere between 0.5 ms and 10 s.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+    0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+];
+/// Batch sizes up to the largest `--max-batch-size` worth using.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle)
+/// and describes every metric.
+pub fn init() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(BATCH_SIZE_INPUTS.into()),
+                        BATCH_SIZE_BUCKETS,
+                    )
+                })
+                .expect("bucket lists are non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                eprintln!("slimserve: another metrics recorder is installed; /metrics stays empty");
+            }
+            describe();
+            // Upkeep drains histogram samples into buckets even when nobody scrapes.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "End-to-end latency of successful requests, arrival to answer"
+    );
+    describe_counter!(
+        REQUESTS_TOTAL,
+        Unit::Count,
+        "Finished requests by model, method and gRPC status code"
+    );
+    describe_histogram!(
+        PREPROCESS_DURATION_SECONDS,
+        Unit::Seconds,
+        "Image decode and resize, or tensor validation, per input"
+    );
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time an input waited in the model queue before joining a batch"
+    );
+    describe_histogram!(
+        BATCH_COMPUTE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Forward pass of one batch"
+    );
+    describe_histogram!(BATCH_SIZE_INPUTS, Unit::Count, "Inputs per executed batch");
+    describe_gauge!(
+        QUEUE_DEPTH_INPUTS,
+        Unit::Count,
+        "Inputs waiting in the model queue"
+    );
+    describe_gauge!(
+        IN_FLIGHT_INPUTS,
+        Unit::Count,
+        "Inputs admitted and not yet answered"
+    );
+    describe_counter!(
+        DROPPED_INPUTS_TOTAL,
+        Unit::Count,
+        "Inputs dropped before compute, by reason (deadline, cancelled)"
+    );
+    describe_gauge!(
+        MODEL_INFO,
+        "Served model: architecture, weight format, parameters, file bytes, version, device"
+    );
+}
+
+/// What the model info series says about a model.
+#[derive(Debug, Clone)]
+pub struct ModelInfoLabels {
+    pub version: String,
+    pub architecture: String,
+    pub format: String,
+    pub parameters: u64,
+    pub file_bytes: u64,
+    pub input_size: usize,
+    pub device: String,
+}
+
+/// One model's metric handles, created once so the hot path does no label formatting.
+#[derive(Debug, Clone)]
+pub struct ModelMetrics {
+    model: String,
+    pub request_duration: Histogram,
+    pub preprocess_duration: Histogram,
+    pub queue_wait: Histogram,
+    pub batch_compute: Histogram,
+    pub batch_size: Histogram,
+    pub queue_depth: Gauge,
+    pub in_flight: Gauge,
+    pub dropped_deadline: Counter,
+    pub dropped_cancelled: Counter,
+}
+
+impl ModelMetrics {
+    pub fn new(model: &str) -> Self {
+        let m = model.to_string();
+        Self {
+            request_duration: metrics::histogram!(REQUEST_DURATION_SECONDS, "model" => m.clone()),
+            preprocess_duration: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone()),
+            queue_wait: metrics::histogram!(QUEUE_WAIT_SECONDS, "model" => m.clone()),
+            batch_compute: metrics::histogram!(BATCH_COMPUTE_DURATION_SECONDS, "model" => m.clone()),
+            batch_size: metrics::histogram!(BATCH_SIZE_INPUTS, "model" => m.clone()),
+            queue_depth: metrics::gauge!(QUEUE_DEPTH_INPUTS, "model" => m.clone()),
+            in_flight: metrics::gauge!(IN_FLIGHT_INPUTS, "model" => m.clone()),
+            dropped_deadline: metrics::counter!(DROPPED_INPUTS_TOTAL, "model" => m.clone(), "reason" => "deadline"),
+            dropped_cancelled: metrics::counter!(DROPPED_INPUTS_TOTAL, "model" => m.clone(), "reason" => "cancelled"),
+            model: m,
+        }
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Publishes the model info series (value 1).
+    pub fn set_info(&self, info: &ModelInfoLabels) {
+        metrics::gauge!(
+            MODEL_INFO,
+            "model" => self.model.clone(),
+            "version" => info.version.clone(),
+            "architecture" => info.architecture.clone(),
+            "format" => info.format.clone(),
+            "parameters" => info.parameters.to_string(),
+            "file_bytes" => info.file_bytes.to_string(),
+            "input_size" => info.input_size.to_string(),
+            "device" => info.device.clone(),
+        )
+        .set(1.0);
+    }
+}
+
+/// Counts a finished request. `model` is empty when the request named no servable model
+/// (unknown names are not used as labels, so clients cannot grow the series set).
+pub fn count_request(model: &str, method: &'static str, code: tonic::Code) {
+    metrics::counter!(
+        REQUESTS_TOTAL,
+        "model" => model.to_string(),
+        "method" => method,
+        "code" => code_name(code),
+    )
+    .increment(1);
+}
+
+/// The gRPC code's canonical upper-case name, as grpcurl and ghz print it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A cumulative count and total duration, as KServe's `StatisticDuration`.
+#[derive(Debug, Default)]
+pub struct DurationStat {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl DurationStat {
+    pub fn add(&self, n: u64, d: Duration) {
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.ns
+            .fetch_add(d.as_nanos() as u64 * n, Ordering::Relaxed);
+    }
+
+    /// (count, nanoseconds)
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Cumulative per-model statistics in KServe's shape (ModelStatistics).
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    pub success: DurationStat,
+    pub fail: DurationStat,
+    pub queue: DurationStat,
+    pub compute_infer: DurationStat,
+    /// Inputs computed.
+    pub inference_count: AtomicU64,
+    /// Batches executed.
+    pub execution_count: AtomicU64,
+    /// Milliseconds since the epoch of the last computed batch.
+    pub last_inference_ms: AtomicU64,
+}
+
+impl ModelStats {
+    pub fn record_batch(&self, inputs: usize, compute: Duration) {
+        self.execution_count.fetch_add(1, Ordering::Relaxed);
+        self.inference_count
+            .fetch_add(inputs as u64, Ordering::Relaxed);
+        self.compute_infer.add(inputs as u64, compute);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        self.last_inference_ms.store(now, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,14 @@
+//! Integration tests: the real server, in-process on loopback port 0, driven by real clients.
+//! One test binary (faster to build and link than one per file).
+
+mod bad_input;
+mod cli;
+mod common;
+mod kserve;
+mod lifecycle;
+mod metrics;
+mod overload;
+mod own_api;
+mod prometheus;
+mod tls;
+mod triton;

@@ -1,0 +1,68 @@
+//! `/metrics`: per-model histograms and series an operator compares models with.
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_has_per_model_histograms() {
+    let s = TestServer::start(&["m-alpha", "m-beta"], |_| {}).await;
+    let mut c = s.classifier().await;
+    for model in ["m-alpha", "m-beta"] {
+        for _ in 0..3 {
+            c.classify(image_request(model, png(40, 40))).await.unwrap();
+        }
+    }
+    let status = c
+        .classify(image_request("m-alpha", vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    let text = s.metrics_text();
+    for model in ["m-alpha", "m-beta"] {
+        for hist in [
+            "slimserve_request_duration_seconds",
+            "slimserve_queue_wait_seconds",
+            "slimserve_preprocess_duration_seconds",
+            "slimserve_batch_compute_duration_seconds",
+        ] {
+            for le in ["0.0005", "0.001", "0.01", "0.1", "1", "10", "+Inf"] {
+                let series = format!("{hist}_bucket{{model=\"{model}\",le=\"{le}\"}}");
+                assert!(sample(&text, &series).is_some(), "missing {series}");
+            }
+        }
+        let count = format!("slimserve_request_duration_seconds_count{{model=\"{model}\"}}");
+        assert_eq!(sample(&text, &count), Some(3.0), "{count}");
+        assert!(sample(
+            &text,
+            &format!("slimserve_batch_size_inputs_bucket{{model=\"{model}\",le=\"32\"}}")
+        )
+        .is_some());
+        assert!(text.contains(&format!(
+            "slimserve_queue_depth_inputs{{model=\"{model}\"}} 0"
+        )));
+        assert!(text.contains(&format!(
+            "slimserve_in_flight_inputs{{model=\"{model}\"}} 0"
+        )));
+        let info = text
+            .lines()
+            .find(|l| {
+                l.starts_with("slimserve_model_info{") && l.contains(&format!("model=\"{model}\""))
+            })
+            .unwrap_or_else(|| panic!("no model info for {model}"));
+        for label in [
+            "architecture=\"student\"",
+            "format=\"f32\"",
+            "parameters=\"",
+            "file_bytes=\"",
+            "device=\"cpu\"",
+        ] {
+            assert!(info.contains(label), "{info} lacks {label}");
+        }
+    }
+    assert!(text
+        .contains("slimserve_requests_total{model=\"m-alpha\",method=\"Classify\",code=\"OK\"} 3"));
+    assert!(text.contains(
+        "slimserve_requests_total{model=\"m-alpha\",method=\"Classify\",code=\"INVALID_ARGUMENT\"} 1"
+    ));
+    assert!(text.contains("# HELP slimserve_request_duration_seconds"));
+}

@@ -1,0 +1,178 @@
+//! Overload and client behaviour while queued: deadlines, a full queue, the in-flight limit,
+//! and clients that give up. A per-batch compute delay (fault injection) makes the model slow
+//! enough to hold a queue deterministically.
+
+use std::time::Duration;
+
+use tonic::Code;
+
+use crate::common::*;
+
+/// Batches of one that take 400 ms: the second request waits in the queue.
+fn slow(c: &mut slimserve::server::Config) {
+    c.max_batch_size = 1;
+    c.max_batch_delay = Duration::ZERO;
+    c.inject_compute_delay = Duration::from_millis(400);
+}
+
+fn batches(text: &str, model: &str) -> f64 {
+    sample(
+        text,
+        &format!("slimserve_batch_size_inputs_count{{model=\"{model}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+fn dropped(text: &str, model: &str, reason: &str) -> f64 {
+    sample(
+        text,
+        &format!("slimserve_dropped_inputs_total{{model=\"{model}\",reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_expiring_in_the_queue_is_answered_and_not_computed() {
+    const M: &str = "slow-deadline";
+    let s = TestServer::start(&[M], slow).await;
+    let mut a = s.classifier().await;
+    let mut b = s.classifier().await;
+    let first = tokio::spawn(async move { a.classify(image_request(M, png(32, 32))).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut req = tonic::Request::new(image_request(M, png(32, 32)));
+    req.set_timeout(Duration::from_millis(150));
+    let started = std::time::Instant::now();
+    let status = b
+        .classify(req)
+        .await
+        .expect_err("deadline passes while queued");
+    assert_status(
+        &status,
+        Code::DeadlineExceeded,
+        &[
+            "waiting in the queue of model `slow-deadline`",
+            "not computed",
+        ],
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "answered at the deadline, not after compute"
+    );
+
+    first.await.unwrap().expect("the first request completes");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let text = s.metrics_text();
+    assert_eq!(
+        batches(&text, M),
+        1.0,
+        "only the first request was computed"
+    );
+    assert_eq!(dropped(&text, M, "deadline"), 1.0);
+    assert_serving(&mut b, M).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_resource_exhausted_at_once() {
+    const M: &str = "slow-queue";
+    let s = TestServer::start(&[M], |c| {
+        slow(c);
+        c.max_queue_size = 1;
+    })
+    .await;
+    let (mut a, mut b, mut c) = (
+        s.classifier().await,
+        s.classifier().await,
+        s.classifier().await,
+    );
+    let first = tokio::spawn(async move { a.classify(image_request(M, png(32, 32))).await });
+    tokio::time::sleep(Duration::from_millis(100)).await; // computing
+    let second = tokio::spawn(async move { b.classify(image_request(M, png(32, 32))).await });
+    tokio::time::sleep(Duration::from_millis(100)).await; // queued
+    let started = std::time::Instant::now();
+    let status = c
+        .classify(image_request(M, png(32, 32)))
+        .await
+        .expect_err("queue is full");
+    assert!(
+        started.elapsed() < Duration::from_millis(150),
+        "refused at once"
+    );
+    assert_status(
+        &status,
+        Code::ResourceExhausted,
+        &["queue of model `slow-queue` is full", "1 requests waiting"],
+    );
+    first.await.unwrap().expect("first answered");
+    second.await.unwrap().expect("queued request answered");
+    assert_serving(&mut c, M).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_limit_is_resource_exhausted_at_once() {
+    const M: &str = "slow-inflight";
+    let s = TestServer::start(&[M], |c| {
+        slow(c);
+        c.max_in_flight = 1;
+    })
+    .await;
+    let (mut a, mut b) = (s.classifier().await, s.classifier().await);
+    let first = tokio::spawn(async move { a.classify(image_request(M, png(32, 32))).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = b
+        .classify(image_request(M, png(32, 32)))
+        .await
+        .expect_err("limit reached");
+    assert_status(
+        &status,
+        Code::ResourceExhausted,
+        &["1 requests in flight", "--max-in-flight"],
+    );
+    first.await.unwrap().expect("first answered");
+    assert_serving(&mut b, M).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_client_is_dropped_before_compute() {
+    const M: &str = "slow-cancel";
+    let s = TestServer::start(&[M], slow).await;
+    let (mut a, mut b) = (s.classifier().await, s.classifier().await);
+    let first = tokio::spawn(async move { a.classify(image_request(M, png(32, 32))).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let gives_up = tokio::spawn(async move { b.classify(image_request(M, png(32, 32))).await });
+    tokio::time::sleep(Duration::from_millis(100)).await; // queued behind `first`
+    gives_up.abort(); // drops the call: the client cancels the stream
+    first.await.unwrap().expect("first answered");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = s.metrics_text();
+    assert_eq!(dropped(&text, M, "cancelled"), 1.0, "{text}");
+    assert_eq!(
+        batches(&text, M),
+        1.0,
+        "the cancelled request was not computed"
+    );
+    let mut c = s.classifier().await;
+    assert_serving(&mut c, M).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_batches() {
+    const M: &str = "batching";
+    let s = TestServer::start(&[M], |c| c.max_batch_delay = Duration::from_millis(50)).await;
+    let client = s.classifier().await;
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.classify(image_request(M, png(32, 32))).await })
+        })
+        .collect();
+    let mut largest = 0;
+    for call in calls {
+        let r = call.await.unwrap().unwrap().into_inner();
+        largest = largest.max(r.timings.unwrap().batch_size);
+    }
+    assert!(
+        largest > 1,
+        "six concurrent requests within 50 ms share a batch"
+    );
+}

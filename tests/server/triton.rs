@@ -1,0 +1,73 @@
+//! The real Python Triton client (`tritonclient[grpc]`) against the server: liveness,
+//! metadata, and an inference whose logits must match the Rust client's.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::common::*;
+use slimserve::grpc::pb::slimserve::v1 as pb;
+
+/// The venv interpreter: `$SLIMSERVE_PYTHON`, else `.venv/bin/python` at the workspace root.
+fn python() -> PathBuf {
+    let python = std::env::var_os("SLIMSERVE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = Command::new(&python)
+        .args(["-c", "import numpy, tritonclient.grpc"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{} cannot import tritonclient.grpc: run `bash .ci/setup` (installs tests/python/requirements.txt into .venv) or set SLIMSERVE_PYTHON",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
+    const M: &str = "triton";
+    const SEED: u32 = 42;
+    let python = python();
+    let s = TestServer::start(&[M], |_| {}).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/triton_client.py");
+    let addr = s.grpc.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .args([addr.as_str(), M, &SEED.to_string()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "triton_client.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["model"], M);
+    assert_eq!(answer["inference_count"], 2);
+    let py: Vec<Vec<f32>> = serde_json::from_value(answer["logits"].clone()).unwrap();
+
+    let (v, _) = f32_input(2, SEED);
+    let mut c = s.classifier().await;
+    for (i, py_row) in py.iter().enumerate() {
+        let one: Vec<u8> = v[i * 3072..(i + 1) * 3072]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let mine = c
+            .classify(tensor_request(M, pb::DataType::Float32, &[3, 32, 32], one))
+            .await
+            .unwrap()
+            .into_inner()
+            .logits;
+        assert!(
+            max_diff(&mine, py_row) < 1e-5,
+            "python {py_row:?} vs rust {mine:?}"
+        );
+    }
+}
