@@ -1,3 +1,155 @@
 //! Custom tensor operations that candle lacks or runs slowly.
+//!
+//! Each op has a multithreaded (rayon) CPU forward and its own backward, and falls back to
+//! candle's generic operations on other devices and dtypes. Training on the CPU spends its time
+//! in these: candle's generic train-mode BatchNorm is a dozen full-tensor passes, its
+//! convolution backward is a direct loop, and every graph node costs two more passes in the
+//! backward (a zero-filled gradient buffer plus an add), so the ops fuse what they can into one
+//! node.
 
+pub mod activation;
+pub mod batch_norm;
+pub mod conv2d;
 pub mod depthwise;
+pub mod max_pool;
+
+use std::cell::Cell;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, Layout, Storage, Tensor};
+
+thread_local! {
+    static GENERIC: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the model layers on candle's generic operations instead of the custom ops of
+/// this module (for this thread only): the reference path in tests and the "before" column
+/// of `benches/train_step.rs`. The depthwise op is kept, as it was before the others existed.
+pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC.with(|g| g.replace(true)));
+    f()
+}
+
+/// Whether the layers use the custom ops (false inside [`with_generic_ops`]).
+pub fn fast_ops_enabled() -> bool {
+    !GENERIC.with(|g| g.get())
+}
+
+/// The op's data as a dense f32 slice; callers pass contiguous tensors, this re-checks it.
+pub(crate) fn f32_slice<'a>(
+    op: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: only f32 is supported, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => bail!(
+            "{op}: inputs must be contiguous, got strides {:?}",
+            l.stride()
+        ),
+    }
+}
+
+/// Calls `f` with the data of contiguous f32 CPU tensors (used by the backward passes, which
+/// read their saved tensors directly instead of building more graph nodes).
+pub(crate) fn with_f32_slices<R>(
+    op: &str,
+    ts: &[&Tensor],
+    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (s, l) in &guards {
+        match &**s {
+            Storage::Cpu(cpu) => slices.push(f32_slice(op, cpu, l)?),
+            _ => bail!("{op}: expected a CPU tensor"),
+        }
+    }
+    f(&slices)
+}
+
+/// Whether some variable upstream of `t` needs its gradient.
+pub(crate) fn needs_grad(t: &Tensor) -> bool {
+    t.track_op()
+}
+
+/// Sum of `a` with 16 independent f32 accumulators, so that LLVM vectorises it.
+pub(crate) fn sum16(a: &[f32]) -> f32 {
+    let chunks = a.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    let mut acc = [0f32; 16];
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot product with 16 independent accumulators (see [`sum16`]).
+pub(crate) fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0f32; 16];
+    for (xa, xb) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += xa[i] * xb[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{Device, Tensor};
+    use rand::rngs::StdRng;
+    use rand::Rng;
+
+    pub const TOL: f32 = 1e-4;
+
+    pub fn rand_tensor(rng: &mut StdRng, dims: &[usize]) -> Tensor {
+        let len = dims.iter().product();
+        let data: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+    }
+
+    /// A deterministic, varied upstream gradient: sin(1.3 * index).
+    pub fn wave(dims: &[usize]) -> Tensor {
+        let len: usize = dims.iter().product();
+        let data: Vec<f32> = (0..len).map(|i| (1.3 * i as f32).sin()).collect();
+        Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+    }
+
+    /// max |a-b| / max(1e-6, max |b|)
+    pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // f32::max skips NaN, so a NaN result would otherwise look like zero error.
+        assert!(
+            a.iter().chain(&b).all(|v| v.is_finite()),
+            "non-finite values"
+        );
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+        diff / scale.max(1e-6)
+    }
+}
