@@ -19,6 +19,11 @@
 //!
 //! Statistics accumulate in f64 per block of 4096 f32 values (shifted by the channel's first
 //! value), so they stay accurate for large, offset activations.
+//!
+//! [`batch_norm_train_pool2`] also fuses the 2x2/2 max pool that follows in the zoo's stems and
+//! plain nets: the full-resolution activation is never stored (nor its gradient buffer, which
+//! candle's backward would allocate, zero and add into); the backward recomputes each window's
+//! argmax from x and the batch statistics, as [`crate::ops::max_pool`] does.
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
@@ -44,6 +49,40 @@ pub fn batch_norm_train(
     momentum: f64,
     act: Activation,
 ) -> candle_core::Result<Tensor> {
+    let state = (running_mean, running_var);
+    batch_norm_train_impl(x, gamma, beta, state, (eps, momentum), act, false)
+}
+
+/// [`batch_norm_train`] followed by a 2x2/2 max pool (`nn.MaxPool2d(2)`, floor), in one op:
+/// x [N, C, H, W] -> [N, C, H/2, W/2].
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_train_pool2(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Var,
+    running_var: &Var,
+    eps: f64,
+    momentum: f64,
+    act: Activation,
+) -> candle_core::Result<Tensor> {
+    match x.dims() {
+        &[_, _, h, w] if h >= 2 && w >= 2 => {}
+        d => bail!("batch_norm_train_pool2: x must be [N,C,H,W] with H, W >= 2, got {d:?}"),
+    }
+    let state = (running_mean, running_var);
+    batch_norm_train_impl(x, gamma, beta, state, (eps, momentum), act, true)
+}
+
+fn batch_norm_train_impl(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    (running_mean, running_var): (&Var, &Var),
+    (eps, momentum): (f64, f64),
+    act: Activation,
+    pool: bool,
+) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     if dims.len() < 2 {
         bail!("batch_norm_train: x must be [N, C, ...], got shape {dims:?}");
@@ -67,7 +106,7 @@ pub fn batch_norm_train(
         bail!("batch_norm_train: expected more than 1 value per channel when training, got input of shape {dims:?}");
     }
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return generic(
+        let y = generic(
             x,
             gamma,
             beta,
@@ -76,7 +115,8 @@ pub fn batch_norm_train(
             eps,
             momentum,
             act,
-        );
+        )?;
+        return if pool { y.max_pool2d(2) } else { Ok(y) };
     }
     let x = x.contiguous()?;
     let (mean, var) = with_f32_slices("batch_norm_train", &[&x], |s| {
@@ -103,6 +143,7 @@ pub fn batch_norm_train(
             .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
             .collect(),
         act,
+        pool,
     };
     x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
 }
@@ -191,6 +232,85 @@ struct BatchNormTrain {
     mean: Vec<f32>,
     invstd: Vec<f32>,
     act: Activation,
+    /// A 2x2/2 max pool follows (x is [N, C, H, W]).
+    pool: bool,
+}
+
+/// Window position (0..4, row-major) of the first maximum, or [`BLOCKED`] when the
+/// activation's gradient does not pass there.
+const BLOCKED: u8 = 4;
+
+impl BatchNormTrain {
+    /// Pooled forward of one (n, c) plane: `y[i, j] = max over the window of act(bn(x))`.
+    #[allow(clippy::too_many_arguments)]
+    fn pool_plane(
+        &self,
+        x: &[f32],
+        y: &mut [f32],
+        (h, w): (usize, usize),
+        ch: usize,
+        gamma: f32,
+        beta: f32,
+    ) {
+        let (_, ow) = (h / 2, w / 2);
+        let (mean, scale, act) = (self.mean[ch], gamma * self.invstd[ch], self.act);
+        let f = |v: f32| act.apply((v - mean) * scale + beta);
+        for (i, y) in y.chunks_exact_mut(ow).enumerate() {
+            let r0 = &x[2 * i * w..][..2 * ow];
+            let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+            for (j, y) in y.iter_mut().enumerate() {
+                let k = 2 * j;
+                *y = f(r0[k]).max(f(r0[k + 1])).max(f(r1[k]).max(f(r1[k + 1])));
+            }
+        }
+    }
+
+    /// For the pooled backward, one (n, c) plane: the first-maximum position of each window
+    /// (or BLOCKED) into `arg`, and the plane's sums of g and g * (x - mean).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_plane_grad(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        arg: &mut [u8],
+        (h, w): (usize, usize),
+        ch: usize,
+        gamma: f32,
+        beta: f32,
+    ) -> (f64, f64) {
+        let (_, ow) = (h / 2, w / 2);
+        let (mean, scale, act) = (self.mean[ch], gamma * self.invstd[ch], self.act);
+        let f = |v: f32| act.apply((v - mean) * scale + beta);
+        let (mut t1, mut t2) = (0f64, 0f64);
+        for (i, (arg, dy)) in arg
+            .chunks_exact_mut(ow)
+            .zip(dy.chunks_exact(ow))
+            .enumerate()
+        {
+            let r0 = &x[2 * i * w..][..2 * ow];
+            let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+            for (j, (arg, &g)) in arg.iter_mut().zip(dy).enumerate() {
+                let k = 2 * j;
+                let xs = [r0[k], r0[k + 1], r1[k], r1[k + 1]];
+                let (mut best, mut bi) = (f(xs[0]), 0);
+                for (t, &v) in xs.iter().enumerate().skip(1) {
+                    let yv = f(v);
+                    if yv > best {
+                        best = yv;
+                        bi = t;
+                    }
+                }
+                if act.passes(best) {
+                    *arg = bi as u8;
+                    t1 += g as f64;
+                    t2 += (g * (xs[bi] - mean)) as f64;
+                } else {
+                    *arg = BLOCKED;
+                }
+            }
+        }
+        (t1, t2)
+    }
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -211,6 +331,20 @@ impl CustomOp3 for BatchNormTrain {
         let gamma = f32_slice(self.name(), s2, l2)?;
         let beta = f32_slice(self.name(), s3, l3)?;
         let (_, c, s) = ncs(l1.dims());
+        if self.pool {
+            let d = l1.dims();
+            let (h, w) = (d[2], d[3]);
+            let (oh, ow) = (h / 2, w / 2);
+            let mut y = vec![0f32; d[0] * c * oh * ow];
+            y.par_chunks_mut(oh * ow)
+                .zip(x.par_chunks(h * w))
+                .enumerate()
+                .for_each(|(plane, (y, x))| {
+                    let ch = plane % c;
+                    self.pool_plane(x, y, (h, w), ch, gamma[ch], beta[ch]);
+                });
+            return Ok((CpuStorage::F32(y), Shape::from((d[0], c, oh, ow))));
+        }
         let per_task = planes_per_task(s);
         let act = self.act;
         let mut y = vec![0f32; x.len()];
@@ -239,6 +373,9 @@ impl CustomOp3 for BatchNormTrain {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad_res = grad_res.contiguous()?;
+        if self.pool {
+            return self.bwd_pool(x, gamma, beta, &grad_res);
+        }
         if grad_res.dims() != x.dims() {
             bail!("{}: gradient shape {:?}", self.name(), grad_res.dims());
         }
@@ -286,15 +423,7 @@ impl CustomOp3 for BatchNormTrain {
                 .collect();
             // Pass 2: dx = k0 * g - k1 - k2 * (x - mean).
             let dx = if needs_grad(x) {
-                let coef: Vec<(f32, f32, f32)> = (0..c)
-                    .map(|ch| {
-                        let invstd = self.invstd[ch] as f64;
-                        let k0 = gs[ch] as f64 * invstd;
-                        let k1 = k0 * sum_g[ch] / m;
-                        let k2 = k0 * invstd * (sum_gx[ch] * invstd) / m;
-                        (k0 as f32, k1 as f32, k2 as f32)
-                    })
-                    .collect();
+                let coef = self.dx_coefficients(gs, &sum_g, &sum_gx, m);
                 let per_task = planes_per_task(s);
                 let mut dx = vec![0f32; xs.len()];
                 dx.par_chunks_mut(per_task * s)
@@ -327,6 +456,113 @@ impl CustomOp3 for BatchNormTrain {
             };
             let dbeta = if needs_grad(beta) {
                 Some(Tensor::from_vec(dbeta, c, dev)?)
+            } else {
+                None
+            };
+            Ok((dx, dgamma, dbeta))
+        })
+    }
+}
+
+impl BatchNormTrain {
+    /// Per-channel `(k0, k1, k2)` of `dx = k0 * g - k1 - k2 * (x - mean)`, from the sums of g
+    /// and g * (x - mean) over the M values of each channel.
+    fn dx_coefficients(
+        &self,
+        gamma: &[f32],
+        sum_g: &[f64],
+        sum_gx: &[f64],
+        m: f64,
+    ) -> Vec<(f32, f32, f32)> {
+        (0..gamma.len())
+            .map(|ch| {
+                let invstd = self.invstd[ch] as f64;
+                let k0 = gamma[ch] as f64 * invstd;
+                let k1 = k0 * sum_g[ch] / m;
+                let k2 = k0 * invstd * (sum_gx[ch] * invstd) / m;
+                (k0 as f32, k1 as f32, k2 as f32)
+            })
+            .collect()
+    }
+
+    /// Backward of the pooled variant; `grad_res` is [N, C, H/2, W/2] and contiguous.
+    fn bwd_pool(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let (oh, ow) = (h / 2, w / 2);
+        if grad_res.dims() != [n, c, oh, ow] {
+            bail!("{}: gradient shape {:?}", self.name(), grad_res.dims());
+        }
+        let m = (n * h * w) as f64;
+        let dev = x.device();
+        with_f32_slices(self.name(), &[x, gamma, beta, grad_res], |sl| {
+            let (xs, gs, bs, dys) = (sl[0], sl[1], sl[2], sl[3]);
+            // Pass 1, per plane: window argmaxes and partial sums; then per channel.
+            let mut arg = vec![0u8; n * c * oh * ow];
+            let partials: Vec<(f64, f64)> = arg
+                .par_chunks_mut(oh * ow)
+                .zip(xs.par_chunks(h * w).zip(dys.par_chunks(oh * ow)))
+                .enumerate()
+                .map(|(plane, (arg, (x, dy)))| {
+                    let ch = plane % c;
+                    self.pool_plane_grad(x, dy, arg, (h, w), ch, gs[ch], bs[ch])
+                })
+                .collect();
+            let mut sum_g = vec![0f64; c];
+            let mut sum_gx = vec![0f64; c];
+            for (plane, (t1, t2)) in partials.iter().enumerate() {
+                sum_g[plane % c] += t1;
+                sum_gx[plane % c] += t2;
+            }
+            // Pass 2: dx = -k1 - k2 * (x - mean) everywhere, plus k0 * g at each window's
+            // passing argmax.
+            let dx = if needs_grad(x) {
+                let coef = self.dx_coefficients(gs, &sum_g, &sum_gx, m);
+                let mut dx = vec![0f32; xs.len()];
+                dx.par_chunks_mut(h * w)
+                    .zip(xs.par_chunks(h * w))
+                    .zip(arg.par_chunks(oh * ow).zip(dys.par_chunks(oh * ow)))
+                    .enumerate()
+                    .for_each(|(plane, ((dx, x), (arg, dy)))| {
+                        let ch = plane % c;
+                        let (k0, k1, k2) = coef[ch];
+                        let mean = self.mean[ch];
+                        for (d, &v) in dx.iter_mut().zip(x) {
+                            *d = -k1 - k2 * (v - mean);
+                        }
+                        for (i, (arg, dy)) in
+                            arg.chunks_exact(ow).zip(dy.chunks_exact(ow)).enumerate()
+                        {
+                            for (j, (&a, &g)) in arg.iter().zip(dy).enumerate() {
+                                if a != BLOCKED {
+                                    let (di, dj) = ((a / 2) as usize, (a % 2) as usize);
+                                    dx[(2 * i + di) * w + 2 * j + dj] += k0 * g;
+                                }
+                            }
+                        }
+                    });
+                Some(Tensor::from_vec(dx, x.shape(), dev)?)
+            } else {
+                None
+            };
+            let dgamma = if needs_grad(gamma) {
+                let v: Vec<f32> = sum_gx
+                    .iter()
+                    .zip(&self.invstd)
+                    .map(|(&v, &i)| (v * i as f64) as f32)
+                    .collect();
+                Some(Tensor::from_vec(v, c, dev)?)
+            } else {
+                None
+            };
+            let dbeta = if needs_grad(beta) {
+                let v: Vec<f32> = sum_g.iter().map(|&v| v as f32).collect();
+                Some(Tensor::from_vec(v, c, dev)?)
             } else {
                 None
             };
@@ -427,6 +663,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn pooled_variant_matches_batch_norm_then_max_pool() {
+        use crate::ops::max_pool::max_pool2x2;
+        let mut rng = StdRng::seed_from_u64(0x9001);
+        for dims in [
+            [2usize, 3, 5, 7],
+            [1, 4, 2, 2],
+            [3, 2, 8, 9],
+            [2, 16, 33, 32],
+        ] {
+            for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+                let c = dims[1];
+                let x = ((rand_tensor(&mut rng, &dims) * 4.0).unwrap() + 1.5).unwrap();
+                let gamma = (rand_tensor(&mut rng, &[c]) * 3.0).unwrap();
+                let beta = (rand_tensor(&mut rng, &[c]) + 2.0).unwrap();
+                let rm = rand_tensor(&mut rng, &[c]);
+                let rv = (rand_tensor(&mut rng, &[c]) + 2.0).unwrap();
+                let run = |pooled: bool| {
+                    let xv = Var::from_tensor(&x).unwrap();
+                    let gv = Var::from_tensor(&gamma).unwrap();
+                    let bv = Var::from_tensor(&beta).unwrap();
+                    let rmv = Var::from_tensor(&rm.copy().unwrap()).unwrap();
+                    let rvv = Var::from_tensor(&rv.copy().unwrap()).unwrap();
+                    let (xt, gt, bt) = (xv.as_tensor(), gv.as_tensor(), bv.as_tensor());
+                    let y = if pooled {
+                        batch_norm_train_pool2(xt, gt, bt, &rmv, &rvv, 1e-5, 0.1, act).unwrap()
+                    } else {
+                        let y = batch_norm_train(xt, gt, bt, &rmv, &rvv, 1e-5, 0.1, act).unwrap();
+                        max_pool2x2(&y).unwrap()
+                    };
+                    let r = crate::ops::test_util::wave(y.dims());
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                    [
+                        y,
+                        get(&xv),
+                        get(&gv),
+                        get(&bv),
+                        rmv.as_tensor().clone(),
+                        rvv.as_tensor().clone(),
+                    ]
+                };
+                let (fused, apart) = (run(true), run(false));
+                for (what, (a, b)) in ["y", "dx", "dgamma", "dbeta", "rm", "rv"]
+                    .iter()
+                    .zip(fused.iter().zip(&apart))
+                {
+                    let err = rel_err(a, b);
+                    assert!(err <= TOL, "{what} {dims:?} {act:?}: {err}");
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(2);
+        let (rm, rv) = (
+            Var::from_tensor(&rand_tensor(&mut rng, &[3])).unwrap(),
+            Var::from_tensor(&rand_tensor(&mut rng, &[3])).unwrap(),
+        );
+        let g = rand_tensor(&mut rng, &[3]);
+        let thin = rand_tensor(&mut rng, &[2, 3, 1, 8]);
+        let err = batch_norm_train_pool2(&thin, &g, &g, &rm, &rv, 1e-5, 0.1, Activation::Relu);
+        assert!(err.unwrap_err().to_string().contains("H, W >= 2"));
     }
 
     #[test]

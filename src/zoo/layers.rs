@@ -10,7 +10,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
 use crate::ops::activation::{self, Activation};
-use crate::ops::batch_norm::batch_norm_train;
+use crate::ops::batch_norm::{batch_norm_train, batch_norm_train_pool2};
 use crate::ops::conv2d::conv2d;
 use crate::ops::depthwise::{depthwise_conv3x3, depthwise_conv3x3_bias};
 use crate::ops::fast_ops_enabled;
@@ -220,6 +220,30 @@ impl Bn {
         } else {
             activation::activation(&self.inner.forward_t(x, false)?, act)
         }
+    }
+}
+
+impl Bn {
+    /// `pool2(act(bn(x)))`; in train mode on the CPU one fused op that never stores the
+    /// full-resolution activation.
+    pub fn forward_act_pool2(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        if !(train && fast_ops_enabled()) {
+            return pool2(&self.forward_act(x, train, act)?);
+        }
+        let (weight, bias) = self
+            .inner
+            .weight_and_bias()
+            .expect("the zoo's BatchNorms are affine");
+        batch_norm_train_pool2(
+            x,
+            weight,
+            bias,
+            &self.state.0,
+            &self.state.1,
+            BN_EPS,
+            BN_MOMENTUM,
+            act,
+        )
     }
 }
 

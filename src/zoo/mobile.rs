@@ -106,7 +106,7 @@ impl MobileNet {
 impl ModuleT for MobileNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (conv, bn) = &self.stem;
-        let mut x = pool2(&bn.forward_act(&conv.forward(x)?, train, Relu6)?)?;
+        let mut x = bn.forward_act_pool2(&conv.forward(x)?, train, Relu6)?;
         for b in &self.blocks {
             x = b.bn.forward_act(&b.spatial.forward(&x)?, train, Relu6)?;
             x = b.pointwise.forward(&x)?;

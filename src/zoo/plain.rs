@@ -9,7 +9,7 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{pool2, Bn, Conv, Linear};
+use super::layers::{Bn, Conv, Linear};
 use super::Cost;
 use crate::ops::activation::Activation::Relu;
 
@@ -69,7 +69,7 @@ impl ModuleT for PlainCnn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (conv, bn) in &self.blocks {
-            x = pool2(&bn.forward_act(&conv.forward(&x)?, train, Relu)?)?;
+            x = bn.forward_act_pool2(&conv.forward(&x)?, train, Relu)?;
         }
         self.fc.forward(&x.flatten_from(1)?)
     }
