@@ -171,8 +171,10 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
 
 fn main() -> candle_core::Result<()> {
     let opts = parse_args();
+    // As a training binary should: reuse freed pages instead of page-faulting fresh ones.
+    let retained = slimserve::ops::retain_freed_memory();
     println!(
-        "train step = forward (train mode) + cross-entropy + backward + read grads + AdamW; best of {} after 1 warm-up; {} rayon threads",
+        "train step = forward (train mode) + cross-entropy + backward + read grads + AdamW; best of {} after 1 warm-up; {} rayon threads; retain_freed_memory: {retained}",
         opts.reps,
         rayon::current_num_threads()
     );
