@@ -11,7 +11,9 @@
 //! Options (after `--`): `--arch a,b` (default: big, student, student-deeper, std-conv,
 //! group-conv), `--size 64,256` (batch 32 at 64 px and below, 8 above), `--batch N` (override),
 //! `--reps N` (timed steps after one warm-up step; the best is reported, default 3),
-//! `--threads N` (rayon threads, default: all cores), `--variant stock|fast|both` (default both).
+//! `--threads N` (rayon threads, default: all cores), `--variant stock|fast|both` (default both),
+//! `--breakdown` (after each fast row, the custom ops' share of the timed steps; the rest is
+//! candle: gradient accumulation in the backward, loss, linear layer, optimizer).
 //!
 //! Timings on a shared machine are noisy; the best of the repetitions is the least disturbed.
 
@@ -27,6 +29,7 @@ struct Opts {
     batch: Option<usize>,
     reps: usize,
     variants: Vec<bool>,
+    breakdown: bool,
 }
 
 fn parse_args() -> Opts {
@@ -42,6 +45,7 @@ fn parse_args() -> Opts {
         batch: None,
         reps: 3,
         variants: vec![false, true],
+        breakdown: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -77,6 +81,7 @@ fn parse_args() -> Opts {
                     .expect("rayon pool already built");
                 std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             }
+            "--breakdown" => opts.breakdown = true,
             // cargo bench passes --bench to harness-less targets.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -92,6 +97,8 @@ struct StepTimes {
     optimizer: f64,
     /// CPU time of the whole process (all threads) during the step.
     cpu: f64,
+    /// Wall time of all timed steps together (for the per-op breakdown).
+    sum: f64,
 }
 
 /// User + system CPU time of this process in ms (Linux; 0 elsewhere).
@@ -133,6 +140,7 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
     let labels: Vec<u32> = (0..batch as u32).map(|i| i % 11).collect();
     let y = Tensor::new(labels.as_slice(), &dev)?;
     let mut best: Option<StepTimes> = None;
+    let mut sum = 0.0;
     for rep in 0..=reps {
         let cpu0 = cpu_ms();
         let t = Instant::now();
@@ -157,16 +165,22 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
             backward,
             optimizer,
             cpu: cpu_ms() - cpu0,
+            sum: 0.0,
         };
         // The first step warms allocations and the thread pool; it is not counted.
         if rep == 0 && reps > 0 {
+            slimserve::ops::take_op_profile();
             continue;
         }
+        sum += s.total();
         if best.is_none_or(|b| s.total() < b.total()) {
             best = Some(s);
         }
     }
-    Ok(best.expect("at least one step"))
+    Ok(StepTimes {
+        sum,
+        ..best.expect("at least one step")
+    })
 }
 
 fn main() -> candle_core::Result<()> {
@@ -187,6 +201,7 @@ fn main() -> candle_core::Result<()> {
             let batch = opts.batch.unwrap_or(if size <= 64 { 32 } else { 8 });
             let mut stock_total = None;
             for &fast in &opts.variants {
+                slimserve::ops::set_op_profiling(fast && opts.breakdown);
                 let t = if fast {
                     measure(arch, size, batch, opts.reps)?
                 } else {
@@ -211,6 +226,17 @@ fn main() -> candle_core::Result<()> {
                     1e3 * batch as f64 / t.total(),
                     per(t.cpu),
                 );
+                if fast && opts.breakdown {
+                    let steps = opts.reps.max(1) as f64;
+                    let ops = slimserve::ops::take_op_profile();
+                    let mut parts: Vec<String> = ops
+                        .iter()
+                        .map(|(name, _, secs)| format!("{name} {:.1}", per(secs * 1e3 / steps)))
+                        .collect();
+                    let in_ops: f64 = ops.iter().map(|o| o.2 * 1e3).sum();
+                    parts.push(format!("rest {:.1}", per((t.sum - in_ops) / steps)));
+                    println!("|  |  |  | ms/img: | {} |", parts.join(", "));
+                }
             }
         }
     }

@@ -13,7 +13,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, with_f32_slices};
+use super::{f32_slice, with_f32_slices, OpTimer};
 
 /// The activations that follow a BatchNorm in the zoo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,7 @@ impl CustomOp1 for ActivationOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = OpTimer::start("relu/relu6 fwd");
         let x = f32_slice(self.name(), s, l)?;
         let act = self.0;
         let mut y = vec![0f32; x.len()];
@@ -108,6 +109,7 @@ impl CustomOp1 for ActivationOp {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let _t = OpTimer::start("relu/relu6 bwd");
         let grad_res = grad_res.contiguous()?;
         if res.dims() != grad_res.dims() {
             bail!("{}: gradient shape {:?}", self.name(), grad_res.dims());

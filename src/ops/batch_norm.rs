@@ -29,7 +29,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var
 use rayon::prelude::*;
 
 use super::activation::{activation, Activation};
-use super::{dot16, f32_slice, needs_grad, sum16, with_f32_slices};
+use super::{dot16, f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
 
 /// Block of values summed in f32 before the running total moves to f64.
 const BLOCK: usize = 4096;
@@ -118,6 +118,7 @@ fn batch_norm_train_impl(
         )?;
         return if pool { y.max_pool2d(2) } else { Ok(y) };
     }
+    let _t = OpTimer::start("bn stats");
     let x = x.contiguous()?;
     let (mean, var) = with_f32_slices("batch_norm_train", &[&x], |s| {
         Ok(channel_stats(s[0], ncs(x.dims())))
@@ -145,6 +146,7 @@ fn batch_norm_train_impl(
         act,
         pool,
     };
+    drop(_t);
     x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
 }
 
@@ -327,6 +329,11 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = OpTimer::start(if self.pool {
+            "bn+act+pool fwd"
+        } else {
+            "bn+act fwd"
+        });
         let x = f32_slice(self.name(), s1, l1)?;
         let gamma = f32_slice(self.name(), s2, l2)?;
         let beta = f32_slice(self.name(), s3, l3)?;
@@ -372,6 +379,11 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = OpTimer::start(if self.pool {
+            "bn+act+pool bwd"
+        } else {
+            "bn+act bwd"
+        });
         let grad_res = grad_res.contiguous()?;
         if self.pool {
             return self.bwd_pool(x, gamma, beta, &grad_res);

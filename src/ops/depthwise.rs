@@ -13,7 +13,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, needs_grad, sum16, with_f32_slices};
+use super::{f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
 
 /// y[n,c] = sum_{ky,kx} w[c,0,ky,kx] * x[n,c,h+ky-1,w+kx-1] (zero padding). x: [N,C,H,W] f32, w: [C,1,3,3] f32 -> [N,C,H,W].
 ///
@@ -135,6 +135,7 @@ impl CustomOp3 for DepthwiseConv3x3Bias {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(self.name(), s1, l1)?;
         let w = f32_slice(self.name(), s2, l2)?;
+        let _t = OpTimer::start("depthwise fwd");
         let b = f32_slice(self.name(), s3, l3)?;
         let dims = nchw_with_weight(self.name(), l1, l2)?;
         let y = correlate_planes(x, w, Some(b), dims, false);
@@ -149,6 +150,7 @@ impl CustomOp3 for DepthwiseConv3x3Bias {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = OpTimer::start("depthwise bwd");
         let grad_res = grad_res.contiguous()?;
         let grad_x = if needs_grad(x) {
             Some(grad_res.apply_op2_no_bwd(w, &DepthwiseConv3x3GradInput)?)

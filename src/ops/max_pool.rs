@@ -15,7 +15,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, with_f32_slices};
+use super::{f32_slice, with_f32_slices, OpTimer};
 
 /// 2x2/2 max pool of x [N, C, H, W] -> [N, C, H/2, W/2]; the custom op for f32 on the CPU,
 /// candle's `max_pool2d` otherwise.
@@ -68,6 +68,7 @@ impl CustomOp1 for MaxPool2x2 {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = OpTimer::start("max pool fwd");
         let x = f32_slice(self.name(), s, l)?;
         let (_, h, w) = planes(l);
         let (oh, ow) = (h / 2, w / 2);
@@ -95,6 +96,7 @@ impl CustomOp1 for MaxPool2x2 {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let _t = OpTimer::start("max pool bwd");
         let grad_res = grad_res.contiguous()?;
         let (n, c, h, w) = x.dims4()?;
         let (oh, ow) = (h / 2, w / 2);

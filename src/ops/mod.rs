@@ -14,6 +14,10 @@ pub mod depthwise;
 pub mod max_pool;
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Layout, Storage, Tensor};
@@ -39,6 +43,49 @@ pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
 /// Whether the layers use the custom ops (false inside [`with_generic_ops`]).
 pub fn fast_ops_enabled() -> bool {
     !GENERIC.with(|g| g.get())
+}
+
+static PROFILING: AtomicBool = AtomicBool::new(false);
+static PROFILE: Mutex<BTreeMap<&'static str, (usize, f64)>> = Mutex::new(BTreeMap::new());
+
+/// Turns per-op timing on or off (process-wide; off by default, when it costs one atomic load
+/// per op call). While on, every forward and backward kernel of this module adds its wall time
+/// to a table read by [`take_op_profile`].
+pub fn set_op_profiling(on: bool) {
+    PROFILING.store(on, Ordering::Relaxed);
+}
+
+/// The timings gathered since the last call, as (kernel, calls, seconds), and a reset.
+pub fn take_op_profile() -> Vec<(&'static str, usize, f64)> {
+    let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+    std::mem::take(&mut *p)
+        .into_iter()
+        .map(|(k, (n, s))| (k, n, s))
+        .collect()
+}
+
+/// Adds its lifetime to the profile under `name` (when profiling is on).
+pub(crate) struct OpTimer(Option<(&'static str, Instant)>);
+
+impl OpTimer {
+    pub(crate) fn start(name: &'static str) -> Self {
+        Self(
+            PROFILING
+                .load(Ordering::Relaxed)
+                .then(|| (name, Instant::now())),
+        )
+    }
+}
+
+impl Drop for OpTimer {
+    fn drop(&mut self) {
+        if let Some((name, t)) = self.0 {
+            let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
+            let e = p.entry(name).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += t.elapsed().as_secs_f64();
+        }
+    }
 }
 
 /// Makes glibc's malloc serve every allocation from its heap and keep freed memory instead of
