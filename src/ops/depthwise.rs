@@ -10,9 +10,10 @@
 //! depthwise-separable networks very slow on the CPU. Here the CPU forward and both backward
 //! kernels are direct loops, parallel over (batch, channel) planes with rayon.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::{f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
 
 /// y[n,c] = sum_{ky,kx} w[c,0,ky,kx] * x[n,c,h+ky-1,w+kx-1] (zero padding). x: [N,C,H,W] f32, w: [C,1,3,3] f32 -> [N,C,H,W].
 ///
@@ -51,8 +52,30 @@ pub fn depthwise_conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> 
         .apply_op2(&w.contiguous()?, DepthwiseConv3x3)
 }
 
+/// [`depthwise_conv3x3`] plus a per-channel bias `b` [C], fused into the same op (the bias
+/// add would otherwise be one more full-size graph node, forward and backward).
+pub fn depthwise_conv3x3_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let c = w.dim(0)?;
+    if b.dims() != [c] {
+        bail!(
+            "depthwise_conv3x3: bias must be [C] = [{c}], got {:?}",
+            b.dims()
+        );
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return depthwise_conv3x3(x, w)?.broadcast_add(&b.reshape((1, c, 1, 1))?);
+    }
+    // Checks x and w.
+    depthwise_conv3x3(&x.narrow(0, 0, 0)?, w)?;
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, DepthwiseConv3x3Bias)
+}
+
 /// Forward op: (x [N,C,H,W], w [C,1,3,3]) -> y [N,C,H,W].
 struct DepthwiseConv3x3;
+
+/// Forward op with bias: (x [N,C,H,W], w [C,1,3,3], b [C]) -> y [N,C,H,W].
+struct DepthwiseConv3x3Bias;
 
 /// grad_input op: (grad_y [N,C,H,W], w [C,1,3,3]) -> grad_x [N,C,H,W].
 struct DepthwiseConv3x3GradInput;
@@ -75,7 +98,7 @@ impl CustomOp2 for DepthwiseConv3x3 {
         let x = f32_slice(self.name(), s1, l1)?;
         let w = f32_slice(self.name(), s2, l2)?;
         let dims = nchw_with_weight(self.name(), l1, l2)?;
-        let y = correlate_planes(x, w, dims, false);
+        let y = correlate_planes(x, w, None, dims, false);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -96,6 +119,69 @@ impl CustomOp2 for DepthwiseConv3x3 {
     }
 }
 
+impl CustomOp3 for DepthwiseConv3x3Bias {
+    fn name(&self) -> &'static str {
+        "depthwise-conv3x3-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(self.name(), s1, l1)?;
+        let w = f32_slice(self.name(), s2, l2)?;
+        let _t = OpTimer::start("depthwise fwd");
+        let b = f32_slice(self.name(), s3, l3)?;
+        let dims = nchw_with_weight(self.name(), l1, l2)?;
+        let y = correlate_planes(x, w, Some(b), dims, false);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = OpTimer::start("depthwise bwd");
+        let grad_res = grad_res.contiguous()?;
+        let grad_x = if needs_grad(x) {
+            Some(grad_res.apply_op2_no_bwd(w, &DepthwiseConv3x3GradInput)?)
+        } else {
+            None
+        };
+        let grad_w = if needs_grad(w) {
+            Some(x.apply_op2_no_bwd(&grad_res, &DepthwiseConv3x3GradWeight)?)
+        } else {
+            None
+        };
+        let grad_b = if needs_grad(b) {
+            let (_, c, h, wd) = grad_res.dims4()?;
+            let sums = with_f32_slices(self.name(), &[&grad_res], |s| {
+                Ok(s[0]
+                    .par_chunks((h * wd).max(1))
+                    .map(sum16)
+                    .collect::<Vec<f32>>())
+            })?;
+            let mut gb = vec![0f32; c];
+            for (i, v) in sums.iter().enumerate() {
+                gb[i % c] += v;
+            }
+            Some(Tensor::from_vec(gb, c, x.device())?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w, grad_b))
+    }
+}
+
 impl CustomOp2 for DepthwiseConv3x3GradInput {
     fn name(&self) -> &'static str {
         "depthwise-conv3x3-grad-input"
@@ -113,7 +199,7 @@ impl CustomOp2 for DepthwiseConv3x3GradInput {
         let dims = nchw_with_weight(self.name(), l1, l2)?;
         // x[h+ky-1] feeds y[h], so grad_x[h] gathers grad_y[h-ky+1]: the same
         // correlation with the kernel rotated by 180 degrees.
-        let grad_x = correlate_planes(grad_y, w, dims, true);
+        let grad_x = correlate_planes(grad_y, w, None, dims, true);
         Ok((CpuStorage::F32(grad_x), l1.shape().clone()))
     }
 }
@@ -146,20 +232,6 @@ impl CustomOp2 for DepthwiseConv3x3GradWeight {
     }
 }
 
-/// The op's data as a dense f32 slice; the public fn guarantees contiguity, this re-checks it.
-fn f32_slice<'a>(op: &str, s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        bail!("{op}: only f32 is supported, got {:?}", s.dtype());
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!(
-            "{op}: inputs must be contiguous, got strides {:?}",
-            l.stride()
-        ),
-    }
-}
-
 type Nchw = (usize, usize, usize, usize);
 
 fn nchw(op: &str, l: &Layout) -> candle_core::Result<Nchw> {
@@ -181,9 +253,15 @@ fn nchw_with_weight(op: &str, lx: &Layout, lw: &Layout) -> candle_core::Result<N
     Ok(dims)
 }
 
-/// out[n,c,h,w] = sum_{ky,kx} k[c,ky,kx] * src[n,c,h+ky-1,w+kx-1]; with `flip` the kernel is
-/// rotated by 180 degrees first (used for grad_input).
-fn correlate_planes(src: &[f32], weight: &[f32], (_, c, h, w): Nchw, flip: bool) -> Vec<f32> {
+/// out[n,c,h,w] = bias[c] + sum_{ky,kx} k[c,ky,kx] * src[n,c,h+ky-1,w+kx-1]; with `flip` the
+/// kernel is rotated by 180 degrees first (used for grad_input).
+fn correlate_planes(
+    src: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    (_, c, h, w): Nchw,
+    flip: bool,
+) -> Vec<f32> {
     let plane = h * w;
     let mut out = vec![0f32; src.len()];
     if plane == 0 {
@@ -198,28 +276,28 @@ fn correlate_planes(src: &[f32], weight: &[f32], (_, c, h, w): Nchw, flip: bool)
             if flip {
                 k.reverse();
             }
-            correlate_plane(out, src, &k, h, w);
+            correlate_plane(out, src, &k, bias.map_or(0.0, |b| b[ch]), h, w);
         });
     out
 }
 
-fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], h: usize, w: usize) {
+fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usize, w: usize) {
     // Rows outside the image read this zero row, so every output row takes the same path.
     let zeros = vec![0f32; w];
     for (y, out_row) in out.chunks_exact_mut(w).enumerate() {
         let row = |r: usize| &src[r * w..(r + 1) * w];
         let above = if y > 0 { row(y - 1) } else { &zeros };
         let below = if y + 1 < h { row(y + 1) } else { &zeros };
-        correlate_row(out_row, [above, row(y), below], k);
+        correlate_row(out_row, [above, row(y), below], k, bias);
     }
 }
 
-/// One output row from its three source rows (all of the same width).
-fn correlate_row(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9]) {
+/// One output row from its three source rows (all of the same width), plus `bias`.
+fn correlate_row(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9], bias: f32) {
     let w = out.len();
     // Left and right columns: the missing neighbour is padding.
-    let mut left = 0.0;
-    let mut right = 0.0;
+    let mut left = bias;
+    let mut right = bias;
     for (r, kr) in rows.iter().zip(k.chunks_exact(3)) {
         left += kr[1] * r[0];
         if w > 1 {
@@ -243,7 +321,8 @@ fn correlate_row(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9]) {
     let (a2, b2, c2) = (&r2[..n], &r2[1..n + 1], &r2[2..n + 2]);
     let out = &mut out[1..n + 1];
     for i in 0..n {
-        out[i] = k[0] * a0[i]
+        out[i] = bias
+            + k[0] * a0[i]
             + k[1] * b0[i]
             + k[2] * c0[i]
             + k[3] * a1[i]
@@ -444,6 +523,47 @@ mod tests {
         let (gx_ref, gw_ref) = through_transpose(generic);
         assert!(rel_err(&gx, &gx_ref) <= TOL);
         assert!(rel_err(&gw, &gw_ref) <= TOL);
+    }
+
+    #[test]
+    fn bias_variant_matches_conv_plus_bias() {
+        let mut rng = StdRng::seed_from_u64(77);
+        for dims in [
+            [1usize, 1, 1, 1],
+            [2, 3, 5, 7],
+            [3, 17, 13, 2],
+            [2, 16, 32, 32],
+        ] {
+            let c = dims[1];
+            let x = rand_tensor(&mut rng, &dims);
+            let w = rand_tensor(&mut rng, &[c, 1, 3, 3]);
+            let b = rand_tensor(&mut rng, &[c]);
+            let r = rand_tensor(&mut rng, &dims);
+            let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+                let (xv, wv, bv) = (
+                    Var::from_tensor(&x).unwrap(),
+                    Var::from_tensor(&w).unwrap(),
+                    Var::from_tensor(&b).unwrap(),
+                );
+                let y = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                (y, get(&xv), get(&wv), get(&bv))
+            };
+            let fast = run(&|x, w, b| depthwise_conv3x3_bias(x, w, b).unwrap());
+            let slow = run(&|x, w, b| {
+                generic(x, w)
+                    .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
+                    .unwrap()
+            });
+            assert!(rel_err(&fast.0, &slow.0) <= TOL, "y {dims:?}");
+            assert!(rel_err(&fast.1, &slow.1) <= TOL, "dx {dims:?}");
+            assert!(rel_err(&fast.2, &slow.2) <= TOL, "dw {dims:?}");
+            assert!(rel_err(&fast.3, &slow.3) <= TOL, "db {dims:?}");
+        }
+        let x = rand_tensor(&mut rng, &[1, 4, 5, 5]);
+        let w = rand_tensor(&mut rng, &[4, 1, 3, 3]);
+        assert!(depthwise_conv3x3_bias(&x, &w, &rand_tensor(&mut rng, &[3])).is_err());
     }
 
     #[test]

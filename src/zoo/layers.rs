@@ -6,10 +6,15 @@
 //! PyTorch's defaults (uniform in ±1/sqrt(fan_in) for weights and biases; BatchNorm gamma 1,
 //! beta 0) so that training from scratch behaves like the reference code.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
-use crate::ops::depthwise::depthwise_conv3x3;
+use crate::ops::activation::{self, Activation};
+use crate::ops::batch_norm::{batch_norm_train, batch_norm_train_pool2};
+use crate::ops::conv2d::conv2d;
+use crate::ops::depthwise::{depthwise_conv3x3, depthwise_conv3x3_bias};
+use crate::ops::fast_ops_enabled;
+use crate::ops::max_pool::max_pool2x2;
 
 /// BatchNorm settings of the reference models (PyTorch defaults).
 pub const BN_EPS: f64 = 1e-5;
@@ -110,6 +115,21 @@ impl Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast_ops_enabled() {
+            // Custom ops with the bias fused in.
+            return match (&self.bias, self.is_depthwise3x3()) {
+                (Some(b), true) => depthwise_conv3x3_bias(x, &self.weight, b),
+                (None, true) => depthwise_conv3x3(x, &self.weight),
+                (b, false) => conv2d(
+                    x,
+                    &self.weight,
+                    b.as_ref(),
+                    self.stride,
+                    self.padding,
+                    self.groups,
+                ),
+            };
+        }
         let y = if self.is_depthwise3x3() {
             depthwise_conv3x3(x, &self.weight)?
         } else {
@@ -130,6 +150,9 @@ pub struct Bn {
     bias: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
+    /// The running statistics `inner` reads in eval mode (sharing its storage), which the
+    /// fused train-mode op updates.
+    state: (Var, Var),
 }
 
 impl Bn {
@@ -141,8 +164,14 @@ impl Bn {
             momentum: BN_MOMENTUM,
         };
         let inner = candle_nn::batch_norm(c, cfg, vb.clone())?;
+        // `running_mean()` is the Var's own tensor, so these share its storage.
+        let state = (
+            Var::from_tensor(inner.running_mean())?,
+            Var::from_tensor(inner.running_var())?,
+        );
         Ok(Self {
             inner,
+            state,
             weight: vb.get(c, "weight")?,
             bias: vb.get(c, "bias")?,
             running_mean: vb.get(c, "running_mean")?,
@@ -166,11 +195,61 @@ impl Bn {
     pub fn running_var(&self) -> &Tensor {
         &self.running_var
     }
+
+    /// `act(bn(x))`; in train mode on the CPU one fused op (statistics, normalisation,
+    /// affine, activation and the running-stat update), otherwise candle's BatchNorm.
+    pub fn forward_act(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        if !fast_ops_enabled() {
+            return act.generic(&self.inner.forward_t(x, train)?);
+        }
+        if train {
+            let (weight, bias) = self
+                .inner
+                .weight_and_bias()
+                .expect("the zoo's BatchNorms are affine");
+            batch_norm_train(
+                x,
+                weight,
+                bias,
+                &self.state.0,
+                &self.state.1,
+                BN_EPS,
+                BN_MOMENTUM,
+                act,
+            )
+        } else {
+            activation::activation(&self.inner.forward_t(x, false)?, act)
+        }
+    }
+}
+
+impl Bn {
+    /// `pool2(act(bn(x)))`; in train mode on the CPU one fused op that never stores the
+    /// full-resolution activation.
+    pub fn forward_act_pool2(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
+        if !(train && fast_ops_enabled()) {
+            return pool2(&self.forward_act(x, train, act)?);
+        }
+        let (weight, bias) = self
+            .inner
+            .weight_and_bias()
+            .expect("the zoo's BatchNorms are affine");
+        batch_norm_train_pool2(
+            x,
+            weight,
+            bias,
+            &self.state.0,
+            &self.state.1,
+            BN_EPS,
+            BN_MOMENTUM,
+            act,
+        )
+    }
 }
 
 impl ModuleT for Bn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.inner.forward_t(x, train)
+        self.forward_act(x, train, Activation::Identity)
     }
 }
 
@@ -205,12 +284,28 @@ impl Module for Linear {
 }
 
 pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    x.clamp(0f32, 6f32)
+    if fast_ops_enabled() {
+        activation::relu6(x)
+    } else {
+        x.clamp(0f32, 6f32)
+    }
+}
+
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if fast_ops_enabled() {
+        activation::relu(x)
+    } else {
+        x.relu()
+    }
 }
 
 /// 2x2 max pool, stride 2 (floor), as `nn.MaxPool2d(2)`.
 pub fn pool2(x: &Tensor) -> Result<Tensor> {
-    x.max_pool2d(2)
+    if fast_ops_enabled() {
+        max_pool2x2(x)
+    } else {
+        x.max_pool2d(2)
+    }
 }
 
 /// Global average pool: [N, C, H, W] -> [N, C].

@@ -11,8 +11,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, pool2, relu6, Bn, Conv, Linear};
+use super::layers::{global_avg_pool, pool2, Bn, Conv, Linear};
 use super::Cost;
+use crate::ops::activation::Activation::Relu6;
 
 /// One `conv(c,c,3,g) -> BN -> ReLU6 -> conv(c,o,1)` block.
 #[derive(Debug, Clone)]
@@ -105,9 +106,9 @@ impl MobileNet {
 impl ModuleT for MobileNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (conv, bn) = &self.stem;
-        let mut x = pool2(&relu6(&bn.forward_t(&conv.forward(x)?, train)?)?)?;
+        let mut x = bn.forward_act_pool2(&conv.forward(x)?, train, Relu6)?;
         for b in &self.blocks {
-            x = relu6(&b.bn.forward_t(&b.spatial.forward(&x)?, train)?)?;
+            x = b.bn.forward_act(&b.spatial.forward(&x)?, train, Relu6)?;
             x = b.pointwise.forward(&x)?;
             if b.pool {
                 x = pool2(&x)?;

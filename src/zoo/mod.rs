@@ -16,7 +16,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-pub use layers::{relu6, Bn, Conv, Linear, BN_EPS, BN_MOMENTUM};
+pub use layers::{relu, relu6, Bn, Conv, Linear, BN_EPS, BN_MOMENTUM};
 pub use mobile::{MobileNet, SeparableBlock};
 pub use plain::PlainCnn;
 pub use resnet::{BasicBlock, ResNet18};

@@ -9,8 +9,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{pool2, Bn, Conv, Linear};
+use super::layers::{Bn, Conv, Linear};
 use super::Cost;
+use crate::ops::activation::Activation::Relu;
 
 #[derive(Debug, Clone)]
 pub struct PlainCnn {
@@ -68,7 +69,7 @@ impl ModuleT for PlainCnn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (conv, bn) in &self.blocks {
-            x = pool2(&bn.forward_t(&conv.forward(&x)?, train)?.relu()?)?;
+            x = bn.forward_act_pool2(&conv.forward(&x)?, train, Relu)?;
         }
         self.fc.forward(&x.flatten_from(1)?)
     }

@@ -7,8 +7,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{global_avg_pool, Bn, Conv, Linear};
+use super::layers::{global_avg_pool, relu, Bn, Conv, Linear};
 use super::Cost;
+use crate::ops::activation::Activation::Relu;
 
 #[derive(Debug, Clone)]
 pub struct BasicBlock {
@@ -40,13 +41,13 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn1.forward_act(&self.conv1.forward(x)?, train, Relu)?;
         let y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
         let shortcut = match &self.downsample {
             Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        (y + shortcut)?.relu()
+        relu(&(y + shortcut)?)
     }
 }
 
@@ -123,7 +124,7 @@ pub(crate) fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 
 impl ModuleT for ResNet18 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let x = self.bn1.forward_act(&self.conv1.forward(x)?, train, Relu)?;
         let mut x = max_pool_3x3_s2_p1(&x)?;
         for b in &self.layers {
             x = b.forward_t(&x, train)?;

@@ -231,3 +231,144 @@ fn seeded_init_is_reproducible_and_follows_pytorch_defaults() {
     assert!(a.iter().all(|v| v.abs() <= 0.125) && a.iter().any(|v| v.abs() < 0.1));
     assert!(gamma.iter().all(|&g| g == 1.0) && var.iter().all(|&v| v == 1.0));
 }
+
+/// Eval outputs of the custom-op path equal candle's generic ops (the path before they
+/// existed) for every architecture, with non-trivial running statistics.
+#[test]
+fn eval_output_matches_generic_ops_for_every_architecture() {
+    use crate::ops::with_generic_ops;
+    for arch in Arch::ALL {
+        let size = arch.min_input_size();
+        let (_, m) = Model::init(&spec(arch, size), &Device::Cpu).unwrap();
+        let x = Tensor::rand(0f32, 1f32, (3, 3, size, size), &Device::Cpu).unwrap();
+        // One train step moves the running statistics away from (0, 1).
+        m.forward_t(&x, true).unwrap();
+        let fast = m.forward_t(&x, false).unwrap();
+        let generic = with_generic_ops(|| m.forward_t(&x, false)).unwrap();
+        let err = rel_err(&fast, &generic);
+        assert!(err <= 1e-5, "{arch}: eval rel err {err}");
+    }
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff.is_finite() && scale.is_finite());
+    diff / scale.max(1e-6)
+}
+
+/// What candle's max_pool2d backward passes on for a unique maximum (0.25 in candle 0.11,
+/// where the correct value is 1).
+fn candle_max_pool_grad_scale() -> f32 {
+    let x = Tensor::new(&[[[[0f32, 1.], [2., 3.]]]], &Device::Cpu).unwrap();
+    let v = candle_core::Var::from_tensor(&x).unwrap();
+    let g = v.as_tensor().max_pool2d(2).unwrap().sum_all().unwrap();
+    let g = g.backward().unwrap();
+    g.get(v.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A train step through the custom ops matches candle's generic ops: logits, loss, running
+/// statistics and every parameter gradient. Generic gradients are rescaled by candle's
+/// max-pool gradient factor once per pool between the parameter and the loss.
+#[test]
+fn train_step_matches_generic_ops() {
+    use crate::ops::with_generic_ops;
+    let pool_scale = candle_max_pool_grad_scale();
+    // (arch, size, pools after each `cnn.<i>` key prefix)
+    type PoolsAfter = fn(usize) -> i32;
+    let cases: [(Arch, usize, PoolsAfter); 3] = [
+        (Arch::Student, 32, |i| 4 - i.min(4) as i32),
+        (Arch::GroupConv, 32, |i| 4 - i.min(4) as i32),
+        (Arch::StdConv, 64, |i| 6 - (i / 4) as i32),
+    ];
+    for (arch, size, pools_after) in cases {
+        let s = spec(arch, size);
+        let (vm_fast, fast) = Model::init(&s, &Device::Cpu).unwrap();
+        let (vm_gen, generic) = Model::init(&s, &Device::Cpu).unwrap();
+        copy_varmap(&vm_fast, &vm_gen);
+        let x = Tensor::rand(0f32, 1f32, (4, 3, size, size), &Device::Cpu).unwrap();
+        let y = Tensor::new(&[1u32, 5, 10, 0], &Device::Cpu).unwrap();
+        let step = |m: &Model| {
+            let logits = m.forward_t(&x, true).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+            let grads = loss.backward().unwrap();
+            (logits, grads)
+        };
+        let (l_fast, g_fast) = step(&fast);
+        let (l_gen, g_gen) = with_generic_ops(|| step(&generic));
+        assert!(rel_err(&l_fast, &l_gen) <= 1e-4, "{arch}: logits");
+        let (a, b) = (
+            vm_fast.data().lock().unwrap(),
+            vm_gen.data().lock().unwrap(),
+        );
+        for (key, v) in a.iter() {
+            let w = &b[key];
+            if is_running_stat(key) {
+                let err = rel_err(v.as_tensor(), w.as_tensor());
+                assert!(err <= 1e-5, "{arch} {key}: rel err {err}");
+                continue;
+            }
+            let gf = g_fast.get(v.as_tensor()).expect("fast grad");
+            let gg = g_gen.get(w.as_tensor()).expect("generic grad");
+            let pools = key
+                .strip_prefix("cnn.")
+                .and_then(|k| k.split('.').next())
+                .map_or(0, |i| pools_after(i.parse().unwrap()));
+            let gg = (gg / (pool_scale as f64).powi(pools)).unwrap();
+            // Two gradients are sums that nearly cancel, so their error is judged against the
+            // scale of the terms: a conv bias right before a BatchNorm (zero up to rounding;
+            // scale: its weight's gradient) and a BatchNorm gamma (sum of g * xhat with
+            // xhat ~ 1; scale: beta's gradient, the sum of g).
+            let is_bn = |k: &str| a.contains_key(&k.replace(".weight", ".running_mean"));
+            let before_bn = key.ends_with(".bias")
+                && key.starts_with("cnn.")
+                && !is_bn(&key.replace(".bias", ".weight"))
+                && (key.ends_with(".0.bias") || arch == Arch::StdConv);
+            let scale_key = if before_bn {
+                Some(key.replace(".bias", ".weight"))
+            } else if key.ends_with(".weight") && is_bn(key) {
+                Some(key.replace(".weight", ".bias"))
+            } else {
+                None
+            };
+            let err = match scale_key {
+                Some(sk) => {
+                    let scale = g_gen.get(b[&sk].as_tensor()).unwrap();
+                    let scale = (scale / (pool_scale as f64).powi(pools)).unwrap();
+                    let scale = scale.abs().unwrap().max_all().unwrap();
+                    let diff = (gf - &gg).unwrap().abs().unwrap().max_all().unwrap();
+                    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
+                }
+                None => rel_err(gf, &gg),
+            };
+            // Gradients flow through up to a dozen layers, so allow f32 accumulation drift.
+            assert!(err <= 1e-3, "{arch} {key}: grad rel err {err}");
+        }
+    }
+}
+
+fn copy_varmap(from: &candle_nn::VarMap, to: &candle_nn::VarMap) {
+    let src = from.data().lock().unwrap();
+    let dst = to.data().lock().unwrap();
+    for (k, v) in src.iter() {
+        dst[k].set(v.as_tensor()).unwrap();
+    }
+}

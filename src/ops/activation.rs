@@ -1,0 +1,186 @@
+//! ReLU and ReLU6 as single ops with their own backward:
+//!
+//! ```text
+//! relu(x)  = max(x, 0)            grad passes where 0 < x
+//! relu6(x) = min(max(x, 0), 6)    grad passes where 0 < x < 6
+//! ```
+//!
+//! candle builds ReLU6 as `maximum(0).minimum(6)`: two full-tensor ops forward and, in the
+//! backward, comparison masks, casts and products for each. Here the forward is one parallel
+//! pass and the backward one more, masking by the saved output (0 < y < 6 exactly when
+//! 0 < x < 6). The same activations are fused into [`crate::ops::batch_norm`].
+
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, with_f32_slices, OpTimer};
+
+/// The activations that follow a BatchNorm in the zoo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    Relu6,
+}
+
+impl Activation {
+    #[inline(always)]
+    pub(crate) fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Identity => v,
+            Activation::Relu => v.max(0.0),
+            Activation::Relu6 => v.clamp(0.0, 6.0),
+        }
+    }
+
+    /// Whether the gradient passes, judged from the activation's output `y`.
+    #[inline(always)]
+    pub(crate) fn passes(self, y: f32) -> bool {
+        match self {
+            Activation::Identity => true,
+            Activation::Relu => y > 0.0,
+            Activation::Relu6 => y > 0.0 && y < 6.0,
+        }
+    }
+
+    /// candle's generic form (any device and dtype).
+    pub fn generic(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::Identity => Ok(x.clone()),
+            Activation::Relu => x.relu(),
+            Activation::Relu6 => x.clamp(0f32, 6f32),
+        }
+    }
+}
+
+/// Elements per parallel work unit of the elementwise passes.
+pub(crate) const CHUNK: usize = 16 * 1024;
+
+/// `act(x)` for any tensor; f32 on the CPU runs the custom op, anything else candle's ops.
+pub fn activation(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    if act == Activation::Identity {
+        return Ok(x.clone());
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return act.generic(x);
+    }
+    x.contiguous()?.apply_op1(ActivationOp(act))
+}
+
+/// ReLU6 (`min(max(x, 0), 6)`), one op forward and backward on the CPU.
+pub fn relu6(x: &Tensor) -> candle_core::Result<Tensor> {
+    activation(x, Activation::Relu6)
+}
+
+/// ReLU (`max(x, 0)`), one op forward and backward on the CPU.
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    activation(x, Activation::Relu)
+}
+
+struct ActivationOp(Activation);
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Activation::Identity => "identity",
+            Activation::Relu => "relu-fused",
+            Activation::Relu6 => "relu6",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = OpTimer::start("relu/relu6 fwd");
+        let x = f32_slice(self.name(), s, l)?;
+        let act = self.0;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = act.apply(x);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let _t = OpTimer::start("relu/relu6 bwd");
+        let grad_res = grad_res.contiguous()?;
+        if res.dims() != grad_res.dims() {
+            bail!("{}: gradient shape {:?}", self.name(), grad_res.dims());
+        }
+        let act = self.0;
+        let gx = with_f32_slices(self.name(), &[res, &grad_res], |s| {
+            let (y, g) = (s[0], s[1]);
+            let mut gx = vec![0f32; y.len()];
+            gx.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+                .for_each(|(gx, (y, g))| {
+                    for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
+                        *gx = if act.passes(y) { g } else { 0.0 };
+                    }
+                });
+            Ok(gx)
+        })?;
+        Ok(Some(Tensor::from_vec(gx, res.shape(), res.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{rand_tensor, rel_err};
+    use candle_core::Var;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn forward_and_gradient_match_generic() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for act in [Activation::Relu, Activation::Relu6] {
+            for dims in [&[1, 1, 1, 1][..], &[2, 3, 5, 7], &[3, 17, 13, 9], &[70_001]] {
+                // Spread values over [-8, 8] so both ReLU6 bounds are crossed.
+                let x = (rand_tensor(&mut rng, dims) * 8.0).unwrap();
+                let r = rand_tensor(&mut rng, dims);
+                let grad = |f: &dyn Fn(&Tensor) -> Tensor| {
+                    let v = Var::from_tensor(&x).unwrap();
+                    let y = f(v.as_tensor());
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, g.get(v.as_tensor()).unwrap().clone())
+                };
+                let (y, gx) = grad(&|x| activation(x, act).unwrap());
+                let (y_ref, gx_ref) = grad(&|x| act.generic(x).unwrap());
+                assert_eq!(rel_err(&y, &y_ref), 0.0, "{act:?} {dims:?}");
+                assert!(rel_err(&gx, &gx_ref) <= 1e-6, "{act:?} {dims:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn strided_input_and_gradient() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let x = (rand_tensor(&mut rng, &[2, 3, 4, 5]) * 8.0).unwrap();
+        let v = Var::from_tensor(&x).unwrap();
+        let y = relu6(&v.as_tensor().transpose(2, 3).unwrap())
+            .unwrap()
+            .transpose(1, 3)
+            .unwrap();
+        let r = rand_tensor(&mut rng, y.dims());
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g.get(v.as_tensor()).unwrap();
+        let mask = x.gt(0f32).unwrap().mul(&x.lt(6f32).unwrap()).unwrap();
+        let want = r
+            .transpose(1, 3)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap()
+            .mul(&mask.to_dtype(DType::F32).unwrap())
+            .unwrap();
+        assert!(rel_err(gx, &want) <= 1e-6);
+    }
+}

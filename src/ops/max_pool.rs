@@ -1,0 +1,216 @@
+//! 2x2 max pool with stride 2 (floor: an odd last row or column is dropped), as
+//! `nn.MaxPool2d(2)`:
+//!
+//! ```text
+//! y[n,c,i,j] = max(x[n,c,2i,2j], x[n,c,2i,2j+1], x[n,c,2i+1,2j], x[n,c,2i+1,2j+1])
+//! ```
+//!
+//! candle's backward builds the gradient from an upsampled copy of the output, an equality
+//! mask, an average pool and two more upsample/multiply passes. Here the backward recomputes
+//! each window's argmax from the saved input and routes the gradient to it in one pass (ties go
+//! to the first maximum in row-major order, as in PyTorch). candle 0.11's backward is also
+//! wrong: it scales the gradient by 1/4 (the fraction of maxima in a window, multiplied where
+//! it should divide), so stock candle training shrank gradients 4x per pool.
+
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{f32_slice, with_f32_slices, OpTimer};
+
+/// 2x2/2 max pool of x [N, C, H, W] -> [N, C, H/2, W/2]; the custom op for f32 on the CPU,
+/// candle's `max_pool2d` otherwise.
+pub fn max_pool2x2(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.rank() != 4 {
+        bail!("max_pool2x2: x must be [N,C,H,W], got shape {:?}", x.dims());
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return x.max_pool2d(2);
+    }
+    let (_, _, h, w) = x.dims4()?;
+    if h < 2 || w < 2 {
+        bail!(
+            "max_pool2x2: input {:?} is smaller than the 2x2 window",
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op1(MaxPool2x2)
+}
+
+struct MaxPool2x2;
+
+/// (planes, h, w) of a [N, C, H, W] layout.
+fn planes(l: &Layout) -> (usize, usize, usize) {
+    let d = l.dims();
+    (d[0] * d[1], d[2], d[3])
+}
+
+/// Index (0..4, row-major in the window) of the first maximum.
+#[inline(always)]
+fn argmax4(a: f32, b: f32, c: f32, d: f32) -> usize {
+    let (mut best, mut i) = (a, 0);
+    if b > best {
+        best = b;
+        i = 1;
+    }
+    if c > best {
+        best = c;
+        i = 2;
+    }
+    if d > best {
+        i = 3;
+    }
+    i
+}
+
+impl CustomOp1 for MaxPool2x2 {
+    fn name(&self) -> &'static str {
+        "max-pool-2x2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _t = OpTimer::start("max pool fwd");
+        let x = f32_slice(self.name(), s, l)?;
+        let (_, h, w) = planes(l);
+        let (oh, ow) = (h / 2, w / 2);
+        let mut y = vec![0f32; x.len() / (h * w) * oh * ow];
+        y.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(y, x)| {
+                for (i, y) in y.chunks_exact_mut(ow).enumerate() {
+                    let r0 = &x[2 * i * w..][..2 * ow];
+                    let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+                    for (j, y) in y.iter_mut().enumerate() {
+                        let a = r0[2 * j].max(r0[2 * j + 1]);
+                        let b = r1[2 * j].max(r1[2 * j + 1]);
+                        *y = a.max(b);
+                    }
+                }
+            });
+        let d = l.dims();
+        Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], oh, ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let _t = OpTimer::start("max pool bwd");
+        let grad_res = grad_res.contiguous()?;
+        let (n, c, h, w) = x.dims4()?;
+        let (oh, ow) = (h / 2, w / 2);
+        if grad_res.dims() != [n, c, oh, ow] {
+            bail!("{}: gradient shape {:?}", self.name(), grad_res.dims());
+        }
+        let gx = with_f32_slices(self.name(), &[x, &grad_res], |s| {
+            let (x, g) = (s[0], s[1]);
+            let mut gx = vec![0f32; x.len()];
+            gx.par_chunks_mut(h * w)
+                .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
+                .for_each(|(gx, (x, g))| {
+                    for (i, g) in g.chunks_exact(ow).enumerate() {
+                        let (top, bottom) = gx[2 * i * w..].split_at_mut(w);
+                        let (top, bottom) = (&mut top[..2 * ow], &mut bottom[..2 * ow]);
+                        let r0 = &x[2 * i * w..][..2 * ow];
+                        let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+                        for (j, &g) in g.iter().enumerate() {
+                            let k = 2 * j;
+                            match argmax4(r0[k], r0[k + 1], r1[k], r1[k + 1]) {
+                                0 => top[k] = g,
+                                1 => top[k + 1] = g,
+                                2 => bottom[k] = g,
+                                _ => bottom[k + 1] = g,
+                            }
+                        }
+                    }
+                });
+            Ok(gx)
+        })?;
+        Ok(Some(Tensor::from_vec(gx, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::{rand_tensor, rel_err};
+    use candle_core::{Device, Var};
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn grad(x: &Tensor, r: &Tensor, pool: impl Fn(&Tensor) -> Tensor) -> (Tensor, Tensor) {
+        let v = Var::from_tensor(x).unwrap();
+        let y = pool(v.as_tensor());
+        let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        (y, g.get(v.as_tensor()).unwrap().clone())
+    }
+
+    /// Direct-loop gradient: each window's first maximum gets the window's gradient.
+    fn naive_grad(x: &Tensor, r: &Tensor) -> Tensor {
+        let (n, c, h, w) = x.dims4().unwrap();
+        let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let rs: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+        let mut gx = vec![0f32; xs.len()];
+        let (oh, ow) = (h / 2, w / 2);
+        for p in 0..n * c {
+            for i in 0..oh {
+                for j in 0..ow {
+                    let idx = |dy: usize, dx: usize| p * h * w + (2 * i + dy) * w + 2 * j + dx;
+                    let mut best = idx(0, 0);
+                    for (dy, dx) in [(0, 1), (1, 0), (1, 1)] {
+                        if xs[idx(dy, dx)] > xs[best] {
+                            best = idx(dy, dx);
+                        }
+                    }
+                    gx[best] += rs[p * oh * ow + i * ow + j];
+                }
+            }
+        }
+        Tensor::from_vec(gx, x.dims(), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn matches_generic_max_pool_on_odd_and_even_sizes() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let sizes = [2, 3, 4, 7, 16, 33];
+        for _ in 0..30 {
+            let n = rng.random_range(1..=3);
+            let c = rng.random_range(1..=5);
+            let h = sizes[rng.random_range(0..sizes.len())];
+            let w = sizes[rng.random_range(0..sizes.len())];
+            let x = rand_tensor(&mut rng, &[n, c, h, w]);
+            let r = rand_tensor(&mut rng, &[n, c, h / 2, w / 2]);
+            let (y, gx) = grad(&x, &r, |x| max_pool2x2(x).unwrap());
+            let y_ref = x.max_pool2d(2).unwrap();
+            assert_eq!(rel_err(&y, &y_ref), 0.0, "{:?}", x.dims());
+            // Not candle's backward: in candle 0.11 it multiplies the gradient by the
+            // fraction of maxima in the window (1/4 for a unique maximum) instead of dividing.
+            assert_eq!(rel_err(&gx, &naive_grad(&x, &r)), 0.0, "{:?}", x.dims());
+        }
+    }
+
+    #[test]
+    fn ties_go_to_the_first_maximum() {
+        let x = Tensor::new(&[[[[1f32, 1.], [1., 0.]]]], &Device::Cpu).unwrap();
+        let r = Tensor::new(&[[[[2f32]]]], &Device::Cpu).unwrap();
+        let (_, gx) = grad(&x, &r, |x| max_pool2x2(x).unwrap());
+        let gx: Vec<f32> = gx.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(gx, [2., 0., 0., 0.]);
+    }
+
+    #[test]
+    fn strided_input_and_bad_shapes() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let x = rand_tensor(&mut rng, &[2, 3, 6, 8])
+            .transpose(2, 3)
+            .unwrap();
+        let got = max_pool2x2(&x).unwrap();
+        let want = x.contiguous().unwrap().max_pool2d(2).unwrap();
+        assert_eq!(rel_err(&got, &want), 0.0);
+        let small = rand_tensor(&mut rng, &[1, 1, 1, 4]);
+        assert!(max_pool2x2(&small).is_err());
+        let flat = rand_tensor(&mut rng, &[4, 4]);
+        assert!(max_pool2x2(&flat).is_err());
+    }
+}
