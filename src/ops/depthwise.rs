@@ -13,7 +13,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
+use super::{f32_slice, multiversion, needs_grad, sum16, with_f32_slices, OpTimer};
 
 /// y[n,c] = sum_{ky,kx} w[c,0,ky,kx] * x[n,c,h+ky-1,w+kx-1] (zero padding). x: [N,C,H,W] f32, w: [C,1,3,3] f32 -> [N,C,H,W].
 ///
@@ -281,6 +281,7 @@ fn correlate_planes(
     out
 }
 
+multiversion! {
 fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usize, w: usize) {
     // Rows outside the image read this zero row, so every output row takes the same path.
     let zeros = vec![0f32; w];
@@ -291,8 +292,10 @@ fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usi
         correlate_row(out_row, [above, row(y), below], k, bias);
     }
 }
+}
 
 /// One output row from its three source rows (all of the same width), plus `bias`.
+#[inline(always)]
 fn correlate_row(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9], bias: f32) {
     let w = out.len();
     // Left and right columns: the missing neighbour is padding.
@@ -357,6 +360,7 @@ fn weight_grad(x: &[f32], grad_y: &[f32], (_, c, h, w): Nchw) -> Vec<f32> {
     grad_w
 }
 
+multiversion! {
 fn weight_grad_plane(x: &[f32], g: &[f32], h: usize, w: usize) -> [f32; 9] {
     let mut taps = [0f32; 9];
     for (t, tap) in taps.iter_mut().enumerate() {
@@ -375,9 +379,11 @@ fn weight_grad_plane(x: &[f32], g: &[f32], h: usize, w: usize) -> [f32; 9] {
     }
     taps
 }
+}
 
 /// Dot product with 8 independent accumulators: without them the f32 sum is one serial
 /// chain that LLVM may not reorder, so it would not vectorise.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
