@@ -120,6 +120,13 @@ pub fn retain_freed_memory() -> bool {
 pub(crate) fn simd_level() -> u8 {
     use std::sync::OnceLock;
     static LEVEL: OnceLock<u8> = OnceLock::new();
+    #[cfg(test)]
+    {
+        let forced = test_util::FORCED_SIMD_LEVEL.load(Ordering::Relaxed);
+        if forced != u8::MAX {
+            return forced;
+        }
+    }
     *LEVEL.get_or_init(|| {
         if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
@@ -264,6 +271,14 @@ pub(crate) mod test_util {
     use rand::Rng;
 
     pub const TOL: f32 = 1e-4;
+
+    /// When not `u8::MAX`, the instruction-set level every multiversioned kernel runs with
+    /// (process-wide, so tests that set it must only lower it: all levels agree).
+    pub static FORCED_SIMD_LEVEL: std::sync::atomic::AtomicU8 =
+        std::sync::atomic::AtomicU8::new(u8::MAX);
+
+    /// Held by tests that set [`FORCED_SIMD_LEVEL`] or compare results at tight tolerances.
+    pub static SIMD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     pub fn rand_tensor(rng: &mut StdRng, dims: &[usize]) -> Tensor {
         let len = dims.iter().product();
