@@ -12,6 +12,7 @@
 //! group-conv), `--size 64,256` (batch 32 at 64 px and below, 8 above), `--batch N` (override),
 //! `--reps N` (timed steps after one warm-up step; the best is reported, default 3),
 //! `--threads N` (rayon threads, default: all cores), `--variant stock|fast|both` (default both),
+//! `--no-tuning` (skip `slimserve::ops::init_cpu_training`, as the code before it existed),
 //! `--breakdown` (after each fast row, the custom ops' share of the timed steps; the rest is
 //! candle: gradient accumulation in the backward, loss, linear layer, optimizer).
 //!
@@ -30,6 +31,7 @@ struct Opts {
     reps: usize,
     variants: Vec<bool>,
     breakdown: bool,
+    tuning: bool,
 }
 
 fn parse_args() -> Opts {
@@ -46,6 +48,7 @@ fn parse_args() -> Opts {
         reps: 3,
         variants: vec![false, true],
         breakdown: false,
+        tuning: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -82,6 +85,7 @@ fn parse_args() -> Opts {
                 std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             }
             "--breakdown" => opts.breakdown = true,
+            "--no-tuning" => opts.tuning = false,
             // cargo bench passes --bench to harness-less targets.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -185,10 +189,14 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
 
 fn main() -> candle_core::Result<()> {
     let opts = parse_args();
-    // As a training binary should: reuse freed pages instead of page-faulting fresh ones.
-    let retained = slimserve::ops::retain_freed_memory();
+    // As a training binary should, before any candle op.
+    let tuning = if opts.tuning {
+        slimserve::ops::init_cpu_training()
+    } else {
+        "no process tuning".to_string()
+    };
     println!(
-        "train step = forward (train mode) + cross-entropy + backward + read grads + AdamW; best of {} after 1 warm-up; {} rayon threads; retain_freed_memory: {retained}",
+        "train step = forward (train mode) + cross-entropy + backward + read grads + AdamW; best of {} after 1 warm-up; {} rayon threads; {tuning}",
         opts.reps,
         rayon::current_num_threads()
     );

@@ -88,6 +88,28 @@ impl Drop for OpTimer {
     }
 }
 
+/// Process settings for CPU training, to call at the very start of a training binary (before
+/// any candle operation). Returns what it applied, for logging.
+///
+/// - [`retain_freed_memory`].
+/// - Unless `CANDLE_NUM_THREADS` is already set, sets it to 1: candle's element-wise ops (which
+///   a training step still uses for gradient accumulation in the backward, the loss and the
+///   optimizer) then run on the calling thread instead of candle's spin-waiting barrier pool,
+///   whose extra thread competes with rayon's workers (this crate's ops and gemm keep all
+///   cores). On the 2-core machine this was measured on, steps got 1.3-1.4x faster and
+///   AdamW on `big` 5x faster.
+pub fn init_cpu_training() -> String {
+    let retained = retain_freed_memory();
+    let candle_threads = match std::env::var("CANDLE_NUM_THREADS") {
+        Ok(v) => v,
+        Err(_) => {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+            "1".to_string()
+        }
+    };
+    format!("retain_freed_memory: {retained}, CANDLE_NUM_THREADS={candle_threads}")
+}
+
 /// Makes glibc's malloc serve every allocation from its heap and keep freed memory instead of
 /// returning it to the OS, for the rest of the process.
 ///
