@@ -239,10 +239,10 @@ fn main() -> candle_core::Result<()> {
                     let ops = slimserve::ops::take_op_profile();
                     let mut parts: Vec<String> = ops
                         .iter()
-                        .map(|(name, _, secs)| format!("{name} {:.1}", per(secs * 1e3 / steps)))
+                        .map(|(name, _, secs)| format!("{name} {:.2}", per(secs * 1e3 / steps)))
                         .collect();
                     let in_ops: f64 = ops.iter().map(|o| o.2 * 1e3).sum();
-                    parts.push(format!("rest {:.1}", per((t.sum - in_ops) / steps)));
+                    parts.push(format!("rest {:.2}", per((t.sum - in_ops) / steps)));
                     println!("|  |  |  | ms/img: | {} |", parts.join(", "));
                 }
             }

@@ -20,6 +20,36 @@ use super::{f32_slice, multiversion, needs_grad, sum16, with_f32_slices, OpTimer
 /// On the CPU this runs the custom op (with backprop support); on other devices it falls back to
 /// candle's grouped `conv2d`, which there also accepts the other float dtypes.
 pub fn depthwise_conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let c = check_args(x, w)?;
+    if !x.device().is_cpu() {
+        return x.conv2d(w, 1, 1, 1, c);
+    }
+    // The kernels index planes directly, so strided views are copied once here.
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, DepthwiseConv3x3)
+}
+
+/// [`depthwise_conv3x3`] plus a per-channel bias `b` [C], fused into the same op (the bias
+/// add would otherwise be one more full-size graph node, forward and backward).
+pub fn depthwise_conv3x3_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let c = check_args(x, w)?;
+    if b.dims() != [c] {
+        bail!(
+            "depthwise_conv3x3: bias must be [C] = [{c}], got {:?}",
+            b.dims()
+        );
+    }
+    if !x.device().is_cpu() {
+        return x
+            .conv2d(w, 1, 1, 1, c)?
+            .broadcast_add(&b.reshape((1, c, 1, 1))?);
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, DepthwiseConv3x3Bias)
+}
+
+/// Checks shapes and dtypes; returns C.
+fn check_args(x: &Tensor, w: &Tensor) -> candle_core::Result<usize> {
     let c = match x.dims() {
         &[_, c, _, _] => c,
         d => bail!("depthwise_conv3x3: x must be [N,C,H,W], got shape {d:?}"),
@@ -38,37 +68,13 @@ pub fn depthwise_conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> 
             w.dtype()
         );
     }
-    if !x.device().is_cpu() {
-        return x.conv2d(w, 1, 1, 1, c);
-    }
-    if x.dtype() != DType::F32 {
+    if x.device().is_cpu() && x.dtype() != DType::F32 {
         bail!(
             "depthwise_conv3x3: only f32 is supported on the CPU, got {:?}",
             x.dtype()
         );
     }
-    // The kernels index planes directly, so strided views are copied once here.
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, DepthwiseConv3x3)
-}
-
-/// [`depthwise_conv3x3`] plus a per-channel bias `b` [C], fused into the same op (the bias
-/// add would otherwise be one more full-size graph node, forward and backward).
-pub fn depthwise_conv3x3_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let c = w.dim(0)?;
-    if b.dims() != [c] {
-        bail!(
-            "depthwise_conv3x3: bias must be [C] = [{c}], got {:?}",
-            b.dims()
-        );
-    }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return depthwise_conv3x3(x, w)?.broadcast_add(&b.reshape((1, c, 1, 1))?);
-    }
-    // Checks x and w.
-    depthwise_conv3x3(&x.narrow(0, 0, 0)?, w)?;
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, DepthwiseConv3x3Bias)
+    Ok(c)
 }
 
 /// Forward op: (x [N,C,H,W], w [C,1,3,3]) -> y [N,C,H,W].
