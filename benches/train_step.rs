@@ -103,6 +103,9 @@ struct StepTimes {
     cpu: f64,
     /// Wall time of all timed steps together (for the per-op breakdown).
     sum: f64,
+    /// An eval-mode forward of the same batch, outside the step (what a distillation teacher
+    /// or a validation pass costs).
+    eval: f64,
 }
 
 /// User + system CPU time of this process in ms (Linux; 0 elsewhere).
@@ -145,6 +148,7 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
     let y = Tensor::new(labels.as_slice(), &dev)?;
     let mut best: Option<StepTimes> = None;
     let mut sum = 0.0;
+    let mut best_eval = f64::INFINITY;
     for rep in 0..=reps {
         let cpu0 = cpu_ms();
         let t = Instant::now();
@@ -164,12 +168,17 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
         let t = Instant::now();
         opt.step(&grads)?;
         let optimizer = ms(t);
+        let cpu = cpu_ms() - cpu0;
+        let t = Instant::now();
+        model.forward_t(&x, false)?.to_vec2::<f32>()?;
+        let eval = ms(t);
         let s = StepTimes {
             forward,
             backward,
             optimizer,
-            cpu: cpu_ms() - cpu0,
+            cpu,
             sum: 0.0,
+            eval,
         };
         // The first step warms allocations and the thread pool; it is not counted.
         if rep == 0 && reps > 0 {
@@ -177,12 +186,14 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
             continue;
         }
         sum += s.total();
+        best_eval = best_eval.min(s.eval);
         if best.is_none_or(|b| s.total() < b.total()) {
             best = Some(s);
         }
     }
     Ok(StepTimes {
         sum,
+        eval: best_eval.min(best.map_or(f64::INFINITY, |b| b.eval)),
         ..best.expect("at least one step")
     })
 }
@@ -201,9 +212,9 @@ fn main() -> candle_core::Result<()> {
         rayon::current_num_threads()
     );
     println!(
-        "| arch | input | batch | ops | fwd ms/img | bwd ms/img | opt ms/img | step ms/img | images/s | cpu ms/img | speed-up |"
+        "| arch | input | batch | ops | fwd ms/img | bwd ms/img | opt ms/img | step ms/img | images/s | cpu ms/img | speed-up | eval fwd ms/img |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &size in &opts.sizes {
         for &arch in &opts.archs {
             let batch = opts.batch.unwrap_or(if size <= 64 { 32 } else { 8 });
@@ -224,7 +235,7 @@ fn main() -> candle_core::Result<()> {
                     stock_total = Some(t.total());
                 }
                 println!(
-                    "| {} | {size} | {batch} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {speedup} |",
+                    "| {} | {size} | {batch} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {speedup} | {:.1} |",
                     arch,
                     if fast { "fast" } else { "stock" },
                     per(t.forward),
@@ -233,6 +244,7 @@ fn main() -> candle_core::Result<()> {
                     per(t.total()),
                     1e3 * batch as f64 / t.total(),
                     per(t.cpu),
+                    per(t.eval),
                 );
                 if fast && opts.breakdown {
                     let steps = opts.reps.max(1) as f64;

@@ -20,6 +20,9 @@
 //! Statistics accumulate in f64 per block of 4096 f32 values (shifted by the channel's first
 //! value), so they stay accurate for large, offset activations.
 //!
+//! [`batch_norm_eval`] is the same op with the running statistics (and their constant-statistics
+//! backward).
+//!
 //! [`batch_norm_train_pool2`] also fuses the 2x2/2 max pool that follows in the zoo's stems and
 //! plain nets: the full-resolution activation is never stored (nor its gradient buffer, which
 //! candle's backward would allocate, zero and add into); the backward recomputes each window's
@@ -145,6 +148,7 @@ fn batch_norm_train_impl(
             .collect(),
         act,
         pool,
+        frozen: false,
     };
     drop(_t);
     x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
@@ -172,6 +176,69 @@ fn generic(
         momentum,
     )?;
     activation(&bn.forward_train(x)?, act)
+}
+
+/// Eval-mode BatchNorm with the running statistics, followed by `act` and, with `pool2`, the
+/// 2x2/2 max pool, as one op: `act((x - running_mean) / sqrt(running_var + eps) * gamma + beta)`.
+///
+/// It has a backward too (the statistics are constants then, so `dx = gamma / sqrt(var + eps)
+/// * g`); f32 on the CPU runs the fused op, anything else candle's ops (same values).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    act: Activation,
+    pool2: bool,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || (pool2 && (dims.len() != 4 || dims[2] < 2 || dims[3] < 2)) {
+        bail!("batch_norm_eval: bad input shape {dims:?} (pool2: {pool2})");
+    }
+    let c = dims[1];
+    for (name, t) in [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ] {
+        if t.dims() != [c] {
+            bail!(
+                "batch_norm_eval: {name} must be [{c}] for x of shape {dims:?}, got {:?}",
+                t.dims()
+            );
+        }
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        // candle_nn::BatchNorm's eval formula.
+        let shape: Vec<usize> = (0..dims.len())
+            .map(|i| if i == 1 { c } else { 1 })
+            .collect();
+        let shape = shape.as_slice();
+        let y = x
+            .broadcast_sub(&running_mean.detach().reshape(shape)?)?
+            .broadcast_div(&(running_var.detach().reshape(shape)? + eps)?.sqrt()?)?
+            .broadcast_mul(&gamma.reshape(shape)?)?
+            .broadcast_add(&beta.reshape(shape)?)?;
+        let y = activation(&y, act)?;
+        return if pool2 { y.max_pool2d(2) } else { Ok(y) };
+    }
+    let v = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec1::<f64>();
+    let op = BatchNormTrain {
+        mean: v(running_mean)?.iter().map(|&m| m as f32).collect(),
+        invstd: v(running_var)?
+            .iter()
+            .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+            .collect(),
+        act,
+        pool: pool2,
+        frozen: true,
+    };
+    x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
 }
 
 /// Planes of `s` values per parallel task, so each task handles at least ~16K values.
@@ -240,6 +307,8 @@ struct BatchNormTrain {
     act: Activation,
     /// A 2x2/2 max pool follows (x is [N, C, H, W]).
     pool: bool,
+    /// Eval mode: mean and invstd are the running statistics, constants for the backward.
+    frozen: bool,
 }
 
 /// Per-channel affine form of the normalisation: `bn(x) = (x - mean) * scale + beta`.
@@ -469,11 +538,13 @@ impl BatchNormTrain {
             .map(|ch| {
                 let invstd = self.invstd[ch] as f64;
                 let k0 = gamma[ch] as f64 * invstd;
+                // With batch statistics, x also moves the mean and variance (k1, k2).
+                let moving = if self.frozen { 0.0 } else { 1.0 };
                 DxCoef {
                     mean: self.mean[ch],
                     k0: k0 as f32,
-                    k1: (k0 * sum_g[ch] / m) as f32,
-                    k2: (k0 * invstd * (sum_gx[ch] * invstd) / m) as f32,
+                    k1: (moving * k0 * sum_g[ch] / m) as f32,
+                    k2: (moving * k0 * invstd * (sum_gx[ch] * invstd) / m) as f32,
                 }
             })
             .collect()
@@ -526,7 +597,11 @@ fn per_channel(sums: &[(f64, f64)], c: usize) -> (Vec<f64>, Vec<f64>) {
 
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
-        "batch-norm-train"
+        if self.frozen {
+            "batch-norm-eval"
+        } else {
+            "batch-norm-train"
+        }
     }
 
     fn cpu_fwd(
@@ -538,10 +613,10 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = OpTimer::start(if self.pool {
-            "bn+act+pool fwd"
-        } else {
-            "bn+act fwd"
+        let _t = OpTimer::start(match (self.frozen, self.pool) {
+            (true, _) => "bn eval fwd",
+            (false, true) => "bn+act+pool fwd",
+            (false, false) => "bn+act fwd",
         });
         let x = f32_slice(self.name(), s1, l1)?;
         let gamma = f32_slice(self.name(), s2, l2)?;
@@ -583,10 +658,10 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _t = OpTimer::start(if self.pool {
-            "bn+act+pool bwd"
-        } else {
-            "bn+act bwd"
+        let _t = OpTimer::start(match (self.frozen, self.pool) {
+            (true, _) => "bn eval bwd",
+            (false, true) => "bn+act+pool bwd",
+            (false, false) => "bn+act bwd",
         });
         let grad_res = grad_res.contiguous()?;
         if self.pool {
@@ -836,6 +911,64 @@ mod tests {
         let thin = rand_tensor(&mut rng, &[2, 3, 1, 8]);
         let err = batch_norm_train_pool2(&thin, &g, &g, &rm, &rv, 1e-5, 0.1, Activation::Relu);
         assert!(err.unwrap_err().to_string().contains("H, W >= 2"));
+    }
+
+    #[test]
+    fn eval_variant_matches_candle_eval_with_gradients() {
+        use crate::ops::max_pool::max_pool2x2;
+        let mut rng = StdRng::seed_from_u64(0xe7a1);
+        for dims in [[2usize, 3, 5, 7], [1, 4, 2, 2], [3, 16, 33, 32]] {
+            for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+                for pool in [false, true] {
+                    let c = dims[1];
+                    let x = ((rand_tensor(&mut rng, &dims) * 4.0).unwrap() + 1.5).unwrap();
+                    let gamma = (rand_tensor(&mut rng, &[c]) * 3.0).unwrap();
+                    let beta = (rand_tensor(&mut rng, &[c]) + 2.0).unwrap();
+                    let rm = rand_tensor(&mut rng, &[c]);
+                    let rv = (rand_tensor(&mut rng, &[c]) + 2.0).unwrap();
+                    let run = |fused: bool| {
+                        let xv = Var::from_tensor(&x).unwrap();
+                        let gv = Var::from_tensor(&gamma).unwrap();
+                        let bv = Var::from_tensor(&beta).unwrap();
+                        let (xt, gt, bt) = (xv.as_tensor(), gv.as_tensor(), bv.as_tensor());
+                        let y = if fused {
+                            batch_norm_eval(xt, gt, bt, &rm, &rv, 1e-5, act, pool).unwrap()
+                        } else {
+                            let bn = candle_nn::BatchNorm::new(
+                                c,
+                                rm.clone(),
+                                rv.clone(),
+                                gt.clone(),
+                                bt.clone(),
+                                1e-5,
+                            )
+                            .unwrap();
+                            let y = act
+                                .generic(&candle_core::ModuleT::forward_t(&bn, xt, false).unwrap())
+                                .unwrap();
+                            if pool {
+                                max_pool2x2(&y).unwrap()
+                            } else {
+                                y
+                            }
+                        };
+                        let r = crate::ops::test_util::wave(y.dims());
+                        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                        let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                        [y, get(&xv), get(&gv), get(&bv)]
+                    };
+                    let (fused, candle) = (run(true), run(false));
+                    for (what, (a, b)) in ["y", "dx", "dgamma", "dbeta"]
+                        .iter()
+                        .zip(fused.iter().zip(&candle))
+                    {
+                        let err = rel_err(a, b);
+                        let tol = if *what == "y" { 1e-6 } else { TOL };
+                        assert!(err <= tol, "{what} {dims:?} {act:?} pool {pool}: {err}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
