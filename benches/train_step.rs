@@ -131,7 +131,15 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::Result<StepTimes> {
+/// Per-op (kernel, seconds) of the timed steps, from `slimserve::ops`' profiler.
+type OpTimes = std::collections::BTreeMap<&'static str, f64>;
+
+fn measure(
+    arch: Arch,
+    size: usize,
+    batch: usize,
+    reps: usize,
+) -> candle_core::Result<(StepTimes, OpTimes)> {
     let dev = Device::Cpu;
     let spec = ModelSpec::new(arch, 11, size);
     let (varmap, model) = Model::init(&spec, &dev).map_err(candle_core::Error::wrap)?;
@@ -149,6 +157,7 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
     let mut best: Option<StepTimes> = None;
     let mut sum = 0.0;
     let mut best_eval = f64::INFINITY;
+    let mut ops = OpTimes::new();
     for rep in 0..=reps {
         let cpu0 = cpu_ms();
         let t = Instant::now();
@@ -169,9 +178,11 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
         opt.step(&grads)?;
         let optimizer = ms(t);
         let cpu = cpu_ms() - cpu0;
+        let step_ops = slimserve::ops::take_op_profile();
         let t = Instant::now();
         model.forward_t(&x, false)?.to_vec2::<f32>()?;
         let eval = ms(t);
+        slimserve::ops::take_op_profile();
         let s = StepTimes {
             forward,
             backward,
@@ -182,8 +193,10 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
         };
         // The first step warms allocations and the thread pool; it is not counted.
         if rep == 0 && reps > 0 {
-            slimserve::ops::take_op_profile();
             continue;
+        }
+        for (name, _, secs) in step_ops {
+            *ops.entry(name).or_default() += secs;
         }
         sum += s.total();
         best_eval = best_eval.min(s.eval);
@@ -191,11 +204,12 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
             best = Some(s);
         }
     }
-    Ok(StepTimes {
+    let best = StepTimes {
         sum,
         eval: best_eval.min(best.map_or(f64::INFINITY, |b| b.eval)),
         ..best.expect("at least one step")
-    })
+    };
+    Ok((best, ops))
 }
 
 fn main() -> candle_core::Result<()> {
@@ -221,7 +235,7 @@ fn main() -> candle_core::Result<()> {
             let mut stock_total = None;
             for &fast in &opts.variants {
                 slimserve::ops::set_op_profiling(fast && opts.breakdown);
-                let t = if fast {
+                let (t, ops) = if fast {
                     measure(arch, size, batch, opts.reps)?
                 } else {
                     slimserve::ops::with_generic_ops(|| measure(arch, size, batch, opts.reps))?
@@ -248,12 +262,11 @@ fn main() -> candle_core::Result<()> {
                 );
                 if fast && opts.breakdown {
                     let steps = opts.reps.max(1) as f64;
-                    let ops = slimserve::ops::take_op_profile();
                     let mut parts: Vec<String> = ops
                         .iter()
-                        .map(|(name, _, secs)| format!("{name} {:.2}", per(secs * 1e3 / steps)))
+                        .map(|(name, secs)| format!("{name} {:.2}", per(secs * 1e3 / steps)))
                         .collect();
-                    let in_ops: f64 = ops.iter().map(|o| o.2 * 1e3).sum();
+                    let in_ops: f64 = ops.values().map(|s| s * 1e3).sum();
                     parts.push(format!("rest {:.2}", per((t.sum - in_ops) / steps)));
                     println!("|  |  |  | ms/img: | {} |", parts.join(", "));
                 }
