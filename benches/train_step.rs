@@ -12,6 +12,7 @@
 //! group-conv), `--size 64,256` (batch 32 at 64 px and below, 8 above), `--batch N` (override),
 //! `--reps N` (timed steps after one warm-up step; the best is reported, default 3),
 //! `--threads N` (rayon threads, default: all cores), `--variant stock|fast|both` (default both),
+//! `--no-tuning` (skip `slimserve::ops::init_cpu_training`, as the code before it existed),
 //! `--breakdown` (after each fast row, the custom ops' share of the timed steps; the rest is
 //! candle: gradient accumulation in the backward, loss, linear layer, optimizer).
 //!
@@ -30,6 +31,7 @@ struct Opts {
     reps: usize,
     variants: Vec<bool>,
     breakdown: bool,
+    tuning: bool,
 }
 
 fn parse_args() -> Opts {
@@ -46,6 +48,7 @@ fn parse_args() -> Opts {
         reps: 3,
         variants: vec![false, true],
         breakdown: false,
+        tuning: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -82,6 +85,7 @@ fn parse_args() -> Opts {
                 std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             }
             "--breakdown" => opts.breakdown = true,
+            "--no-tuning" => opts.tuning = false,
             // cargo bench passes --bench to harness-less targets.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -99,6 +103,9 @@ struct StepTimes {
     cpu: f64,
     /// Wall time of all timed steps together (for the per-op breakdown).
     sum: f64,
+    /// An eval-mode forward of the same batch, outside the step (what a distillation teacher
+    /// or a validation pass costs).
+    eval: f64,
 }
 
 /// User + system CPU time of this process in ms (Linux; 0 elsewhere).
@@ -124,7 +131,15 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::Result<StepTimes> {
+/// Per-op (kernel, seconds) of the timed steps, from `slimserve::ops`' profiler.
+type OpTimes = std::collections::BTreeMap<&'static str, f64>;
+
+fn measure(
+    arch: Arch,
+    size: usize,
+    batch: usize,
+    reps: usize,
+) -> candle_core::Result<(StepTimes, OpTimes)> {
     let dev = Device::Cpu;
     let spec = ModelSpec::new(arch, 11, size);
     let (varmap, model) = Model::init(&spec, &dev).map_err(candle_core::Error::wrap)?;
@@ -141,6 +156,8 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
     let y = Tensor::new(labels.as_slice(), &dev)?;
     let mut best: Option<StepTimes> = None;
     let mut sum = 0.0;
+    let mut best_eval = f64::INFINITY;
+    let mut ops = OpTimes::new();
     for rep in 0..=reps {
         let cpu0 = cpu_ms();
         let t = Instant::now();
@@ -160,49 +177,65 @@ fn measure(arch: Arch, size: usize, batch: usize, reps: usize) -> candle_core::R
         let t = Instant::now();
         opt.step(&grads)?;
         let optimizer = ms(t);
+        let cpu = cpu_ms() - cpu0;
+        let step_ops = slimserve::ops::take_op_profile();
+        let t = Instant::now();
+        model.forward_t(&x, false)?.to_vec2::<f32>()?;
+        let eval = ms(t);
+        slimserve::ops::take_op_profile();
         let s = StepTimes {
             forward,
             backward,
             optimizer,
-            cpu: cpu_ms() - cpu0,
+            cpu,
             sum: 0.0,
+            eval,
         };
         // The first step warms allocations and the thread pool; it is not counted.
         if rep == 0 && reps > 0 {
-            slimserve::ops::take_op_profile();
             continue;
         }
+        for (name, _, secs) in step_ops {
+            *ops.entry(name).or_default() += secs;
+        }
         sum += s.total();
+        best_eval = best_eval.min(s.eval);
         if best.is_none_or(|b| s.total() < b.total()) {
             best = Some(s);
         }
     }
-    Ok(StepTimes {
+    let best = StepTimes {
         sum,
+        eval: best_eval.min(best.map_or(f64::INFINITY, |b| b.eval)),
         ..best.expect("at least one step")
-    })
+    };
+    Ok((best, ops))
 }
 
 fn main() -> candle_core::Result<()> {
     let opts = parse_args();
-    // As a training binary should: reuse freed pages instead of page-faulting fresh ones.
-    let retained = slimserve::ops::retain_freed_memory();
+    // As a training binary should, before any candle op.
+    let tuning = if opts.tuning {
+        slimserve::ops::init_cpu_training()
+    } else {
+        "no process tuning".to_string()
+    };
     println!(
-        "train step = forward (train mode) + cross-entropy + backward + read grads + AdamW; best of {} after 1 warm-up; {} rayon threads; retain_freed_memory: {retained}",
+        "train step = forward (train mode) + cross-entropy + backward + read grads + AdamW; best of {} after 1 warm-up; {} rayon threads; {tuning}",
         opts.reps,
         rayon::current_num_threads()
     );
     println!(
-        "| arch | input | batch | ops | fwd ms/img | bwd ms/img | opt ms/img | step ms/img | images/s | cpu ms/img | speed-up |"
+        "| arch | input | batch | ops | fwd ms/img | bwd ms/img | opt ms/img | step ms/img | images/s | cpu ms/img | speed-up | eval fwd ms/img |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &size in &opts.sizes {
         for &arch in &opts.archs {
             let batch = opts.batch.unwrap_or(if size <= 64 { 32 } else { 8 });
             let mut stock_total = None;
             for &fast in &opts.variants {
                 slimserve::ops::set_op_profiling(fast && opts.breakdown);
-                let t = if fast {
+                let (t, ops) = if fast {
                     measure(arch, size, batch, opts.reps)?
                 } else {
                     slimserve::ops::with_generic_ops(|| measure(arch, size, batch, opts.reps))?
@@ -216,7 +249,7 @@ fn main() -> candle_core::Result<()> {
                     stock_total = Some(t.total());
                 }
                 println!(
-                    "| {} | {size} | {batch} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {speedup} |",
+                    "| {} | {size} | {batch} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {speedup} | {:.1} |",
                     arch,
                     if fast { "fast" } else { "stock" },
                     per(t.forward),
@@ -225,16 +258,16 @@ fn main() -> candle_core::Result<()> {
                     per(t.total()),
                     1e3 * batch as f64 / t.total(),
                     per(t.cpu),
+                    per(t.eval),
                 );
                 if fast && opts.breakdown {
                     let steps = opts.reps.max(1) as f64;
-                    let ops = slimserve::ops::take_op_profile();
                     let mut parts: Vec<String> = ops
                         .iter()
-                        .map(|(name, _, secs)| format!("{name} {:.1}", per(secs * 1e3 / steps)))
+                        .map(|(name, secs)| format!("{name} {:.2}", per(secs * 1e3 / steps)))
                         .collect();
-                    let in_ops: f64 = ops.iter().map(|o| o.2 * 1e3).sum();
-                    parts.push(format!("rest {:.1}", per((t.sum - in_ops) / steps)));
+                    let in_ops: f64 = ops.values().map(|s| s * 1e3).sum();
+                    parts.push(format!("rest {:.2}", per((t.sum - in_ops) / steps)));
                     println!("|  |  |  | ms/img: | {} |", parts.join(", "));
                 }
             }

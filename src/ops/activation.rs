@@ -11,9 +11,10 @@
 //! 0 < x < 6). The same activations are fused into [`crate::ops::batch_norm`].
 
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+
 use rayon::prelude::*;
 
-use super::{f32_slice, with_f32_slices, OpTimer};
+use super::{f32_slice, multiversion, with_f32_slices, OpTimer};
 
 /// The activations that follow a BatchNorm in the zoo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,25 +25,6 @@ pub enum Activation {
 }
 
 impl Activation {
-    #[inline(always)]
-    pub(crate) fn apply(self, v: f32) -> f32 {
-        match self {
-            Activation::Identity => v,
-            Activation::Relu => v.max(0.0),
-            Activation::Relu6 => v.clamp(0.0, 6.0),
-        }
-    }
-
-    /// Whether the gradient passes, judged from the activation's output `y`.
-    #[inline(always)]
-    pub(crate) fn passes(self, y: f32) -> bool {
-        match self {
-            Activation::Identity => true,
-            Activation::Relu => y > 0.0,
-            Activation::Relu6 => y > 0.0 && y < 6.0,
-        }
-    }
-
     /// candle's generic form (any device and dtype).
     pub fn generic(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -52,6 +34,43 @@ impl Activation {
         }
     }
 }
+
+// The activation as a const parameter, so that every kernel is compiled branch-free for each.
+pub(crate) const IDENTITY: u8 = 0;
+pub(crate) const RELU: u8 = 1;
+pub(crate) const RELU6: u8 = 2;
+
+#[inline(always)]
+pub(crate) fn act<const A: u8>(v: f32) -> f32 {
+    match A {
+        IDENTITY => v,
+        RELU => v.max(0.0),
+        _ => v.clamp(0.0, 6.0),
+    }
+}
+
+/// Whether the gradient passes, judged from the activation's output.
+#[inline(always)]
+pub(crate) fn passes<const A: u8>(y: f32) -> bool {
+    match A {
+        IDENTITY => true,
+        RELU => y > 0.0,
+        // `&`, not `&&`: no branch, so loops over it vectorise.
+        _ => (y > 0.0) & (y < 6.0),
+    }
+}
+
+/// Calls `$f::<A>(args)` with A the const code of the runtime activation `$act`.
+macro_rules! by_act {
+    ($act:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $act {
+            $crate::ops::activation::Activation::Identity => $f::<{ $crate::ops::activation::IDENTITY }>($($arg),*),
+            $crate::ops::activation::Activation::Relu => $f::<{ $crate::ops::activation::RELU }>($($arg),*),
+            $crate::ops::activation::Activation::Relu6 => $f::<{ $crate::ops::activation::RELU6 }>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_act;
 
 /// Elements per parallel work unit of the elementwise passes.
 pub(crate) const CHUNK: usize = 16 * 1024;
@@ -91,15 +110,17 @@ impl CustomOp1 for ActivationOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _t = OpTimer::start("relu/relu6 fwd");
         let x = f32_slice(self.name(), s, l)?;
-        let act = self.0;
+        multiversion! {
+            fn kernel<const A: u8>(x: &[f32], y: &mut [f32]) {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = act::<A>(x);
+                }
+            }
+        }
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = act.apply(x);
-                }
-            });
+            .for_each(|(y, x)| by_act!(self.0, kernel(x, y)));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -114,17 +135,19 @@ impl CustomOp1 for ActivationOp {
         if res.dims() != grad_res.dims() {
             bail!("{}: gradient shape {:?}", self.name(), grad_res.dims());
         }
-        let act = self.0;
+        multiversion! {
+            fn kernel<const A: u8>(y: &[f32], g: &[f32], gx: &mut [f32]) {
+                for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
+                    *gx = if passes::<A>(y) { g } else { 0.0 };
+                }
+            }
+        }
         let gx = with_f32_slices(self.name(), &[res, &grad_res], |s| {
             let (y, g) = (s[0], s[1]);
             let mut gx = vec![0f32; y.len()];
             gx.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                .for_each(|(gx, (y, g))| {
-                    for ((gx, &y), &g) in gx.iter_mut().zip(y).zip(g) {
-                        *gx = if act.passes(y) { g } else { 0.0 };
-                    }
-                });
+                .for_each(|(gx, (y, g))| by_act!(self.0, kernel(y, g, gx)));
             Ok(gx)
         })?;
         Ok(Some(Tensor::from_vec(gx, res.shape(), res.device())?))

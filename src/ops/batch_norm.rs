@@ -20,6 +20,9 @@
 //! Statistics accumulate in f64 per block of 4096 f32 values (shifted by the channel's first
 //! value), so they stay accurate for large, offset activations.
 //!
+//! [`batch_norm_eval`] is the same op with the running statistics (and their constant-statistics
+//! backward).
+//!
 //! [`batch_norm_train_pool2`] also fuses the 2x2/2 max pool that follows in the zoo's stems and
 //! plain nets: the full-resolution activation is never stored (nor its gradient buffer, which
 //! candle's backward would allocate, zero and add into); the backward recomputes each window's
@@ -28,8 +31,8 @@
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
 use rayon::prelude::*;
 
-use super::activation::{activation, Activation};
-use super::{dot16, f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
+use super::activation::{act, activation, by_act, passes, Activation};
+use super::{f32_slice, multiversion, needs_grad, with_f32_slices, OpTimer};
 
 /// Block of values summed in f32 before the running total moves to f64.
 const BLOCK: usize = 4096;
@@ -145,6 +148,7 @@ fn batch_norm_train_impl(
             .collect(),
         act,
         pool,
+        frozen: false,
     };
     drop(_t);
     x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
@@ -174,31 +178,101 @@ fn generic(
     activation(&bn.forward_train(x)?, act)
 }
 
+/// Eval-mode BatchNorm with the running statistics, followed by `act` and, with `pool2`, the
+/// 2x2/2 max pool, as one op: `act((x - running_mean) / sqrt(running_var + eps) * gamma + beta)`.
+///
+/// It has a backward too (the statistics are constants then, so `dx = gamma / sqrt(var + eps)
+/// * g`); f32 on the CPU runs the fused op, anything else candle's ops (same values).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    act: Activation,
+    pool2: bool,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 2 || (pool2 && (dims.len() != 4 || dims[2] < 2 || dims[3] < 2)) {
+        bail!("batch_norm_eval: bad input shape {dims:?} (pool2: {pool2})");
+    }
+    let c = dims[1];
+    for (name, t) in [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ] {
+        if t.dims() != [c] {
+            bail!(
+                "batch_norm_eval: {name} must be [{c}] for x of shape {dims:?}, got {:?}",
+                t.dims()
+            );
+        }
+    }
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+        // candle_nn::BatchNorm's eval formula.
+        let shape: Vec<usize> = (0..dims.len())
+            .map(|i| if i == 1 { c } else { 1 })
+            .collect();
+        let shape = shape.as_slice();
+        let y = x
+            .broadcast_sub(&running_mean.detach().reshape(shape)?)?
+            .broadcast_div(&(running_var.detach().reshape(shape)? + eps)?.sqrt()?)?
+            .broadcast_mul(&gamma.reshape(shape)?)?
+            .broadcast_add(&beta.reshape(shape)?)?;
+        let y = activation(&y, act)?;
+        return if pool2 { y.max_pool2d(2) } else { Ok(y) };
+    }
+    let v = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec1::<f64>();
+    let op = BatchNormTrain {
+        mean: v(running_mean)?.iter().map(|&m| m as f32).collect(),
+        invstd: v(running_var)?
+            .iter()
+            .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+            .collect(),
+        act,
+        pool: pool2,
+        frozen: true,
+    };
+    x.contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)
+}
+
 /// Planes of `s` values per parallel task, so each task handles at least ~16K values.
 fn planes_per_task(s: usize) -> usize {
     (16 * 1024 / s.max(1)).max(1)
 }
 
-/// Sums of `d = v - shift` and `d * d` over a block, in 16 f32 lanes.
-#[inline]
-fn shifted_sums(block: &[f32], shift: f32) -> (f32, f32) {
-    let chunks = block.chunks_exact(16);
-    let (mut t1, mut t2) = (0f32, 0f32);
-    for &v in chunks.remainder() {
-        let d = v - shift;
-        t1 += d;
-        t2 += d * d;
-    }
-    let mut s1 = [0f32; 16];
-    let mut s2 = [0f32; 16];
-    for c in chunks {
-        for i in 0..16 {
-            let d = c[i] - shift;
-            s1[i] += d;
-            s2[i] += d * d;
+multiversion! {
+/// Sums of `d = v - shift` and `d * d` over a plane: 16 f32 lanes per block of [`BLOCK`]
+/// values, blocks added in f64.
+fn shifted_sums(plane: &[f32], shift: f32) -> (f64, f64) {
+    let (mut t1, mut t2) = (0f64, 0f64);
+    for block in plane.chunks(BLOCK) {
+        let chunks = block.chunks_exact(16);
+        let (mut r1, mut r2) = (0f32, 0f32);
+        for &v in chunks.remainder() {
+            let d = v - shift;
+            r1 += d;
+            r2 += d * d;
         }
+        let mut s1 = [0f32; 16];
+        let mut s2 = [0f32; 16];
+        for c in chunks {
+            for i in 0..16 {
+                let d = c[i] - shift;
+                s1[i] += d;
+                s2[i] += d * d;
+            }
+        }
+        t1 += (s1.iter().sum::<f32>() + r1) as f64;
+        t2 += (s2.iter().sum::<f32>() + r2) as f64;
     }
-    (s1.iter().sum::<f32>() + t1, s2.iter().sum::<f32>() + t2)
+    (t1, t2)
+}
 }
 
 /// Per-channel mean and biased variance of contiguous `x` [N, C, S].
@@ -211,12 +285,9 @@ fn channel_stats(x: &[f32], (n, c, s): (usize, usize, usize)) -> (Vec<f64>, Vec<
             let shift = x[ch * s];
             let (mut t1, mut t2) = (0f64, 0f64);
             for img in 0..n {
-                let plane = &x[(img * c + ch) * s..][..s];
-                for block in plane.chunks(BLOCK) {
-                    let (b1, b2) = shifted_sums(block, shift);
-                    t1 += b1 as f64;
-                    t2 += b2 as f64;
-                }
+                let (b1, b2) = shifted_sums(&x[(img * c + ch) * s..][..s], shift);
+                t1 += b1;
+                t2 += b2;
             }
             let d = t1 / m;
             (shift as f64 + d, (t2 / m - d * d).max(0.0))
@@ -236,88 +307,301 @@ struct BatchNormTrain {
     act: Activation,
     /// A 2x2/2 max pool follows (x is [N, C, H, W]).
     pool: bool,
+    /// Eval mode: mean and invstd are the running statistics, constants for the backward.
+    frozen: bool,
+}
+
+/// Per-channel affine form of the normalisation: `bn(x) = (x - mean) * scale + beta`.
+#[derive(Clone, Copy)]
+struct Affine {
+    mean: f32,
+    scale: f32,
+    beta: f32,
+}
+
+impl Affine {
+    #[inline(always)]
+    fn y<const A: u8>(self, x: f32) -> f32 {
+        act::<A>((x - self.mean) * self.scale + self.beta)
+    }
+}
+
+/// `dx = k0 * g - k1 - k2 * (x - mean)` for one channel (g: the gradient after the activation).
+#[derive(Clone, Copy)]
+struct DxCoef {
+    mean: f32,
+    k0: f32,
+    k1: f32,
+    k2: f32,
+}
+
+multiversion! {
+/// Forward of one plane: y = act(bn(x)).
+fn fwd_plane<const A: u8>(x: &[f32], y: &mut [f32], a: Affine) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = a.y::<A>(x);
+    }
+}
+}
+
+multiversion! {
+/// Pooled forward of one (h, w) plane: `y[i, j] = max over the 2x2 window of act(bn(x))`.
+fn fwd_pool_plane<const A: u8>(x: &[f32], y: &mut [f32], hw: (usize, usize), a: Affine) {
+    let (h, w) = hw;
+    let ow = w / 2;
+    for (i, y) in y.chunks_exact_mut(ow).enumerate().take(h / 2) {
+        let r0 = &x[2 * i * w..][..2 * ow];
+        let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+        for ((y, t), b) in y.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+            let top = a.y::<A>(t[0]).max(a.y::<A>(t[1]));
+            *y = top.max(a.y::<A>(b[0]).max(a.y::<A>(b[1])));
+        }
+    }
+}
+}
+
+multiversion! {
+/// Backward pass 1 over one plane: (sum g, sum g * (x - mean)) with g = dy * act'(y).
+fn bwd_sums_plane<const A: u8>(x: &[f32], y: &[f32], dy: &[f32], mean: f32) -> (f64, f64) {
+    let (mut t1, mut t2) = (0f64, 0f64);
+    for ((x, y), dy) in x.chunks(BLOCK).zip(y.chunks(BLOCK)).zip(dy.chunks(BLOCK)) {
+        let mut s1 = [0f32; 16];
+        let mut s2 = [0f32; 16];
+        let (xc, yc, dc) = (x.chunks_exact(16), y.chunks_exact(16), dy.chunks_exact(16));
+        let (mut r1, mut r2) = (0f32, 0f32);
+        for ((&x, &y), &d) in xc
+            .remainder()
+            .iter()
+            .zip(yc.remainder())
+            .zip(dc.remainder())
+        {
+            let g = if passes::<A>(y) { d } else { 0.0 };
+            r1 += g;
+            r2 += g * (x - mean);
+        }
+        for ((x, y), d) in xc.zip(yc).zip(dc) {
+            for l in 0..16 {
+                let g = if passes::<A>(y[l]) { d[l] } else { 0.0 };
+                s1[l] += g;
+                s2[l] += g * (x[l] - mean);
+            }
+        }
+        t1 += (s1.iter().sum::<f32>() + r1) as f64;
+        t2 += (s2.iter().sum::<f32>() + r2) as f64;
+    }
+    (t1, t2)
+}
+}
+
+multiversion! {
+/// Backward pass 2 over one plane.
+fn bwd_dx_plane<const A: u8>(x: &[f32], y: &[f32], dy: &[f32], dx: &mut [f32], k: DxCoef) {
+    for (((dx, &x), &y), &d) in dx.iter_mut().zip(x).zip(y).zip(dy) {
+        let g = if passes::<A>(y) { d } else { 0.0 };
+        *dx = k.k0 * g - k.k1 - k.k2 * (x - k.mean);
+    }
+}
 }
 
 /// Window position (0..4, row-major) of the first maximum, or [`BLOCKED`] when the
 /// activation's gradient does not pass there.
 const BLOCKED: u8 = 4;
 
-impl BatchNormTrain {
-    /// Pooled forward of one (n, c) plane: `y[i, j] = max over the window of act(bn(x))`.
-    #[allow(clippy::too_many_arguments)]
-    fn pool_plane(
-        &self,
-        x: &[f32],
-        y: &mut [f32],
-        (h, w): (usize, usize),
-        ch: usize,
-        gamma: f32,
-        beta: f32,
-    ) {
-        let (_, ow) = (h / 2, w / 2);
-        let (mean, scale, act) = (self.mean[ch], gamma * self.invstd[ch], self.act);
-        let f = |v: f32| act.apply((v - mean) * scale + beta);
-        for (i, y) in y.chunks_exact_mut(ow).enumerate() {
-            let r0 = &x[2 * i * w..][..2 * ow];
-            let r1 = &x[(2 * i + 1) * w..][..2 * ow];
-            for (j, y) in y.iter_mut().enumerate() {
-                let k = 2 * j;
-                *y = f(r0[k]).max(f(r0[k + 1])).max(f(r1[k]).max(f(r1[k + 1])));
+multiversion! {
+/// Pooled backward pass 1 over one (h, w) plane: each window's first-maximum position (or
+/// BLOCKED) into `arg`, and the plane's (sum g, sum g * (x - mean)) over the passing maxima.
+fn bwd_pool_sums_plane<const A: u8>(
+    x: &[f32],
+    dy: &[f32],
+    arg: &mut [u8],
+    hw: (usize, usize),
+    a: Affine,
+) -> (f64, f64) {
+    let (h, w) = hw;
+    let ow = w / 2;
+    // One window: (position code, g, x at the maximum). Selects only, no branches; the
+    // first maximum wins, as in the forward's max.
+    let window = |t0: f32, t1: f32, b0: f32, b1: f32, d: f32| {
+        let (y0, y1, y2, y3) = (a.y::<A>(t0), a.y::<A>(t1), a.y::<A>(b0), a.y::<A>(b1));
+        let m = y0.max(y1).max(y2.max(y3));
+        let mut pos = 3u8;
+        let mut xm = b1;
+        if y2 == m {
+            pos = 2;
+            xm = b0;
+        }
+        if y1 == m {
+            pos = 1;
+            xm = t1;
+        }
+        if y0 == m {
+            pos = 0;
+            xm = t0;
+        }
+        let pass = passes::<A>(m);
+        (if pass { pos } else { BLOCKED }, if pass { d } else { 0.0 }, xm)
+    };
+    let (mut t1, mut t2) = (0f64, 0f64);
+    for (i, (arg, dy)) in arg
+        .chunks_exact_mut(ow)
+        .zip(dy.chunks_exact(ow))
+        .enumerate()
+        .take(h / 2)
+    {
+        let r0 = &x[2 * i * w..][..2 * ow];
+        let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+        // 16 windows at a time into 16 f32 lanes (an f32 sum over one accumulator would
+        // be a serial chain, which LLVM may not vectorise).
+        let mut s1 = [0f32; 16];
+        let mut s2 = [0f32; 16];
+        let groups = arg
+            .chunks_exact_mut(16)
+            .zip(dy.chunks_exact(16))
+            .zip(r0.chunks_exact(32).zip(r1.chunks_exact(32)));
+        for ((arg, dy), (t, b)) in groups {
+            for l in 0..16 {
+                let (p, g, xm) = window(t[2 * l], t[2 * l + 1], b[2 * l], b[2 * l + 1], dy[l]);
+                arg[l] = p;
+                s1[l] += g;
+                s2[l] += g * (xm - a.mean);
             }
+        }
+        let done = ow / 16 * 16;
+        let (mut r1s, mut r2s) = (0f32, 0f32);
+        for j in done..ow {
+            let k = 2 * j;
+            let (p, g, xm) = window(r0[k], r0[k + 1], r1[k], r1[k + 1], dy[j]);
+            arg[j] = p;
+            r1s += g;
+            r2s += g * (xm - a.mean);
+        }
+        t1 += (s1.iter().sum::<f32>() + r1s) as f64;
+        t2 += (s2.iter().sum::<f32>() + r2s) as f64;
+    }
+    (t1, t2)
+}
+}
+
+multiversion! {
+/// Pooled backward pass 2 over one (h, w) plane: `-k1 - k2 * (x - mean)` everywhere, plus
+/// `k0 * g` at each window's passing maximum.
+fn bwd_pool_dx_plane(
+    x: &[f32],
+    dy: &[f32],
+    arg: &[u8],
+    dx: &mut [f32],
+    hw: (usize, usize),
+    k: DxCoef,
+) {
+    let (h, w) = hw;
+    for (d, &v) in dx.iter_mut().zip(x) {
+        *d = -k.k1 - k.k2 * (v - k.mean);
+    }
+    let ow = w / 2;
+    for (i, (arg, dy)) in arg
+        .chunks_exact(ow)
+        .zip(dy.chunks_exact(ow))
+        .enumerate()
+        .take(h / 2)
+    {
+        let (top, bottom) = dx[2 * i * w..].split_at_mut(w);
+        let (top, bottom) = (&mut top[..2 * ow], &mut bottom[..2 * ow]);
+        for (((&p, &g), t), b) in arg
+            .iter()
+            .zip(dy)
+            .zip(top.chunks_exact_mut(2))
+            .zip(bottom.chunks_exact_mut(2))
+        {
+            let g = k.k0 * g;
+            t[0] += if p == 0 { g } else { 0.0 };
+            t[1] += if p == 1 { g } else { 0.0 };
+            b[0] += if p == 2 { g } else { 0.0 };
+            b[1] += if p == 3 { g } else { 0.0 };
+        }
+    }
+}
+}
+
+impl BatchNormTrain {
+    fn affine(&self, ch: usize, gamma: &[f32], beta: &[f32]) -> Affine {
+        Affine {
+            mean: self.mean[ch],
+            scale: gamma[ch] * self.invstd[ch],
+            beta: beta[ch],
         }
     }
 
-    /// For the pooled backward, one (n, c) plane: the first-maximum position of each window
-    /// (or BLOCKED) into `arg`, and the plane's sums of g and g * (x - mean).
-    #[allow(clippy::too_many_arguments)]
-    fn pool_plane_grad(
-        &self,
-        x: &[f32],
-        dy: &[f32],
-        arg: &mut [u8],
-        (h, w): (usize, usize),
-        ch: usize,
-        gamma: f32,
-        beta: f32,
-    ) -> (f64, f64) {
-        let (_, ow) = (h / 2, w / 2);
-        let (mean, scale, act) = (self.mean[ch], gamma * self.invstd[ch], self.act);
-        let f = |v: f32| act.apply((v - mean) * scale + beta);
-        let (mut t1, mut t2) = (0f64, 0f64);
-        for (i, (arg, dy)) in arg
-            .chunks_exact_mut(ow)
-            .zip(dy.chunks_exact(ow))
-            .enumerate()
-        {
-            let r0 = &x[2 * i * w..][..2 * ow];
-            let r1 = &x[(2 * i + 1) * w..][..2 * ow];
-            for (j, (arg, &g)) in arg.iter_mut().zip(dy).enumerate() {
-                let k = 2 * j;
-                let xs = [r0[k], r0[k + 1], r1[k], r1[k + 1]];
-                let (mut best, mut bi) = (f(xs[0]), 0);
-                for (t, &v) in xs.iter().enumerate().skip(1) {
-                    let yv = f(v);
-                    if yv > best {
-                        best = yv;
-                        bi = t;
-                    }
+    /// Per-channel coefficients of `dx = k0 * g - k1 - k2 * (x - mean)`, from the sums of g
+    /// and g * (x - mean) over the M values of each channel.
+    fn dx_coefficients(&self, gamma: &[f32], sum_g: &[f64], sum_gx: &[f64], m: f64) -> Vec<DxCoef> {
+        (0..gamma.len())
+            .map(|ch| {
+                let invstd = self.invstd[ch] as f64;
+                let k0 = gamma[ch] as f64 * invstd;
+                // With batch statistics, x also moves the mean and variance (k1, k2).
+                let moving = if self.frozen { 0.0 } else { 1.0 };
+                DxCoef {
+                    mean: self.mean[ch],
+                    k0: k0 as f32,
+                    k1: (moving * k0 * sum_g[ch] / m) as f32,
+                    k2: (moving * k0 * invstd * (sum_gx[ch] * invstd) / m) as f32,
                 }
-                if act.passes(best) {
-                    *arg = bi as u8;
-                    t1 += g as f64;
-                    t2 += (g * (xs[bi] - mean)) as f64;
-                } else {
-                    *arg = BLOCKED;
-                }
-            }
-        }
-        (t1, t2)
+            })
+            .collect()
     }
+
+    /// The gradient tensors the arguments need, from the per-plane sums and dx.
+    #[allow(clippy::type_complexity)]
+    fn grads(
+        &self,
+        (x, gamma, beta): (&Tensor, &Tensor, &Tensor),
+        sums: &[(f64, f64)],
+        dx: Option<Vec<f32>>,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = self.mean.len();
+        let (sum_g, sum_gx) = per_channel(sums, c);
+        let dev = x.device();
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), dev))
+            .transpose()?;
+        let dgamma = if needs_grad(gamma) {
+            let v: Vec<f32> = sum_gx
+                .iter()
+                .zip(&self.invstd)
+                .map(|(&v, &i)| (v * i as f64) as f32)
+                .collect();
+            Some(Tensor::from_vec(v, c, dev)?)
+        } else {
+            None
+        };
+        let dbeta = if needs_grad(beta) {
+            let v: Vec<f32> = sum_g.iter().map(|&v| v as f32).collect();
+            Some(Tensor::from_vec(v, c, dev)?)
+        } else {
+            None
+        };
+        Ok((dx, dgamma, dbeta))
+    }
+}
+
+/// Per-plane (sum g, sum g * (x - mean)) of an [N, C, ...] tensor, summed per channel.
+fn per_channel(sums: &[(f64, f64)], c: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut sum_g = vec![0f64; c];
+    let mut sum_gx = vec![0f64; c];
+    for (plane, (t1, t2)) in sums.iter().enumerate() {
+        sum_g[plane % c] += t1;
+        sum_gx[plane % c] += t2;
+    }
+    (sum_g, sum_gx)
 }
 
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
-        "batch-norm-train"
+        if self.frozen {
+            "batch-norm-eval"
+        } else {
+            "batch-norm-train"
+        }
     }
 
     fn cpu_fwd(
@@ -329,10 +613,10 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let _t = OpTimer::start(if self.pool {
-            "bn+act+pool fwd"
-        } else {
-            "bn+act fwd"
+        let _t = OpTimer::start(match (self.frozen, self.pool) {
+            (true, _) => "bn eval fwd",
+            (false, true) => "bn+act+pool fwd",
+            (false, false) => "bn+act fwd",
         });
         let x = f32_slice(self.name(), s1, l1)?;
         let gamma = f32_slice(self.name(), s2, l2)?;
@@ -347,25 +631,20 @@ impl CustomOp3 for BatchNormTrain {
                 .zip(x.par_chunks(h * w))
                 .enumerate()
                 .for_each(|(plane, (y, x))| {
-                    let ch = plane % c;
-                    self.pool_plane(x, y, (h, w), ch, gamma[ch], beta[ch]);
+                    let a = self.affine(plane % c, gamma, beta);
+                    by_act!(self.act, fwd_pool_plane(x, y, (h, w), a));
                 });
             return Ok((CpuStorage::F32(y), Shape::from((d[0], c, oh, ow))));
         }
         let per_task = planes_per_task(s);
-        let act = self.act;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(per_task * s)
             .zip(x.par_chunks(per_task * s))
             .enumerate()
             .for_each(|(task, (y, x))| {
                 for (i, (y, x)) in y.chunks_mut(s).zip(x.chunks(s)).enumerate() {
-                    let ch = (task * per_task + i) % c;
-                    let (mean, b) = (self.mean[ch], beta[ch]);
-                    let scale = gamma[ch] * self.invstd[ch];
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = act.apply((x - mean) * scale + b);
-                    }
+                    let a = self.affine((task * per_task + i) % c, gamma, beta);
+                    by_act!(self.act, fwd_plane(x, y, a));
                 }
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -379,10 +658,10 @@ impl CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let _t = OpTimer::start(if self.pool {
-            "bn+act+pool bwd"
-        } else {
-            "bn+act bwd"
+        let _t = OpTimer::start(match (self.frozen, self.pool) {
+            (true, _) => "bn eval bwd",
+            (false, true) => "bn+act+pool bwd",
+            (false, false) => "bn+act bwd",
         });
         let grad_res = grad_res.contiguous()?;
         if self.pool {
@@ -393,110 +672,42 @@ impl CustomOp3 for BatchNormTrain {
         }
         let (n, c, s) = ncs(x.dims());
         let m = (n * s) as f64;
-        let act = self.act;
-        let dev = x.device();
         with_f32_slices(self.name(), &[x, gamma, res, &grad_res], |sl| {
             let (xs, gs, ys, dys) = (sl[0], sl[1], sl[2], sl[3]);
-            // Pass 1: per channel, sum g and sum g * (x - mean) with g = dy * act'(y).
-            let (sum_g, sum_gx): (Vec<f64>, Vec<f64>) = (0..c)
-                .into_par_iter()
-                .map(|ch| {
-                    let mean = self.mean[ch];
-                    let (mut t1, mut t2) = (0f64, 0f64);
-                    let mut gbuf = [0f32; BLOCK];
-                    let mut dbuf = [0f32; BLOCK];
-                    for img in 0..n {
-                        let off = (img * c + ch) * s;
-                        for start in (0..s).step_by(BLOCK) {
-                            let len = BLOCK.min(s - start);
-                            let (g, d) = (&mut gbuf[..len], &mut dbuf[..len]);
-                            let r = off + start..off + start + len;
-                            for (((g, d), (&dy, &y)), &x) in g
-                                .iter_mut()
-                                .zip(d.iter_mut())
-                                .zip(dys[r.clone()].iter().zip(&ys[r.clone()]))
-                                .zip(&xs[r])
-                            {
-                                *g = if act.passes(y) { dy } else { 0.0 };
-                                *d = x - mean;
-                            }
-                            t1 += sum16(g) as f64;
-                            t2 += dot16(g, d) as f64;
-                        }
-                    }
-                    (t1, t2)
+            fn planes(v: &[f32], s: usize) -> rayon::slice::Chunks<'_, f32> {
+                v.par_chunks(s.max(1))
+            }
+            // Pass 1: per plane, sum g and sum g * (x - mean) with g = dy * act'(y).
+            let sums: Vec<(f64, f64)> = planes(xs, s)
+                .zip(planes(ys, s).zip(planes(dys, s)))
+                .enumerate()
+                .with_min_len(planes_per_task(s))
+                .map(|(plane, (x, (y, dy)))| {
+                    by_act!(self.act, bwd_sums_plane(x, y, dy, self.mean[plane % c]))
                 })
-                .unzip();
-            let dbeta: Vec<f32> = sum_g.iter().map(|&v| v as f32).collect();
-            let dgamma: Vec<f32> = sum_gx
-                .iter()
-                .zip(&self.invstd)
-                .map(|(&v, &i)| (v * i as f64) as f32)
                 .collect();
-            // Pass 2: dx = k0 * g - k1 - k2 * (x - mean).
+            // Pass 2: dx.
             let dx = if needs_grad(x) {
+                let (sum_g, sum_gx) = per_channel(&sums, c);
                 let coef = self.dx_coefficients(gs, &sum_g, &sum_gx, m);
-                let per_task = planes_per_task(s);
                 let mut dx = vec![0f32; xs.len()];
-                dx.par_chunks_mut(per_task * s)
+                dx.par_chunks_mut(s.max(1))
+                    .zip(planes(xs, s).zip(planes(ys, s).zip(planes(dys, s))))
                     .enumerate()
-                    .for_each(|(task, dx)| {
-                        for (i, dx) in dx.chunks_mut(s).enumerate() {
-                            let plane = task * per_task + i;
-                            let ch = plane % c;
-                            let (k0, k1, k2) = coef[ch];
-                            let mean = self.mean[ch];
-                            let r = plane * s..(plane + 1) * s;
-                            for ((dx, (&dy, &y)), &x) in dx
-                                .iter_mut()
-                                .zip(dys[r.clone()].iter().zip(&ys[r.clone()]))
-                                .zip(&xs[r])
-                            {
-                                let g = if act.passes(y) { dy } else { 0.0 };
-                                *dx = k0 * g - k1 - k2 * (x - mean);
-                            }
-                        }
+                    .with_min_len(planes_per_task(s))
+                    .for_each(|(plane, (dx, (x, (y, dy))))| {
+                        by_act!(self.act, bwd_dx_plane(x, y, dy, dx, coef[plane % c]));
                     });
-                Some(Tensor::from_vec(dx, x.shape(), dev)?)
+                Some(dx)
             } else {
                 None
             };
-            let dgamma = if needs_grad(gamma) {
-                Some(Tensor::from_vec(dgamma, c, dev)?)
-            } else {
-                None
-            };
-            let dbeta = if needs_grad(beta) {
-                Some(Tensor::from_vec(dbeta, c, dev)?)
-            } else {
-                None
-            };
-            Ok((dx, dgamma, dbeta))
+            self.grads((x, gamma, beta), &sums, dx)
         })
     }
 }
 
 impl BatchNormTrain {
-    /// Per-channel `(k0, k1, k2)` of `dx = k0 * g - k1 - k2 * (x - mean)`, from the sums of g
-    /// and g * (x - mean) over the M values of each channel.
-    fn dx_coefficients(
-        &self,
-        gamma: &[f32],
-        sum_g: &[f64],
-        sum_gx: &[f64],
-        m: f64,
-    ) -> Vec<(f32, f32, f32)> {
-        (0..gamma.len())
-            .map(|ch| {
-                let invstd = self.invstd[ch] as f64;
-                let k0 = gamma[ch] as f64 * invstd;
-                let k1 = k0 * sum_g[ch] / m;
-                let k2 = k0 * invstd * (sum_gx[ch] * invstd) / m;
-                (k0 as f32, k1 as f32, k2 as f32)
-            })
-            .collect()
-    }
-
     /// Backward of the pooled variant; `grad_res` is [N, C, H/2, W/2] and contiguous.
     fn bwd_pool(
         &self,
@@ -511,29 +722,22 @@ impl BatchNormTrain {
             bail!("{}: gradient shape {:?}", self.name(), grad_res.dims());
         }
         let m = (n * h * w) as f64;
-        let dev = x.device();
         with_f32_slices(self.name(), &[x, gamma, beta, grad_res], |sl| {
             let (xs, gs, bs, dys) = (sl[0], sl[1], sl[2], sl[3]);
-            // Pass 1, per plane: window argmaxes and partial sums; then per channel.
+            // Pass 1, per plane: window argmaxes and partial sums.
             let mut arg = vec![0u8; n * c * oh * ow];
-            let partials: Vec<(f64, f64)> = arg
+            let sums: Vec<(f64, f64)> = arg
                 .par_chunks_mut(oh * ow)
                 .zip(xs.par_chunks(h * w).zip(dys.par_chunks(oh * ow)))
                 .enumerate()
                 .map(|(plane, (arg, (x, dy)))| {
-                    let ch = plane % c;
-                    self.pool_plane_grad(x, dy, arg, (h, w), ch, gs[ch], bs[ch])
+                    let a = self.affine(plane % c, gs, bs);
+                    by_act!(self.act, bwd_pool_sums_plane(x, dy, arg, (h, w), a))
                 })
                 .collect();
-            let mut sum_g = vec![0f64; c];
-            let mut sum_gx = vec![0f64; c];
-            for (plane, (t1, t2)) in partials.iter().enumerate() {
-                sum_g[plane % c] += t1;
-                sum_gx[plane % c] += t2;
-            }
-            // Pass 2: dx = -k1 - k2 * (x - mean) everywhere, plus k0 * g at each window's
-            // passing argmax.
+            // Pass 2: dx.
             let dx = if needs_grad(x) {
+                let (sum_g, sum_gx) = per_channel(&sums, c);
                 let coef = self.dx_coefficients(gs, &sum_g, &sum_gx, m);
                 let mut dx = vec![0f32; xs.len()];
                 dx.par_chunks_mut(h * w)
@@ -541,44 +745,13 @@ impl BatchNormTrain {
                     .zip(arg.par_chunks(oh * ow).zip(dys.par_chunks(oh * ow)))
                     .enumerate()
                     .for_each(|(plane, ((dx, x), (arg, dy)))| {
-                        let ch = plane % c;
-                        let (k0, k1, k2) = coef[ch];
-                        let mean = self.mean[ch];
-                        for (d, &v) in dx.iter_mut().zip(x) {
-                            *d = -k1 - k2 * (v - mean);
-                        }
-                        for (i, (arg, dy)) in
-                            arg.chunks_exact(ow).zip(dy.chunks_exact(ow)).enumerate()
-                        {
-                            for (j, (&a, &g)) in arg.iter().zip(dy).enumerate() {
-                                if a != BLOCKED {
-                                    let (di, dj) = ((a / 2) as usize, (a % 2) as usize);
-                                    dx[(2 * i + di) * w + 2 * j + dj] += k0 * g;
-                                }
-                            }
-                        }
+                        bwd_pool_dx_plane(x, dy, arg, dx, (h, w), coef[plane % c]);
                     });
-                Some(Tensor::from_vec(dx, x.shape(), dev)?)
+                Some(dx)
             } else {
                 None
             };
-            let dgamma = if needs_grad(gamma) {
-                let v: Vec<f32> = sum_gx
-                    .iter()
-                    .zip(&self.invstd)
-                    .map(|(&v, &i)| (v * i as f64) as f32)
-                    .collect();
-                Some(Tensor::from_vec(v, c, dev)?)
-            } else {
-                None
-            };
-            let dbeta = if needs_grad(beta) {
-                let v: Vec<f32> = sum_g.iter().map(|&v| v as f32).collect();
-                Some(Tensor::from_vec(v, c, dev)?)
-            } else {
-                None
-            };
-            Ok((dx, dgamma, dbeta))
+            self.grads((x, gamma, beta), &sums, dx)
         })
     }
 }
@@ -738,6 +911,64 @@ mod tests {
         let thin = rand_tensor(&mut rng, &[2, 3, 1, 8]);
         let err = batch_norm_train_pool2(&thin, &g, &g, &rm, &rv, 1e-5, 0.1, Activation::Relu);
         assert!(err.unwrap_err().to_string().contains("H, W >= 2"));
+    }
+
+    #[test]
+    fn eval_variant_matches_candle_eval_with_gradients() {
+        use crate::ops::max_pool::max_pool2x2;
+        let mut rng = StdRng::seed_from_u64(0xe7a1);
+        for dims in [[2usize, 3, 5, 7], [1, 4, 2, 2], [3, 16, 33, 32]] {
+            for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+                for pool in [false, true] {
+                    let c = dims[1];
+                    let x = ((rand_tensor(&mut rng, &dims) * 4.0).unwrap() + 1.5).unwrap();
+                    let gamma = (rand_tensor(&mut rng, &[c]) * 3.0).unwrap();
+                    let beta = (rand_tensor(&mut rng, &[c]) + 2.0).unwrap();
+                    let rm = rand_tensor(&mut rng, &[c]);
+                    let rv = (rand_tensor(&mut rng, &[c]) + 2.0).unwrap();
+                    let run = |fused: bool| {
+                        let xv = Var::from_tensor(&x).unwrap();
+                        let gv = Var::from_tensor(&gamma).unwrap();
+                        let bv = Var::from_tensor(&beta).unwrap();
+                        let (xt, gt, bt) = (xv.as_tensor(), gv.as_tensor(), bv.as_tensor());
+                        let y = if fused {
+                            batch_norm_eval(xt, gt, bt, &rm, &rv, 1e-5, act, pool).unwrap()
+                        } else {
+                            let bn = candle_nn::BatchNorm::new(
+                                c,
+                                rm.clone(),
+                                rv.clone(),
+                                gt.clone(),
+                                bt.clone(),
+                                1e-5,
+                            )
+                            .unwrap();
+                            let y = act
+                                .generic(&candle_core::ModuleT::forward_t(&bn, xt, false).unwrap())
+                                .unwrap();
+                            if pool {
+                                max_pool2x2(&y).unwrap()
+                            } else {
+                                y
+                            }
+                        };
+                        let r = crate::ops::test_util::wave(y.dims());
+                        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                        let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                        [y, get(&xv), get(&gv), get(&bv)]
+                    };
+                    let (fused, candle) = (run(true), run(false));
+                    for (what, (a, b)) in ["y", "dx", "dgamma", "dbeta"]
+                        .iter()
+                        .zip(fused.iter().zip(&candle))
+                    {
+                        let err = rel_err(a, b);
+                        let tol = if *what == "y" { 1e-6 } else { TOL };
+                        assert!(err <= tol, "{what} {dims:?} {act:?} pool {pool}: {err}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

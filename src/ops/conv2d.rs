@@ -22,7 +22,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
+use super::{f32_slice, multiversion, needs_grad, sum16, with_f32_slices, OpTimer};
 
 /// y = conv2d(x, w) + b with stride `stride`, zero padding `padding` on every side and `groups`
 /// groups. f32 on the CPU runs the custom op; anything else candle's `conv2d` (+ bias).
@@ -192,6 +192,7 @@ unsafe fn matmul(
     )
 }
 
+multiversion! {
 /// im2col of one group of one image: `col[(ci, ky, kx), (i, j)] = x[ci, i*s+ky-p, j*s+kx-p]`
 /// (zero outside the image). `x` is the group's [C/g, H, W] block.
 fn im2col(p: &Params, x: &[f32], col: &mut [f32]) {
@@ -236,7 +237,9 @@ fn im2col(p: &Params, x: &[f32], col: &mut [f32]) {
         }
     }
 }
+}
 
+multiversion! {
 /// dst[c, r] = src[r, c] for src [rows, cols] (row-major), in cache-sized tiles.
 fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const T: usize = 32;
@@ -251,7 +254,9 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
         }
     }
 }
+}
 
+multiversion! {
 /// Pixel-major patches of one group of one image:
 /// `rows[(i, j), (ky, kx, ci)] = x[ci, i*s+ky-p, j*s+kx-p]` (zero outside the image), read from
 /// the group's channel-last copy `xt` [H, W, C/g]. Each (pixel, ky) is one copy of the kx run
@@ -281,7 +286,9 @@ fn im2row(p: &Params, xt: &[f32], rows: &mut [f32]) {
         }
     }
 }
+}
 
+multiversion! {
 /// col2im: the adjoint of [`im2col`], `dx[ci, y, x] = sum of the dcol entries that read it`.
 /// `dx` (the group's [C/g, H, W] block) is overwritten.
 fn col2im(p: &Params, dcol: &[f32], dx: &mut [f32]) {
@@ -325,9 +332,13 @@ fn col2im(p: &Params, dcol: &[f32], dx: &mut [f32]) {
         }
     }
 }
+}
 
 /// Runs `f(image, scratch)` for every image, in parallel when there are enough images, with
-/// one scratch per worker made by `init`; returns the workers' scratches.
+/// one scratch per worker thread made by `init` when first needed; returns the scratches.
+///
+/// Images are handed out one at a time, so a worker that the OS slows down (the machine is
+/// shared) does fewer of them, while each worker keeps reusing its own scratch buffers.
 fn for_each_image<S: Send>(
     n: usize,
     parallel: bool,
@@ -335,14 +346,18 @@ fn for_each_image<S: Send>(
     f: impl Fn(usize, &mut S) + Sync + Send,
 ) -> Vec<S> {
     if parallel {
-        let threads = rayon::current_num_threads();
-        (0..n)
-            .into_par_iter()
-            .with_min_len(n.div_ceil(threads))
-            .fold(&init, |mut s, i| {
-                f(i, &mut s);
-                s
-            })
+        let slots: Vec<std::sync::Mutex<Option<S>>> = (0..rayon::current_num_threads())
+            .map(|_| std::sync::Mutex::new(None))
+            .collect();
+        (0..n).into_par_iter().with_max_len(1).for_each(|i| {
+            // Only this worker uses its slot, so the lock is never contended.
+            let slot = rayon::current_thread_index().unwrap_or(0) % slots.len();
+            let mut guard = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
+            f(i, guard.get_or_insert_with(&init));
+        });
+        slots
+            .into_iter()
+            .filter_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
             .collect()
     } else {
         let mut s = init();

@@ -13,13 +13,43 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
+use super::{f32_slice, multiversion, needs_grad, sum16, with_f32_slices, OpTimer};
 
 /// y[n,c] = sum_{ky,kx} w[c,0,ky,kx] * x[n,c,h+ky-1,w+kx-1] (zero padding). x: [N,C,H,W] f32, w: [C,1,3,3] f32 -> [N,C,H,W].
 ///
 /// On the CPU this runs the custom op (with backprop support); on other devices it falls back to
 /// candle's grouped `conv2d`, which there also accepts the other float dtypes.
 pub fn depthwise_conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let c = check_args(x, w)?;
+    if !x.device().is_cpu() {
+        return x.conv2d(w, 1, 1, 1, c);
+    }
+    // The kernels index planes directly, so strided views are copied once here.
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, DepthwiseConv3x3)
+}
+
+/// [`depthwise_conv3x3`] plus a per-channel bias `b` [C], fused into the same op (the bias
+/// add would otherwise be one more full-size graph node, forward and backward).
+pub fn depthwise_conv3x3_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let c = check_args(x, w)?;
+    if b.dims() != [c] {
+        bail!(
+            "depthwise_conv3x3: bias must be [C] = [{c}], got {:?}",
+            b.dims()
+        );
+    }
+    if !x.device().is_cpu() {
+        return x
+            .conv2d(w, 1, 1, 1, c)?
+            .broadcast_add(&b.reshape((1, c, 1, 1))?);
+    }
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, DepthwiseConv3x3Bias)
+}
+
+/// Checks shapes and dtypes; returns C.
+fn check_args(x: &Tensor, w: &Tensor) -> candle_core::Result<usize> {
     let c = match x.dims() {
         &[_, c, _, _] => c,
         d => bail!("depthwise_conv3x3: x must be [N,C,H,W], got shape {d:?}"),
@@ -38,37 +68,13 @@ pub fn depthwise_conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> 
             w.dtype()
         );
     }
-    if !x.device().is_cpu() {
-        return x.conv2d(w, 1, 1, 1, c);
-    }
-    if x.dtype() != DType::F32 {
+    if x.device().is_cpu() && x.dtype() != DType::F32 {
         bail!(
             "depthwise_conv3x3: only f32 is supported on the CPU, got {:?}",
             x.dtype()
         );
     }
-    // The kernels index planes directly, so strided views are copied once here.
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, DepthwiseConv3x3)
-}
-
-/// [`depthwise_conv3x3`] plus a per-channel bias `b` [C], fused into the same op (the bias
-/// add would otherwise be one more full-size graph node, forward and backward).
-pub fn depthwise_conv3x3_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let c = w.dim(0)?;
-    if b.dims() != [c] {
-        bail!(
-            "depthwise_conv3x3: bias must be [C] = [{c}], got {:?}",
-            b.dims()
-        );
-    }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return depthwise_conv3x3(x, w)?.broadcast_add(&b.reshape((1, c, 1, 1))?);
-    }
-    // Checks x and w.
-    depthwise_conv3x3(&x.narrow(0, 0, 0)?, w)?;
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, DepthwiseConv3x3Bias)
+    Ok(c)
 }
 
 /// Forward op: (x [N,C,H,W], w [C,1,3,3]) -> y [N,C,H,W].
@@ -281,6 +287,7 @@ fn correlate_planes(
     out
 }
 
+multiversion! {
 fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usize, w: usize) {
     // Rows outside the image read this zero row, so every output row takes the same path.
     let zeros = vec![0f32; w];
@@ -291,8 +298,10 @@ fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usi
         correlate_row(out_row, [above, row(y), below], k, bias);
     }
 }
+}
 
 /// One output row from its three source rows (all of the same width), plus `bias`.
+#[inline(always)]
 fn correlate_row(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9], bias: f32) {
     let w = out.len();
     // Left and right columns: the missing neighbour is padding.
@@ -357,6 +366,7 @@ fn weight_grad(x: &[f32], grad_y: &[f32], (_, c, h, w): Nchw) -> Vec<f32> {
     grad_w
 }
 
+multiversion! {
 fn weight_grad_plane(x: &[f32], g: &[f32], h: usize, w: usize) -> [f32; 9] {
     let mut taps = [0f32; 9];
     for (t, tap) in taps.iter_mut().enumerate() {
@@ -375,9 +385,11 @@ fn weight_grad_plane(x: &[f32], g: &[f32], h: usize, w: usize) -> [f32; 9] {
     }
     taps
 }
+}
 
 /// Dot product with 8 independent accumulators: without them the f32 sum is one serial
 /// chain that LLVM may not reorder, so it would not vectorise.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

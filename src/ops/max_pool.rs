@@ -15,7 +15,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, with_f32_slices, OpTimer};
+use super::{f32_slice, multiversion, with_f32_slices, OpTimer};
 
 /// 2x2/2 max pool of x [N, C, H, W] -> [N, C, H/2, W/2]; the custom op for f32 on the CPU,
 /// candle's `max_pool2d` otherwise.
@@ -44,22 +44,49 @@ fn planes(l: &Layout) -> (usize, usize, usize) {
     (d[0] * d[1], d[2], d[3])
 }
 
-/// Index (0..4, row-major in the window) of the first maximum.
-#[inline(always)]
-fn argmax4(a: f32, b: f32, c: f32, d: f32) -> usize {
-    let (mut best, mut i) = (a, 0);
-    if b > best {
-        best = b;
-        i = 1;
+multiversion! {
+/// Forward of one plane of width `w`: the max of each 2x2 window.
+fn pool_plane(x: &[f32], y: &mut [f32], w: usize) {
+    let ow = w / 2;
+    for (i, y) in y.chunks_exact_mut(ow).enumerate() {
+        let r0 = &x[2 * i * w..][..2 * ow];
+        let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+        for ((y, t), b) in y.iter_mut().zip(r0.chunks_exact(2)).zip(r1.chunks_exact(2)) {
+            *y = t[0].max(t[1]).max(b[0].max(b[1]));
+        }
     }
-    if c > best {
-        best = c;
-        i = 2;
+}
+}
+
+multiversion! {
+/// Backward of one plane of width `w`: each window's gradient to its first maximum. Branch-free,
+/// every window position is written (argmaxes are random, so branches would mispredict).
+fn pool_grad_plane(x: &[f32], g: &[f32], gx: &mut [f32], w: usize) {
+    let ow = w / 2;
+    for (i, g) in g.chunks_exact(ow).enumerate() {
+        let (top, bottom) = gx[2 * i * w..].split_at_mut(w);
+        let (top, bottom) = (&mut top[..2 * ow], &mut bottom[..2 * ow]);
+        let r0 = &x[2 * i * w..][..2 * ow];
+        let r1 = &x[(2 * i + 1) * w..][..2 * ow];
+        for ((((&g, gt), gb), t), b) in g
+            .iter()
+            .zip(top.chunks_exact_mut(2))
+            .zip(bottom.chunks_exact_mut(2))
+            .zip(r0.chunks_exact(2))
+            .zip(r1.chunks_exact(2))
+        {
+            let m = t[0].max(t[1]).max(b[0].max(b[1]));
+            let e0 = t[0] == m;
+            let e1 = !e0 & (t[1] == m);
+            let e2 = !e0 & !e1 & (b[0] == m);
+            let e3 = !(e0 | e1 | e2);
+            gt[0] = if e0 { g } else { 0.0 };
+            gt[1] = if e1 { g } else { 0.0 };
+            gb[0] = if e2 { g } else { 0.0 };
+            gb[1] = if e3 { g } else { 0.0 };
+        }
     }
-    if d > best {
-        i = 3;
-    }
-    i
+}
 }
 
 impl CustomOp1 for MaxPool2x2 {
@@ -75,17 +102,7 @@ impl CustomOp1 for MaxPool2x2 {
         let mut y = vec![0f32; x.len() / (h * w) * oh * ow];
         y.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(h * w))
-            .for_each(|(y, x)| {
-                for (i, y) in y.chunks_exact_mut(ow).enumerate() {
-                    let r0 = &x[2 * i * w..][..2 * ow];
-                    let r1 = &x[(2 * i + 1) * w..][..2 * ow];
-                    for (j, y) in y.iter_mut().enumerate() {
-                        let a = r0[2 * j].max(r0[2 * j + 1]);
-                        let b = r1[2 * j].max(r1[2 * j + 1]);
-                        *y = a.max(b);
-                    }
-                }
-            });
+            .for_each(|(y, x)| pool_plane(x, y, w));
         let d = l.dims();
         Ok((CpuStorage::F32(y), Shape::from((d[0], d[1], oh, ow))))
     }
@@ -108,23 +125,7 @@ impl CustomOp1 for MaxPool2x2 {
             let mut gx = vec![0f32; x.len()];
             gx.par_chunks_mut(h * w)
                 .zip(x.par_chunks(h * w).zip(g.par_chunks(oh * ow)))
-                .for_each(|(gx, (x, g))| {
-                    for (i, g) in g.chunks_exact(ow).enumerate() {
-                        let (top, bottom) = gx[2 * i * w..].split_at_mut(w);
-                        let (top, bottom) = (&mut top[..2 * ow], &mut bottom[..2 * ow]);
-                        let r0 = &x[2 * i * w..][..2 * ow];
-                        let r1 = &x[(2 * i + 1) * w..][..2 * ow];
-                        for (j, &g) in g.iter().enumerate() {
-                            let k = 2 * j;
-                            match argmax4(r0[k], r0[k + 1], r1[k], r1[k + 1]) {
-                                0 => top[k] = g,
-                                1 => top[k + 1] = g,
-                                2 => bottom[k] = g,
-                                _ => bottom[k + 1] = g,
-                            }
-                        }
-                    }
-                });
+                .for_each(|(gx, (x, g))| pool_grad_plane(x, g, gx, w));
             Ok(gx)
         })?;
         Ok(Some(Tensor::from_vec(gx, x.shape(), x.device())?))

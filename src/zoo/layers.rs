@@ -10,7 +10,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 
 use crate::ops::activation::{self, Activation};
-use crate::ops::batch_norm::{batch_norm_train, batch_norm_train_pool2};
+use crate::ops::batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_pool2};
 use crate::ops::conv2d::conv2d;
 use crate::ops::depthwise::{depthwise_conv3x3, depthwise_conv3x3_bias};
 use crate::ops::fast_ops_enabled;
@@ -218,7 +218,7 @@ impl Bn {
                 act,
             )
         } else {
-            activation::activation(&self.inner.forward_t(x, false)?, act)
+            self.eval_fused(x, act, false)
         }
     }
 }
@@ -227,8 +227,11 @@ impl Bn {
     /// `pool2(act(bn(x)))`; in train mode on the CPU one fused op that never stores the
     /// full-resolution activation.
     pub fn forward_act_pool2(&self, x: &Tensor, train: bool, act: Activation) -> Result<Tensor> {
-        if !(train && fast_ops_enabled()) {
+        if !fast_ops_enabled() {
             return pool2(&self.forward_act(x, train, act)?);
+        }
+        if !train {
+            return self.eval_fused(x, act, true);
         }
         let (weight, bias) = self
             .inner
@@ -243,6 +246,26 @@ impl Bn {
             BN_EPS,
             BN_MOMENTUM,
             act,
+        )
+    }
+}
+
+impl Bn {
+    /// Eval mode with the running statistics, `act` and optionally the pool in one pass.
+    fn eval_fused(&self, x: &Tensor, act: Activation, pool: bool) -> Result<Tensor> {
+        let (weight, bias) = self
+            .inner
+            .weight_and_bias()
+            .expect("the zoo's BatchNorms are affine");
+        batch_norm_eval(
+            x,
+            weight,
+            bias,
+            self.inner.running_mean(),
+            self.inner.running_var(),
+            BN_EPS,
+            act,
+            pool,
         )
     }
 }

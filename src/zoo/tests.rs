@@ -304,8 +304,11 @@ fn train_step_matches_generic_ops() {
         let (vm_fast, fast) = Model::init(&s, &Device::Cpu).unwrap();
         let (vm_gen, generic) = Model::init(&s, &Device::Cpu).unwrap();
         copy_varmap(&vm_fast, &vm_gen);
-        let x = Tensor::rand(0f32, 1f32, (4, 3, size, size), &Device::Cpu).unwrap();
-        let y = Tensor::new(&[1u32, 5, 10, 0], &Device::Cpu).unwrap();
+        // A fixed input: with batch statistics over few values in the deepest layers, some
+        // inputs make the comparison ill-conditioned, and a test must not be flaky.
+        let x = seeded_input(0x5eed, &[8, 3, size, size]);
+        let y = Tensor::new(&[1u32, 5, 10, 0, 3, 3, 7, 9], &Device::Cpu).unwrap();
+        let _simd = crate::ops::test_util::SIMD_LOCK.lock();
         let step = |m: &Model| {
             let logits = m.forward_t(&x, true).unwrap();
             let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
@@ -365,10 +368,73 @@ fn train_step_matches_generic_ops() {
     }
 }
 
+fn seeded_input(seed: u64, dims: &[usize]) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data: Vec<f32> = (0..dims.iter().product())
+        .map(|_| rng.random_range(0.0..1.0))
+        .collect();
+    Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
+}
+
 fn copy_varmap(from: &candle_nn::VarMap, to: &candle_nn::VarMap) {
     let src = from.data().lock().unwrap();
     let dst = to.data().lock().unwrap();
     for (k, v) in src.iter() {
         dst[k].set(v.as_tensor()).unwrap();
+    }
+}
+
+/// The kernels' baseline (SSE2) and AVX2 builds agree with the best one this CPU runs.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn kernels_agree_across_instruction_sets() {
+    use crate::ops::test_util::FORCED_SIMD_LEVEL;
+    use std::sync::atomic::Ordering;
+    let _simd = crate::ops::test_util::SIMD_LOCK.lock();
+    let x64 = seeded_input(0x64, &[4, 3, 64, 64]);
+    let y = Tensor::new(&[1u32, 5, 10, 0], &Device::Cpu).unwrap();
+    for arch in [Arch::Student, Arch::StdConv] {
+        let (vm, m) = Model::init(&spec(arch, 64), &Device::Cpu).unwrap();
+        let params: Vec<(String, candle_core::Var)> = vm
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !is_running_stat(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let step = || {
+            let logits = m.forward_t(&x64, true).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+            let grads = loss.backward().unwrap();
+            let g: Vec<Tensor> = params
+                .iter()
+                .map(|(_, v)| grads.get(v.as_tensor()).unwrap().clone())
+                .collect();
+            (logits, g)
+        };
+        let (l_best, g_best) = step();
+        let max_abs = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let floor = 1e-3 * g_best.iter().map(max_abs).fold(0f32, f32::max);
+        for level in [0u8, 1] {
+            FORCED_SIMD_LEVEL.store(level, Ordering::Relaxed);
+            let (l, g) = step();
+            FORCED_SIMD_LEVEL.store(u8::MAX, Ordering::Relaxed);
+            assert!(rel_err(&l, &l_best) <= 1e-4, "{arch} level {level}: logits");
+            for ((key, _), (a, b)) in params.iter().zip(g.iter().zip(&g_best)) {
+                // Judged against the parameter's gradient scale, floored by the model's (the
+                // conv biases that feed a BatchNorm have gradients that are rounding noise).
+                let err = max_abs(&(a - b).unwrap()) / max_abs(b).max(floor);
+                assert!(err <= 1e-3, "{arch} level {level} {key}: {err}");
+            }
+        }
     }
 }

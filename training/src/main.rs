@@ -42,6 +42,14 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Train(_) | Command::Distill(_) | Command::Prune(_)
+    ) {
+        // Process-wide allocator and thread settings that make training steps 1.3-1.4x faster;
+        // not applied to `bench`, whose candle-vs-ONNX-Runtime figures use stock settings.
+        slimserve::ops::init_cpu_training();
+    }
     let result = match cli.command {
         Command::Zoo(a) => commands::zoo::run(a),
         Command::Import(a) => commands::import::run(a),
