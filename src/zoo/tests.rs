@@ -239,8 +239,8 @@ fn eval_output_matches_generic_ops_for_every_architecture() {
     use crate::ops::with_generic_ops;
     for arch in Arch::ALL {
         let size = arch.min_input_size();
-        let (_, m) = Model::init(&spec(arch, size), &Device::Cpu).unwrap();
-        let x = Tensor::rand(0f32, 1f32, (3, 3, size, size), &Device::Cpu).unwrap();
+        let (_, m) = Model::init_seeded(&spec(arch, size), &Device::Cpu, 5).unwrap();
+        let x = seeded_input(0xe7a1, &[3, 3, size, size]);
         // One train step moves the running statistics away from (0, 1).
         m.forward_t(&x, true).unwrap();
         let fast = m.forward_t(&x, false).unwrap();
@@ -301,9 +301,10 @@ fn train_step_matches_generic_ops() {
     ];
     for (arch, size, pools_after) in cases {
         let s = spec(arch, size);
-        let (vm_fast, fast) = Model::init(&s, &Device::Cpu).unwrap();
-        let (vm_gen, generic) = Model::init(&s, &Device::Cpu).unwrap();
-        copy_varmap(&vm_fast, &vm_gen);
+        // Fixed weights and input: with batch statistics over few values in the deepest
+        // layers, some draws make the comparison ill-conditioned, and a test must not be flaky.
+        let (vm_fast, fast) = Model::init_seeded(&s, &Device::Cpu, 11).unwrap();
+        let (vm_gen, generic) = Model::init_seeded(&s, &Device::Cpu, 11).unwrap();
         // A fixed input: with batch statistics over few values in the deepest layers, some
         // inputs make the comparison ill-conditioned, and a test must not be flaky.
         let x = seeded_input(0x5eed, &[8, 3, size, size]);
@@ -377,14 +378,6 @@ fn seeded_input(seed: u64, dims: &[usize]) -> Tensor {
     Tensor::from_vec(data, dims, &Device::Cpu).unwrap()
 }
 
-fn copy_varmap(from: &candle_nn::VarMap, to: &candle_nn::VarMap) {
-    let src = from.data().lock().unwrap();
-    let dst = to.data().lock().unwrap();
-    for (k, v) in src.iter() {
-        dst[k].set(v.as_tensor()).unwrap();
-    }
-}
-
 /// The kernels' baseline (SSE2) and AVX2 builds agree with the best one this CPU runs.
 #[test]
 #[cfg(target_arch = "x86_64")]
@@ -395,7 +388,7 @@ fn kernels_agree_across_instruction_sets() {
     let x64 = seeded_input(0x64, &[4, 3, 64, 64]);
     let y = Tensor::new(&[1u32, 5, 10, 0], &Device::Cpu).unwrap();
     for arch in [Arch::Student, Arch::StdConv] {
-        let (vm, m) = Model::init(&spec(arch, 64), &Device::Cpu).unwrap();
+        let (vm, m) = Model::init_seeded(&spec(arch, 64), &Device::Cpu, 9).unwrap();
         let params: Vec<(String, candle_core::Var)> = vm
             .data()
             .lock()
