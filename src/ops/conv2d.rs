@@ -335,10 +335,7 @@ fn col2im(p: &Params, dcol: &[f32], dx: &mut [f32]) {
 }
 
 /// Runs `f(image, scratch)` for every image, in parallel when there are enough images, with
-/// one scratch per worker thread made by `init` when first needed; returns the scratches.
-///
-/// Images are handed out one at a time, so a worker that the OS slows down (the machine is
-/// shared) does fewer of them, while each worker keeps reusing its own scratch buffers.
+/// one scratch per worker made by `init`; returns the workers' scratches.
 fn for_each_image<S: Send>(
     n: usize,
     parallel: bool,
@@ -346,18 +343,14 @@ fn for_each_image<S: Send>(
     f: impl Fn(usize, &mut S) + Sync + Send,
 ) -> Vec<S> {
     if parallel {
-        let slots: Vec<std::sync::Mutex<Option<S>>> = (0..rayon::current_num_threads())
-            .map(|_| std::sync::Mutex::new(None))
-            .collect();
-        (0..n).into_par_iter().with_max_len(1).for_each(|i| {
-            // Only this worker uses its slot, so the lock is never contended.
-            let slot = rayon::current_thread_index().unwrap_or(0) % slots.len();
-            let mut guard = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
-            f(i, guard.get_or_insert_with(&init));
-        });
-        slots
-            .into_iter()
-            .filter_map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+        let threads = rayon::current_num_threads();
+        (0..n)
+            .into_par_iter()
+            .with_min_len(n.div_ceil(threads))
+            .fold(&init, |mut s, i| {
+                f(i, &mut s);
+                s
+            })
             .collect()
     } else {
         let mut s = init();
