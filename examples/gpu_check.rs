@@ -58,13 +58,7 @@ fn main() -> Result<()> {
         for arch in [Arch::Big, Arch::StudentDeeper] {
             let spec = ModelSpec::new(arch, 11, 256);
             let (varmap, cpu) = Model::init(&spec, &Device::Cpu)?;
-            let tensors = varmap
-                .data()
-                .lock()
-                .expect("varmap lock")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-                .collect();
+            let tensors = slimserve::zoo::varmap_tensors(&varmap);
             let on_gpu = Model::from_tensors(&spec, &tensors, &gpu)?;
             models.push((arch.to_string(), spec, cpu, on_gpu));
         }

@@ -312,23 +312,13 @@ mod tests {
     use super::*;
     use crate::zoo::Arch;
 
-    fn tensors_of(varmap: &candle_nn::VarMap) -> BTreeMap<String, Tensor> {
-        varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect()
-    }
-
     fn sample(format: WeightFormat) -> (ModelConfig, BTreeMap<String, Tensor>) {
         let spec = ModelSpec::new(Arch::Student, 3, 32);
         let (varmap, _) = Model::init(&spec, &Device::Cpu).unwrap();
         let mut config = ModelConfig::new(spec, default_labels(3));
         config.weights.format = format;
         config.provenance.val_accuracy = Some(0.5);
-        (config, tensors_of(&varmap))
+        (config, crate::zoo::varmap_tensors(&varmap))
     }
 
     #[test]

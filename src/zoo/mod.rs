@@ -309,6 +309,18 @@ impl ModuleT for Model {
     }
 }
 
+/// The current value of every variable in `varmap`, by weight key (a snapshot for saving,
+/// exporting or building another model from).
+pub fn varmap_tensors(varmap: &VarMap) -> BTreeMap<String, Tensor> {
+    varmap
+        .data()
+        .lock()
+        .expect("varmap lock poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
 /// Whether a key holds BatchNorm running statistics (state, not a trainable parameter).
 pub fn is_running_stat(key: &str) -> bool {
     key.ends_with(".running_mean")

@@ -129,13 +129,7 @@ fn train_mode_updates_running_statistics_and_eval_does_not() {
 fn from_tensors_reports_missing_unexpected_and_misshaped_keys() {
     let s = spec(Arch::Student, 32);
     let (varmap, reference) = Model::init(&s, &Device::Cpu).unwrap();
-    let mut tensors: BTreeMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let mut tensors: BTreeMap<String, Tensor> = varmap_tensors(&varmap);
     // The exact tensors rebuild the same function.
     let loaded = Model::from_tensors(&s, &tensors, &Device::Cpu).unwrap();
     let x = Tensor::rand(0f32, 1f32, (2, 3, 32, 32), &Device::Cpu).unwrap();
@@ -172,13 +166,7 @@ fn from_tensors_reports_missing_unexpected_and_misshaped_keys() {
 #[test]
 fn wrong_architecture_is_refused() {
     let (varmap, _) = Model::init(&spec(Arch::Student, 32), &Device::Cpu).unwrap();
-    let tensors: BTreeMap<String, Tensor> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let tensors: BTreeMap<String, Tensor> = varmap_tensors(&varmap);
     let err = Model::from_tensors(&spec(Arch::Big, 64), &tensors, &Device::Cpu).unwrap_err();
     assert!(
         matches!(

@@ -31,13 +31,7 @@ pub const CLASSES: usize = 4;
 pub fn make_model(root: &Path, name: &str) {
     let spec = ModelSpec::new(Arch::Student, CLASSES, SIZE);
     let (varmap, _) = Model::init(&spec, &Device::Cpu).unwrap();
-    let tensors = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    let tensors = slimserve::zoo::varmap_tensors(&varmap);
     let mut config = ModelConfig::new(spec, model_dir::default_labels(CLASSES));
     config.provenance.val_accuracy = Some(0.5);
     model_dir::save(&root.join(name), &config, &tensors).unwrap();

@@ -129,13 +129,7 @@ mod tests {
     fn pruning_drops_the_channels_with_the_smallest_gamma() {
         let spec = ModelSpec::new(Arch::StudentDeeper, 4, 32);
         let (varmap, _) = Model::init(&spec, &Device::Cpu).unwrap();
-        let mut tensors: BTreeMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let mut tensors: BTreeMap<String, Tensor> = slimserve::zoo::varmap_tensors(&varmap);
         // Width 3 (128 channels) is consumed by block 4: make gamma grow with the channel index,
         // and zero the last channels so pruning them cannot change the output.
         let mut gamma: Vec<f32> = (0..128).map(|i| 1.0 + i as f32).collect();

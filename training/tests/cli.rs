@@ -65,22 +65,12 @@ fn failed(out: &Output) -> String {
     err
 }
 
-fn tensors_of(varmap: &candle_nn::VarMap) -> BTreeMap<String, Tensor> {
-    varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect()
-}
-
 /// A small random `student-deeper` (pruned widths, 5 classes) saved as an f32 model directory.
 fn make_model(dir: &Path) -> (ModelConfig, BTreeMap<String, Tensor>) {
     let mut spec = ModelSpec::new(Arch::StudentDeeper, 5, 32);
     spec.widths = vec![16, 32, 64, 120, 120, 120, 240, 240, 240];
     let (varmap, _) = Model::init(&spec, &Device::Cpu).unwrap();
-    let tensors = tensors_of(&varmap);
+    let tensors = slimserve::zoo::varmap_tensors(&varmap);
     let config = ModelConfig::new(spec, (0..5).map(|i| format!("c{i}")).collect());
     model_dir::save(dir, &config, &tensors).unwrap();
     (config, tensors)

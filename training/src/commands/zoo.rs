@@ -35,13 +35,7 @@ pub fn run(args: Args) -> Result<()> {
     for arch in Arch::ALL {
         let spec = ModelSpec::new(arch, args.classes, args.input_size);
         let (varmap, model) = Model::init(&spec, &Device::Cpu)?;
-        let tensors: BTreeMap<String, Tensor> = varmap
-            .data()
-            .lock()
-            .expect("varmap lock")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors: BTreeMap<String, Tensor> = zoo::varmap_tensors(&varmap);
         let shapes = zoo::weight_shapes(&spec)?;
         rows.push(Row {
             name: arch.name(),

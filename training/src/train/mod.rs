@@ -144,16 +144,6 @@ pub fn evaluate(
     })
 }
 
-fn tensors_of(varmap: &VarMap) -> BTreeMap<String, Tensor> {
-    varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect()
-}
-
 fn set_vars(varmap: &VarMap, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let data = varmap.data().lock().expect("varmap lock");
     for (k, var) in data.iter() {
@@ -193,7 +183,10 @@ impl RunDir {
                 .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
                 .collect()
         };
-        let model = weights::encode(&cpu(tensors_of(varmap))?, WeightFormat::F32)?;
+        let model = weights::encode(
+            &cpu(slimserve::zoo::varmap_tensors(varmap))?,
+            WeightFormat::F32,
+        )?;
         model_dir::write_atomic(&tmp.join("model.safetensors"), &model)?;
         let optim = weights::encode(&cpu(opt.state())?, WeightFormat::F32)?;
         model_dir::write_atomic(&tmp.join("optimizer.safetensors"), &optim)?;
@@ -483,7 +476,7 @@ pub fn fit(
             provenance.val_images = Some(eval.confusion.total() as usize);
             let mut config = ModelConfig::new(spec.clone(), data.classes.clone());
             config.provenance = provenance.clone();
-            model_dir::save(&best_dir, &config, &tensors_of(&varmap))?;
+            model_dir::save(&best_dir, &config, &slimserve::zoo::varmap_tensors(&varmap))?;
         }
         run.save_checkpoint(&varmap, &opt, &state)?;
     }
