@@ -14,8 +14,22 @@ pub mod client;
 pub mod error;
 pub mod formats;
 pub mod grpc;
+pub mod load;
 pub mod ops;
 pub mod preprocess;
 pub mod server;
 pub mod telemetry;
 pub mod zoo;
+
+/// `1234567` -> `1,234,567`, for tables people read.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

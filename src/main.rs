@@ -1,10 +1,12 @@
-//! `slimserve`: serve image classifiers over gRPC (`serve`, the default), or ask a server to
-//! classify photos (`classify`). Everything else lives in the library.
+//! `slimserve`: serve image classifiers over gRPC (`serve`, the default), ask a server to
+//! classify photos (`classify`), load-test it (`load`) or compare its models under load
+//! (`compare`). Everything else lives in the library.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use slimserve::client::{self, ClassifyArgs};
+use slimserve::load::{self, compare::CompareArgs, LoadArgs};
 use slimserve::server::{self, shutdown, Config};
 
 #[derive(Debug, Parser)]
@@ -28,6 +30,14 @@ enum Command {
     Serve(Config),
     /// Classify images with a running server and print the top labels.
     Classify(ClassifyArgs),
+    /// Load-test a running server: closed-loop or rate-paced requests, bounded by a request
+    /// count and a time limit; prints throughput, gRPC status counts, latency percentiles and
+    /// a histogram (and writes them as JSON with --json).
+    Load(LoadArgs),
+    /// Run the same load against each model (e.g. big, kd, kd-q8) in turn and mixed, at each
+    /// concurrency level, and print one table: size, accuracy, throughput, p50/p99, and the
+    /// server-side queue/compute split read from /metrics.
+    Compare(CompareArgs),
 }
 
 #[tokio::main]
@@ -36,6 +46,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Classify(args)) => classify(args).await,
         Some(Command::Serve(config)) => serve(config).await,
+        Some(Command::Load(args)) => load::load(&args).await.map(|r| print!("{r}")),
+        Some(Command::Compare(args)) => load::compare::compare(&args)
+            .await
+            .map(|rows| print!("{}", load::compare::markdown(&rows))),
         None => serve(cli.serve).await,
     };
     match result {

@@ -35,6 +35,11 @@ pub const QUEUE_DEPTH_INPUTS: &str = "slimserve_queue_depth_inputs";
 pub const IN_FLIGHT_INPUTS: &str = "slimserve_in_flight_inputs";
 /// Inputs dropped from the queue before compute, by reason `deadline` or `cancelled` (counter).
 pub const DROPPED_INPUTS_TOTAL: &str = "slimserve_dropped_inputs_total";
+/// Inputs mirrored by `--shadow`, by source `model`, `shadow` model and `outcome` (agree,
+/// disagree, dropped, error) (counter).
+pub const SHADOW_REQUESTS_TOTAL: &str = "slimserve_shadow_requests_total";
+/// Largest absolute difference between the source's and the shadow's logits (histogram).
+pub const SHADOW_LOGIT_GAP: &str = "slimserve_shadow_logit_gap";
 /// Always 1; labels describe the served model (gauge).
 pub const MODEL_INFO: &str = "slimserve_model_info";
 
@@ -43,6 +48,10 @@ pub const MODEL_INFO: &str = "slimserve_model_info";
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
     0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+];
+/// Logit gaps: 0.001 (float rounding) to 100 (unrelated models).
+pub const LOGIT_GAP_BUCKETS: &[f64] = &[
+    0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
 ];
 /// Batch sizes up to the largest `--max-batch-size` worth using.
 pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
@@ -60,6 +69,12 @@ pub fn init() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full(BATCH_SIZE_INPUTS.into()),
                         BATCH_SIZE_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(SHADOW_LOGIT_GAP.into()),
+                        LOGIT_GAP_BUCKETS,
                     )
                 })
                 .expect("bucket lists are non-empty")
@@ -119,6 +134,15 @@ fn describe() {
         IN_FLIGHT_INPUTS,
         Unit::Count,
         "Inputs admitted and not yet answered"
+    );
+    describe_counter!(
+        SHADOW_REQUESTS_TOTAL,
+        Unit::Count,
+        "Inputs mirrored to a shadow model, by outcome (agree, disagree, dropped, error)"
+    );
+    describe_histogram!(
+        SHADOW_LOGIT_GAP,
+        "Largest absolute logit difference between a model and its shadow, per mirrored input"
     );
     describe_counter!(
         DROPPED_INPUTS_TOTAL,

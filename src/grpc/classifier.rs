@@ -12,8 +12,9 @@ use super::input::{self, Layout};
 use super::pb::slimserve::v1 as pb;
 use super::{deadline_of, finish};
 use crate::backend::{softmax, top_k};
-use crate::batcher::{Inference, Pending};
+use crate::batcher::Inference;
 use crate::error::Error;
+use crate::server::shadow::Submitted;
 use crate::server::{ServedModel, State};
 
 /// Ranked labels returned when a request leaves `top_k` at 0.
@@ -157,7 +158,7 @@ async fn classify_one(
         let ticket = model.batcher.admit(1)?;
         let mut prepared = prepare(state.max_image_pixels, model.clone(), req).await?;
         let input = std::mem::take(&mut prepared.input);
-        let pending = model.batcher.submit(ticket, input, deadline)?;
+        let pending = model.submit(ticket, input, deadline)?;
         Ok(respond(&prepared, pending.wait().await?))
     }
     .await;
@@ -212,15 +213,10 @@ async fn classify_batch(
                 .map_err(item(i))?;
             prepared.push(p);
         }
-        let mut pending: Vec<Pending> = Vec::with_capacity(prepared.len());
+        let mut pending: Vec<Submitted> = Vec::with_capacity(prepared.len());
         for (i, (p, ticket)) in prepared.iter_mut().zip(tickets).enumerate() {
             let input = std::mem::take(&mut p.input);
-            pending.push(
-                p.model
-                    .batcher
-                    .submit(ticket, input, deadline)
-                    .map_err(item(i))?,
-            );
+            pending.push(p.model.submit(ticket, input, deadline).map_err(item(i))?);
         }
         let mut responses = Vec::with_capacity(pending.len());
         for (i, (p, pend)) in prepared.iter().zip(pending).enumerate() {

@@ -16,8 +16,8 @@ use tonic::{Request, Response, Status};
 use super::input::{self, Layout};
 use super::pb::inference as pb;
 use super::{deadline_of, finish};
-use crate::batcher::Pending;
 use crate::error::Error;
+use crate::server::shadow::Submitted;
 use crate::server::{ServedModel, State};
 
 pub const INPUT_NCHW: &str = "input";
@@ -174,12 +174,12 @@ async fn infer(
         .metrics
         .preprocess_duration
         .record(preprocess.as_secs_f64());
-    let mut pending: Vec<Pending> = Vec::with_capacity(items.len());
+    let mut pending: Vec<Submitted> = Vec::with_capacity(items.len());
     for item in items {
         let one = ticket
             .split_one()
             .ok_or_else(|| Error::Internal("admission ticket too small".into()))?;
-        pending.push(model.batcher.submit(one, item, deadline)?);
+        pending.push(model.submit(one, item, deadline)?);
     }
     let classes = model.num_classes();
     let mut raw = Vec::with_capacity(pending.len() * classes * 4);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tonic::transport::server::Router;
 
 pub use classifier::ClassifierService;
-pub use kserve::KServeService;
+pub use kserve::{KServeService, INPUT_IMAGE, INPUT_NCHW, OUTPUT_LOGITS};
 
 use crate::server::State;
 

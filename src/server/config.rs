@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::shadow::ShadowRule;
 use crate::backend::DeviceSpec;
 use crate::preprocess::DEFAULT_MAX_PIXELS;
 
@@ -80,6 +81,18 @@ pub struct Config {
     #[arg(long, env = "SLIMSERVE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Mirror a sampled fraction of SOURCE's inputs to TARGET off the critical path and export
+    /// how often they agree (`slimserve_shadow_requests_total`) and their logit gap, e.g.
+    /// `--shadow kd-q8=big:0.1`. FRACTION defaults to 1; repeat the flag (or separate rules by
+    /// commas) for several sources. Both models need the same input size and labels.
+    #[arg(
+        long = "shadow",
+        env = "SLIMSERVE_SHADOW",
+        value_name = "SOURCE=TARGET[:FRACTION]",
+        value_delimiter = ','
+    )]
+    pub shadow: Vec<ShadowRule>,
+
     /// After SIGTERM/SIGINT, how long accepted requests may take to finish before exit.
     #[arg(long, env = "SLIMSERVE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -109,6 +122,7 @@ impl Config {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            shadow: Vec::new(),
             shutdown_timeout: Duration::from_secs(30),
             inject_compute_delay: Duration::ZERO,
         }

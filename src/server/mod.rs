@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod models;
+pub mod shadow;
 pub mod shutdown;
 mod tls;
 
@@ -22,6 +23,7 @@ use tonic_health::ServingStatus;
 
 pub use config::Config;
 pub use models::{Models, ServedModel};
+pub use shadow::ShadowRule;
 pub use shutdown::{Drain, RequestGuard};
 
 use crate::backend::DeviceError;
@@ -56,6 +58,8 @@ pub enum ServerError {
     },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("--shadow {rule}: {message}")]
+    Shadow { rule: String, message: String },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
 
+use super::shadow::Shadow;
 use super::{Config, ServerError};
 use crate::backend::Executor;
 use crate::batcher::{Batcher, BatcherConfig};
@@ -27,6 +28,8 @@ pub struct ServedModel {
     pub batcher: Batcher,
     pub metrics: ModelMetrics,
     pub stats: Arc<ModelStats>,
+    /// Where `--shadow` mirrors this model's inputs; set once, after every model is built.
+    pub shadow: OnceLock<Arc<Shadow>>,
 }
 
 impl ServedModel {
@@ -234,6 +237,7 @@ pub async fn start(
                 batcher,
                 metrics,
                 stats,
+                shadow: OnceLock::new(),
             }),
         );
     }
@@ -247,5 +251,64 @@ pub async fn start(
         Some(name) => Some(name.clone()),
         None => by_name.keys().next().cloned(),
     };
+    attach_shadows(&by_name, config)?;
     Ok(Models { by_name, default })
+}
+
+/// Connects each `--shadow` rule's source to its target, refusing rules that name a model not
+/// served, give one source two targets, or pair models whose inputs or labels differ.
+fn attach_shadows(
+    by_name: &BTreeMap<String, Arc<ServedModel>>,
+    config: &Config,
+) -> Result<(), ServerError> {
+    for rule in &config.shadow {
+        let fail = |message: String| ServerError::Shadow {
+            rule: format!("{}={}:{}", rule.source, rule.target, rule.fraction),
+            message,
+        };
+        let served = |name: &str| {
+            by_name.get(name).ok_or_else(|| {
+                fail(format!(
+                    "no model named `{name}` is served ({})",
+                    by_name.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })
+        };
+        let (source, target) = (served(&rule.source)?, served(&rule.target)?);
+        if let Some(existing) = source.shadow.get().and_then(|s| s.target_name()) {
+            return Err(fail(format!(
+                "`{}` already mirrors to `{existing}`; give each source one --shadow rule",
+                source.name
+            )));
+        }
+        if source.input_size() != target.input_size() {
+            return Err(fail(format!(
+                "`{}` takes {}x{} inputs but `{}` takes {}x{}",
+                source.name,
+                source.input_size(),
+                source.input_size(),
+                target.name,
+                target.input_size(),
+                target.input_size()
+            )));
+        }
+        if source.config.labels != target.config.labels {
+            return Err(fail(format!(
+                "`{}` and `{}` have different labels, so their answers cannot be compared",
+                source.name, target.name
+            )));
+        }
+        let shadow = Arc::new(Shadow::new(&source.name, target, rule.fraction));
+        source
+            .shadow
+            .set(shadow)
+            .expect("checked above: no shadow yet");
+        tracing::info!(
+            "shadow: {:.1}% of {}'s inputs are mirrored to {}",
+            rule.fraction * 100.0,
+            source.name,
+            target.name
+        );
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod kserve;
 mod lifecycle;
+mod load;
 mod metrics;
 mod overload;
 mod own_api;

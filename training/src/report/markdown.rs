@@ -6,18 +6,7 @@ use super::{ModelRow, PruneData, Report};
 
 const NONE: &str = "–";
 
-/// `1234567` -> `1,234,567`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use slimserve::thousands;
 
 /// Seconds as `12.3 s`, `4m 05s` or `2h 03m`.
 pub fn duration(s: f64) -> String {

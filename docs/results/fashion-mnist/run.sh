@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Reproduces docs/results/fashion-mnist: every row of results.md, in order, resumable.
+#
+#   bash docs/results/fashion-mnist/run.sh            # the whole series (~2.5 h on 2 cores)
+#   SLIMTRAIN=path/to/slimtrain RUNS=runs/fmnist bash docs/results/fashion-mnist/run.sh
+#
+# Each run directory keeps its checkpoints, so after a kill the same command continues where it
+# stopped (train/distill/prune --resume); finished steps are skipped. Schedule: 8 epochs at
+# lr 1e-3, then 2 epochs at 1e-4 (a resume with a lower --lr: a step decay), batch 32, 64x64.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+if [[ -z "${SLIMTRAIN:-}" ]]; then
+  cargo build --release -p slimtrain
+  SLIMTRAIN=target/release/slimtrain
+fi
+RUNS=${RUNS:-runs/fmnist}
+OUT=docs/results/fashion-mnist
+DATA=$("$SLIMTRAIN" data fetch fashion-mnist | tail -n1 | sed 's/^fashion-mnist: //')
+COMMON=(--data "$DATA" --input-size 64 --batch-size 32 --seed 0)
+mkdir -p "$RUNS"
+
+# run NAME SUBCOMMAND ARGS...: starts RUNS/NAME or resumes it; one log per run.
+run() {
+  local name=$1 sub=$2
+  shift 2
+  local resume=()
+  [[ -f "$RUNS/$name/run.json" ]] && resume=(--resume)
+  echo "== $(date -u +%FT%TZ) $sub $name $*"
+  "$SLIMTRAIN" "$sub" "${COMMON[@]}" --out "$RUNS/$name" "${resume[@]}" "$@" 2>>"$RUNS/$name.log"
+}
+# two-phase schedule: 8 epochs at 1e-3, then epochs 9-10 at 1e-4
+fit() {
+  local name=$1 sub=$2
+  shift 2
+  run "$name" "$sub" --epochs 8 --lr 1e-3 "$@"
+  run "$name" "$sub" --epochs 10 --lr 1e-4 "$@"
+}
+
+fit big train --arch big
+fit kd distill --teacher "$RUNS/big/best" --arch student-deeper --temperature 20 --alpha 0.5
+fit student-deeper train --arch student-deeper
+fit std-conv train --arch std-conv
+fit group-conv train --arch group-conv
+
+# pruning curves from the distilled student-deeper: 5 steps, 1 fine-tuning epoch each,
+# fresh AdamW per step, cross-entropy only (as the study)
+for rate in 0.95 0.90; do
+  [[ -f "$RUNS/prune-$rate/curve.csv" ]] && [[ $(wc -l <"$RUNS/prune-$rate/curve.csv") -ge 7 ]] && continue
+  run "prune-$rate" prune --model "$RUNS/kd/best" --rate "$rate" --steps 5 --epochs 1 --lr 5e-4
+done
+
+for fmt in uint8 uint8_per_channel f16; do
+  "$SLIMTRAIN" quantize --model "$RUNS/kd/best" --out "$RUNS/kd-$fmt" --format "$fmt"
+  "$SLIMTRAIN" quantize --model "$RUNS/student-deeper/best" --out "$RUNS/student-deeper-$fmt" --format "$fmt"
+done
+"$SLIMTRAIN" quantize --model "$RUNS/big/best" --out "$RUNS/big-uint8" --format uint8
+
+models=()
+for m in big big-uint8 kd kd-uint8 kd-uint8_per_channel kd-f16 student-deeper student-deeper-uint8 \
+         student-deeper-uint8_per_channel student-deeper-f16 std-conv group-conv; do
+  dir="$RUNS/$m"
+  [[ -d "$dir/best" ]] && dir="$dir/best"
+  "$SLIMTRAIN" eval --model "$dir" --data "$DATA" --json >"$OUT/eval-$m.json"
+  models+=(--model "$m=$dir:$OUT/eval-$m.json")
+done
+"$SLIMTRAIN" report --out "$OUT" --title "Fashion-MNIST (64x64, full 10,000-image test set)" \
+  --run big=$RUNS/big --run kd=$RUNS/kd --run student-deeper=$RUNS/student-deeper \
+  --run std-conv=$RUNS/std-conv --run group-conv=$RUNS/group-conv \
+  --prune rate-0.95=$RUNS/prune-0.95 --prune rate-0.90=$RUNS/prune-0.90 "${models[@]}"
+for f in "$RUNS"/*/log.csv "$RUNS"/prune-*/curve.csv; do
+  n=$(basename "$(dirname "$f")")
+  cp "$f" "$OUT/$n-$(basename "$f")"
+done
+echo "== $(date -u +%FT%TZ) done: $OUT/results.md"

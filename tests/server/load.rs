@@ -1,0 +1,451 @@
+//! `slimserve load` and `slimserve compare` against the real server, and `--shadow` traffic.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use slimserve::load::compare::{self, CompareArgs};
+use slimserve::load::{Api, LoadShape};
+use slimserve::server::{Server, ServerError};
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_slimserve");
+
+/// Runs `slimserve load ARGS` off the runtime.
+async fn load(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || Command::new(BIN).arg("load").args(args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_counts_every_request_by_status_and_writes_json() {
+    let s = TestServer::start(&["load-a", "load-b"], |_| {}).await;
+    let addr = s.grpc.to_string();
+    let out_json = s.dir.path().join("report.json");
+    let images = s.dir.path().join("images");
+    std::fs::create_dir_all(images.join("sub")).unwrap();
+    std::fs::write(images.join("one.png"), png(40, 30)).unwrap();
+    std::fs::write(images.join("sub/two.jpg"), jpeg(50, 60)).unwrap();
+    std::fs::write(images.join("sub/broken.jpg"), b"not a jpeg").unwrap();
+
+    // Raw tensors, own API, 4 workers.
+    let out = load(vec![
+        "--addr".into(),
+        addr.clone(),
+        "--model".into(),
+        "load-a".into(),
+        "--concurrency".into(),
+        "4".into(),
+        "--requests".into(),
+        "30".into(),
+        "--json".into(),
+        out_json.display().to_string(),
+    ])
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("30 ok, 0 errors"), "{stdout}");
+    let r = json(&out_json);
+    assert_eq!(r["requests"], 30);
+    assert_eq!(r["ok"], 30);
+    assert_eq!(r["codes"]["OK"], 30);
+    let l = &r["latency_ms"];
+    let (min, p50, p99, max) = (
+        l["min"].as_f64().unwrap(),
+        l["p50"].as_f64().unwrap(),
+        l["p99"].as_f64().unwrap(),
+        l["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= p50 && p50 <= p99 && p99 <= max, "{l}");
+    let in_hist: u64 = r["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_hist, 30);
+    assert!(r["throughput_rps"].as_f64().unwrap() > 0.0);
+    let m = s.metrics_text();
+    assert_eq!(
+        sample(
+            &m,
+            r#"slimserve_requests_total{model="load-a",method="Classify",code="OK"}"#
+        ),
+        Some(30.0),
+        "the server saw every request"
+    );
+
+    // Images from a folder, one of them corrupt: its answers are counted by status.
+    let out = load(vec![
+        "--addr".into(),
+        addr.clone(),
+        "--model".into(),
+        "load-b".into(),
+        "--images".into(),
+        images.display().to_string(),
+        "--requests".into(),
+        "9".into(),
+        "--json".into(),
+        out_json.display().to_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out_json);
+    assert_eq!(r["codes"]["OK"], 6, "{r}");
+    assert_eq!(r["codes"]["INVALID_ARGUMENT"], 3, "{r}");
+    assert_eq!(r["errors"], 3);
+
+    // KServe ModelInfer with raw tensors, two models in turn.
+    let out = load(vec![
+        "--addr".into(),
+        addr.clone(),
+        "--api".into(),
+        "kserve".into(),
+        "--model".into(),
+        "load-a,load-b".into(),
+        "--requests".into(),
+        "10".into(),
+        "--concurrency".into(),
+        "3".into(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = s.metrics_text();
+    for model in ["load-a", "load-b"] {
+        assert_eq!(
+            sample(
+                &m,
+                &format!(
+                    r#"slimserve_requests_total{{model="{model}",method="ModelInfer",code="OK"}}"#
+                )
+            ),
+            Some(5.0),
+            "{model}"
+        );
+    }
+
+    // Clear failures: an unknown model, an empty image folder, no server.
+    let empty = s.dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for (args, needle) in [
+        (
+            vec!["--addr", &addr, "--model", "nope"],
+            "no model `nope` (it serves: load-a, load-b)",
+        ),
+        (
+            vec!["--addr", &addr, "--images", empty.to_str().unwrap()],
+            "no image files",
+        ),
+        (
+            vec![
+                "--addr",
+                &addr,
+                "--api",
+                "kserve",
+                "--images",
+                images.to_str().unwrap(),
+            ],
+            "--images works with --api classify",
+        ),
+        (
+            vec!["--addr", "127.0.0.1:1"],
+            "cannot connect to 127.0.0.1:1",
+        ),
+    ] {
+        let out = load(args.iter().map(|a| a.to_string()).collect()).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_stops_at_its_time_limit_and_keeps_its_rate() {
+    // Every batch takes 300 ms more: a million requests cannot finish within one second.
+    let s = TestServer::start(&["slow"], |c| {
+        c.inject_compute_delay = Duration::from_millis(300)
+    })
+    .await;
+    let addr = s.grpc.to_string();
+    let out_json = s.dir.path().join("report.json");
+    let started = Instant::now();
+    let out = load(vec![
+        "--addr".into(),
+        addr.clone(),
+        "--requests".into(),
+        "1000000".into(),
+        "--duration".into(),
+        "1s".into(),
+        "--concurrency".into(),
+        "2".into(),
+        "--json".into(),
+        out_json.display().to_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let r = json(&out_json);
+    let sent = r["requests"].as_u64().unwrap();
+    assert!((1..100).contains(&sent), "{r}");
+    assert!(r["duration_s"].as_f64().unwrap() < 3.0, "{r}");
+
+    // --rate paces the starts: 6 requests at 10/s cannot take less than 0.5 s.
+    let fast = TestServer::start(&["fast"], |_| {}).await;
+    let out = load(vec![
+        "--addr".into(),
+        fast.grpc.to_string(),
+        "--requests".into(),
+        "6".into(),
+        "--rate".into(),
+        "10".into(),
+        "--concurrency".into(),
+        "3".into(),
+        "--json".into(),
+        out_json.display().to_string(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out_json);
+    assert_eq!(r["ok"], 6);
+    assert!(r["duration_s"].as_f64().unwrap() >= 0.5, "{r}");
+    s.stop().await.unwrap();
+    fast.stop().await.unwrap();
+}
+
+fn shape(addr: String, requests: u64) -> LoadShape {
+    LoadShape {
+        addr,
+        api: Api::Classify,
+        images: None,
+        concurrency: 1,
+        requests,
+        duration: Duration::from_secs(60),
+        rate: 0.0,
+        warmup: 0,
+        timeout: Duration::from_secs(30),
+        connections: 1,
+        seed: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
+    let s = TestServer::start(&["cmp-a", "cmp-b"], |_| {}).await;
+    let args = CompareArgs {
+        shape: shape(s.grpc.to_string(), 12),
+        models: vec![],
+        concurrency: vec![1, 4],
+        no_mixed: false,
+        metrics_url: format!("http://{}/metrics", s.metrics),
+        markdown: Some(s.dir.path().join("table.md")),
+        json: None,
+    };
+    let rows = compare::compare(&args).await.unwrap();
+    let labels: Vec<(String, u32)> = rows
+        .iter()
+        .map(|r| (r.model.clone(), r.concurrency))
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("cmp-a", 1),
+            ("cmp-b", 1),
+            ("mixed (cmp-a+cmp-b)", 1),
+            ("cmp-a", 4),
+            ("cmp-b", 4),
+            ("mixed (cmp-a+cmp-b)", 4)
+        ]
+        .map(|(m, c)| (m.to_string(), c))
+    );
+    for r in &rows {
+        assert_eq!(r.load.ok, 12, "{}", r.model);
+        // the server computed exactly this run's inputs (nothing else talks to it)
+        assert_eq!(r.server.inputs, 12.0, "{}", r.model);
+        assert!(r.server.compute_ms_per_batch > 0.0, "{r:?}");
+        assert!(r.server.batch_size >= 1.0, "{r:?}");
+        assert!(r.server.queue_wait_ms >= 0.0, "{r:?}");
+        assert!(r.load.latency_ms.p50 <= r.load.latency_ms.p99);
+    }
+    assert_eq!(rows[0].parameters, rows[1].parameters, "same architecture");
+    assert_eq!(rows[0].val_accuracy, Some(0.5));
+    assert_eq!(rows[2].parameters, None, "the mix has no single size");
+    let table = std::fs::read_to_string(s.dir.path().join("table.md")).unwrap();
+    assert_eq!(table.lines().count(), 2 + rows.len(), "{table}");
+    assert!(table.contains("| cmp-a | f32 | "), "{table}");
+    assert!(
+        table.lines().all(|l| l.matches('|').count() == 15),
+        "{table}"
+    );
+
+    // A wrong metrics URL is a clear error, not a silent zero.
+    let bad = CompareArgs {
+        metrics_url: format!("http://{}/nope", s.metrics),
+        ..args.clone()
+    };
+    let e = format!("{:#}", compare::compare(&bad).await.unwrap_err());
+    assert!(e.contains("--metrics-url") && e.contains("404"), "{e}");
+    s.stop().await.unwrap();
+}
+
+/// Polls /metrics until the shadow counters of `source` add up to `n`.
+async fn shadow_counts(s: &TestServer, source: &str, shadow: &str, n: f64) -> String {
+    for _ in 0..200 {
+        let m = s.metrics_text();
+        let total: f64 = ["agree", "disagree", "dropped", "error"]
+            .iter()
+            .filter_map(|o| {
+                sample(
+                    &m,
+                    &format!(
+                        r#"slimserve_shadow_requests_total{{model="{source}",shadow="{shadow}",outcome="{o}"}}"#
+                    ),
+                )
+            })
+            .sum();
+        if total >= n {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "shadow counts for {source} never reached {n}:\n{}",
+        s.metrics_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_traffic_measures_agreement_off_the_critical_path() {
+    let s = TestServer::start(&["sh-a", "sh-b"], |c| {
+        // `twin` has a's exact weights: it must agree on every input, with no logit gap.
+        let (from, to) = (c.models.join("sh-a"), c.models.join("twin"));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&from).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+        c.shadow = vec!["sh-a=twin".parse().unwrap(), "sh-b=sh-a:1".parse().unwrap()];
+    })
+    .await;
+    let target = slimserve::load::Target::connect(&s.grpc.to_string(), 1)
+        .await
+        .unwrap();
+    for (model, n) in [("sh-a", 20u64), ("sh-b", 15)] {
+        let mut sh = shape(s.grpc.to_string(), n);
+        sh.concurrency = 4;
+        let r = slimserve::load::run(&target, &sh, &target.resolve(&[model.into()]).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.ok, n);
+    }
+    let m = shadow_counts(&s, "sh-a", "twin", 20.0).await;
+    let get = |name_labels: &str| sample(&m, name_labels).unwrap_or(-1.0);
+    assert_eq!(
+        get(r#"slimserve_shadow_requests_total{model="sh-a",shadow="twin",outcome="agree"}"#),
+        20.0
+    );
+    assert_eq!(
+        get(r#"slimserve_shadow_requests_total{model="sh-a",shadow="twin",outcome="disagree"}"#),
+        0.0
+    );
+    assert_eq!(
+        get(r#"slimserve_shadow_logit_gap_count{model="sh-a",shadow="twin"}"#),
+        20.0
+    );
+    assert!(get(r#"slimserve_shadow_logit_gap_sum{model="sh-a",shadow="twin"}"#) < 1e-3);
+    // Nothing was mirrored to a model nobody shadows with, and the clients' own counts are
+    // untouched by the mirrored inputs.
+    assert!(!m.contains(r#"model="twin",method="Classify""#), "{m}");
+
+    // Two differently initialised models: every input is compared, their logits differ.
+    let m = shadow_counts(&s, "sh-b", "sh-a", 15.0).await;
+    let agree = get_in(
+        &m,
+        r#"slimserve_shadow_requests_total{model="sh-b",shadow="sh-a",outcome="agree"}"#,
+    );
+    let disagree = get_in(
+        &m,
+        r#"slimserve_shadow_requests_total{model="sh-b",shadow="sh-a",outcome="disagree"}"#,
+    );
+    assert_eq!(agree + disagree, 15.0, "{m}");
+    assert!(
+        get_in(
+            &m,
+            r#"slimserve_shadow_logit_gap_sum{model="sh-b",shadow="sh-a"}"#
+        ) > 0.0
+    );
+    // b's 15 mirrored inputs ran on a's batcher: a computed 20 + 15 inputs in all.
+    assert_eq!(
+        get_in(&m, r#"slimserve_batch_size_inputs_sum{model="sh-a"}"#),
+        35.0
+    );
+    s.stop().await.unwrap();
+}
+
+fn get_in(m: &str, name_labels: &str) -> f64 {
+    sample(m, name_labels).unwrap_or_else(|| panic!("{name_labels} missing:\n{m}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_shadow_rules_stop_start_up_with_a_clear_error() {
+    use slimserve::formats::model_dir::{self, ModelConfig};
+    use slimserve::zoo::{Arch, Model, ModelSpec};
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), "bad-a");
+    make_model(dir.path(), "bad-b");
+    let spec = ModelSpec::new(Arch::Student, CLASSES, 64);
+    let (varmap, _) = Model::init(&spec, &candle_core::Device::Cpu).unwrap();
+    let wide = ModelConfig::new(spec, model_dir::default_labels(CLASSES));
+    model_dir::save(
+        &dir.path().join("bad-wide"),
+        &wide,
+        &slimserve::zoo::varmap_tensors(&varmap),
+    )
+    .unwrap();
+    for (rules, needle) in [
+        (
+            vec!["bad-a=missing"],
+            "no model named `missing` is served (bad-a, bad-b, bad-wide)",
+        ),
+        (
+            vec!["bad-a=bad-wide"],
+            "`bad-a` takes 32x32 inputs but `bad-wide` takes 64x64",
+        ),
+        (
+            vec!["bad-a=bad-b", "bad-a=bad-wide:0.5"],
+            "`bad-a` already mirrors to `bad-b`",
+        ),
+    ] {
+        let mut c = config(dir.path());
+        c.shadow = rules.iter().map(|r| r.parse().unwrap()).collect();
+        let server = Server::bind(c).await.unwrap();
+        let err = server.serve(std::future::pending()).await.unwrap_err();
+        assert!(matches!(err, ServerError::Shadow { .. }), "{err}");
+        assert!(err.to_string().contains(needle), "{rules:?}: {err}");
+    }
+}
