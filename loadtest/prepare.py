@@ -7,7 +7,9 @@ Photos cannot be committed (the food photos are AGPL), so the bodies are made at
                          JSON encodes `bytes`), top_k 3;
   infer-<model>.json     inference.GRPCInferenceService/ModelInfer: one FP32 NCHW tensor
                          [1, 3, S, S] named `input` in raw_input_contents (base64), values in
-                         [0, 1], S from models/<model>/config.json (input_size, else 256).
+                         [0, 1], S from models/<model>/config.json (input_size, else 256);
+  perf_analyzer-input.json  the same tensor for Triton's perf_analyzer (--input-data): only the
+                         `input` tensor, base64, batch 1 (the model's `image` input is left out).
 
 The tensor is a fixed synthetic pattern, not the decoded photo: decoding JPEG needs more than
 the standard library, and compute cost does not depend on pixel values.
@@ -96,6 +98,14 @@ def prepare(image_path, out_dir, models_dir=ROOT / "models", models=MODELS):
             path = out_dir / name
             path.write_text(json.dumps(body) + "\n")
             written.append(path)
+    if tensors:
+        # perf_analyzer names inputs, not models; every model here has the same input size.
+        s, raw = next(iter(tensors.items()))
+        path = out_dir / "perf_analyzer-input.json"
+        body = {"data": [{"input": {"content": {"b64": base64.b64encode(raw).decode("ascii")},
+                                    "shape": [3, s, s]}}]}
+        path.write_text(json.dumps(body) + "\n")
+        written.append(path)
     return written
 
 
