@@ -29,12 +29,36 @@ pub const CLASSES: usize = 4;
 
 /// Writes a freshly initialised 32x32 `student` with 4 classes to `root/name`.
 pub fn make_model(root: &Path, name: &str) {
-    let spec = ModelSpec::new(Arch::Student, CLASSES, SIZE);
+    make_model_sized(root, name, SIZE);
+}
+
+/// As [`make_model`], at another input size.
+pub fn make_model_sized(root: &Path, name: &str, size: usize) {
+    let spec = ModelSpec::new(Arch::Student, CLASSES, size);
     let (varmap, _) = Model::init(&spec, &Device::Cpu).unwrap();
     let tensors = slimserve::zoo::varmap_tensors(&varmap);
     let mut config = ModelConfig::new(spec, model_dir::default_labels(CLASSES));
     config.provenance.val_accuracy = Some(0.5);
     model_dir::save(&root.join(name), &config, &tensors).unwrap();
+}
+
+/// The venv interpreter (`$SLIMSERVE_PYTHON`, else `.venv/bin/python` at the workspace root),
+/// checked to import `modules`; a missing one fails the test with the fix, never skips it.
+pub fn python(modules: &str) -> std::path::PathBuf {
+    let python = std::env::var_os("SLIMSERVE_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = std::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{} cannot import {modules}: run `bash .ci/setup` (installs tests/python/requirements.txt into .venv) or set SLIMSERVE_PYTHON",
+        python.display()
+    );
+    python
 }
 
 pub struct TestServer {

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod deploy;
 mod kserve;
 mod lifecycle;
 mod load;

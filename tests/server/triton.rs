@@ -7,29 +7,11 @@ use std::process::Command;
 use crate::common::*;
 use slimserve::grpc::pb::slimserve::v1 as pb;
 
-/// The venv interpreter: `$SLIMSERVE_PYTHON`, else `.venv/bin/python` at the workspace root.
-fn python() -> PathBuf {
-    let python = std::env::var_os("SLIMSERVE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    let ok = Command::new(&python)
-        .args(["-c", "import numpy, tritonclient.grpc"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{} cannot import tritonclient.grpc: run `bash .ci/setup` (installs tests/python/requirements.txt into .venv) or set SLIMSERVE_PYTHON",
-        python.display()
-    );
-    python
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
     const M: &str = "triton";
     const SEED: u32 = 42;
-    let python = python();
+    let python = python("numpy, tritonclient.grpc");
     let s = TestServer::start(&[M], |_| {}).await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/triton_client.py");
     let addr = s.grpc.to_string();
