@@ -14,6 +14,7 @@ pub mod client;
 pub mod error;
 pub mod formats;
 pub mod grpc;
+pub mod infer;
 pub mod load;
 pub mod ops;
 pub mod preprocess;

@@ -10,6 +10,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 use slimserve::formats::onnx;
+use slimserve::infer::FastModel;
 use slimserve::zoo::{Arch, Model, ModelSpec};
 
 const CLASSES: usize = 10;
@@ -131,6 +132,17 @@ fn parity(arch: Arch) {
     let (varmap, model) = Model::init(&spec, &Device::Cpu).unwrap();
     randomise_batch_norms(&varmap, &model);
 
+    // The fused CPU form exists for the plain CNNs and the depthwise-separable students.
+    let fast = match arch {
+        Arch::Big | Arch::StdConv | Arch::Student | Arch::StudentDeeper => {
+            Some(FastModel::compile(&model).unwrap())
+        }
+        _ => {
+            assert!(FastModel::compile(&model).is_err(), "{arch} compiled");
+            None
+        }
+    };
+
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(format!("{arch}.onnx"));
     std::fs::write(&path, onnx::export(&model).unwrap()).unwrap();
@@ -184,6 +196,22 @@ fn parity(arch: Arch) {
             rel <= TOLERANCE,
             "{arch} batch {batch}: relative error {rel:.3e} > {TOLERANCE:e}"
         );
+        // The server's rewritten model (BatchNorm folded, fused kernels) against the same
+        // onnxruntime output.
+        if let Some(fast) = &fast {
+            let input: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let logits = fast.forward(&input, batch);
+            let diff = got
+                .iter()
+                .zip(&logits)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let rel = diff / scale;
+            println!("{arch} batch {batch}: max |ort - fused| / max |candle| = {rel:.3e}");
+            assert!(
+                rel <= TOLERANCE,
+                "{arch} batch {batch}: fused model vs onnxruntime: relative error {rel:.3e} > {TOLERANCE:e}"
+            );
+        }
     }
 }
 

@@ -161,7 +161,7 @@ fn gemm_parallelism(n: usize) -> (bool, Parallelism) {
 /// The pointers and strides must address valid `m x k`, `k x n` and `m x n` matrices, and
 /// `dst` must not alias the operands.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
+pub(crate) unsafe fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: *mut f32,
     accumulate: bool,

@@ -288,7 +288,7 @@ fn correlate_planes(
 }
 
 multiversion! {
-fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usize, w: usize) {
+pub(crate) fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usize, w: usize) {
     // Rows outside the image read this zero row, so every output row takes the same path.
     let zeros = vec![0f32; w];
     for (y, out_row) in out.chunks_exact_mut(w).enumerate() {
@@ -390,7 +390,7 @@ fn weight_grad_plane(x: &[f32], g: &[f32], h: usize, w: usize) -> [f32; 9] {
 /// Dot product with 8 independent accumulators: without them the f32 sum is one serial
 /// chain that LLVM may not reorder, so it would not vectorise.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
         .remainder()

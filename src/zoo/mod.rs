@@ -5,7 +5,7 @@
 //! serving. Weight keys are the PyTorch state_dict keys of the reference models.
 
 mod init;
-mod layers;
+pub mod layers;
 mod mobile;
 mod plain;
 mod resnet;

@@ -1,4 +1,7 @@
-//! Speed baseline: candle eval forward vs ONNX Runtime on the same weights, same thread count.
+//! Inference speed: candle's eval forward and the server's fused engine (`slimserve::infer`) vs
+//! ONNX Runtime on the same weights with the same thread count, plus an sgemm microbenchmark
+//! in the same run as the compute ceiling. With `--uint8`, each model is also measured after a
+//! round trip through the uint8 per-tensor format (the weights the server dequantizes at load).
 //!
 //! ONNX Runtime runs in a Python child process (`onnxruntime` from PyPI) on the model exported by
 //! `slimserve::formats::onnx`, so both sides compute the same function from the same weights.
@@ -10,7 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, ModuleT, Tensor};
 use serde::Serialize;
+use std::collections::BTreeMap;
+
 use slimserve::formats::onnx;
+use slimserve::formats::weights::{self, WeightFormat};
+use slimserve::infer::FastModel;
 use slimserve::zoo::{Arch, Model, ModelSpec};
 
 /// The ONNX Runtime driver, embedded so the binary works from any directory.
@@ -36,6 +43,9 @@ pub struct Args {
     /// Python with onnxruntime and numpy (default: $SLIMSERVE_PYTHON, ./.venv/bin/python, python3).
     #[arg(long, env = "SLIMSERVE_PYTHON")]
     python: Option<PathBuf>,
+    /// Also measure every model after a uint8 per-tensor round trip of its weights.
+    #[arg(long)]
+    uint8: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -44,13 +54,98 @@ pub struct Args {
 #[derive(Serialize)]
 struct Row {
     arch: &'static str,
+    /// `f32`, or `uint8` for weights after a uint8 per-tensor round trip.
+    weights: &'static str,
     batch: usize,
     input_size: usize,
     threads: usize,
     macs_per_image: u64,
     candle_images_per_s: f64,
+    /// The server's fused engine; absent for architectures it does not compile.
+    fused_images_per_s: Option<f64>,
     ort_images_per_s: f64,
+    /// Fastest of candle and fused, over ONNX Runtime.
     ratio: f64,
+    /// Fastest path's GFLOP/s (2 FLOP per MAC) as a share of the sgemm peak of this run.
+    peak_fraction: f64,
+}
+
+#[derive(Serialize)]
+struct Output {
+    sgemm_peak_gflops: f64,
+    rows: Vec<Row>,
+}
+
+/// The best sgemm rate over a few square sizes (gemm crate, `threads` threads), in GFLOP/s.
+fn sgemm_peak(threads: usize, seconds: f64) -> f64 {
+    let mut best = 0f64;
+    for n in [256usize, 512, 1024] {
+        let a = vec![1.0f32; n * n];
+        let b = vec![0.5f32; n * n];
+        let mut c = vec![0f32; n * n];
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let mut run = || unsafe {
+            // SAFETY: three dense row-major n x n matrices.
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            )
+        };
+        run();
+        let budget = Duration::from_secs_f64(seconds / 3.0);
+        let start = Instant::now();
+        let mut iters = 0u32;
+        while iters < 3 || start.elapsed() < budget {
+            run();
+            iters += 1;
+        }
+        let flops = 2.0 * (n * n * n) as f64 * iters as f64;
+        best = best.max(flops / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+fn fused_images_per_s(model: &FastModel, batch: usize, size: usize, seconds: f64) -> f64 {
+    let x: Vec<f32> = (0..batch * 3 * size * size)
+        .map(|i| (i % 251) as f32 / 251.0)
+        .collect();
+    std::hint::black_box(model.forward(&x, batch));
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut iters = 0usize;
+    while iters < 2 || start.elapsed() < budget {
+        std::hint::black_box(model.forward(&x, batch));
+        iters += 1;
+    }
+    (iters * batch) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The model after its weights went through the uint8 per-tensor codec and back.
+fn uint8_round_trip(spec: &ModelSpec, model_tensors: &BTreeMap<String, Tensor>) -> Result<Model> {
+    let bytes = weights::encode(model_tensors, WeightFormat::Uint8)?;
+    let (_, decoded) = weights::decode(&bytes)?;
+    Ok(Model::from_tensors(spec, &decoded, &Device::Cpu)?)
 }
 
 fn python(args: &Args) -> PathBuf {
@@ -141,49 +236,86 @@ pub fn run(args: Args) -> Result<()> {
     let script = tmp.path().join("ort_run.py");
     std::fs::write(&script, ORT_SCRIPT)?;
 
+    let peak = sgemm_peak(args.threads, args.seconds);
+    if !args.json {
+        eprintln!("sgemm peak ({} threads): {peak:.1} GFLOP/s", args.threads);
+    }
     let mut rows = Vec::new();
     for arch in archs {
         let spec = ModelSpec::new(arch, 11, args.input_size);
-        let (_, model) = Model::init(&spec, &Device::Cpu)?;
-        let onnx_path = tmp.path().join(format!("{arch}.onnx"));
-        std::fs::write(&onnx_path, onnx::export(&model)?)?;
-        for &batch in &args.batch {
-            let c = candle_images_per_s(&model, batch, args.input_size, args.seconds)?;
-            let o = ort_images_per_s(&py, &script, &onnx_path, batch, &args)?;
-            let row = Row {
-                arch: arch.name(),
-                batch,
-                input_size: args.input_size,
-                threads: args.threads,
-                macs_per_image: model.macs(),
-                candle_images_per_s: c,
-                ort_images_per_s: o,
-                ratio: c / o,
-            };
-            if !args.json {
-                eprintln!(
-                    "{:<15} batch {:>3}: candle {:>8.1} img/s, onnxruntime {:>8.1} img/s, ratio {:.2}",
-                    row.arch, batch, c, o, row.ratio
-                );
+        let (varmap, f32_model) = Model::init(&spec, &Device::Cpu)?;
+        let mut variants = vec![("f32", f32_model)];
+        if args.uint8 {
+            let tensors = slimserve::zoo::varmap_tensors(&varmap);
+            variants.push(("uint8", uint8_round_trip(&spec, &tensors)?));
+        }
+        for (weights, model) in variants {
+            let onnx_path = tmp.path().join(format!("{arch}-{weights}.onnx"));
+            std::fs::write(&onnx_path, onnx::export(&model)?)?;
+            let fast = FastModel::compile(&model).ok();
+            for &batch in &args.batch {
+                let c = candle_images_per_s(&model, batch, args.input_size, args.seconds)?;
+                let f = fast
+                    .as_ref()
+                    .map(|m| fused_images_per_s(m, batch, args.input_size, args.seconds));
+                let o = ort_images_per_s(&py, &script, &onnx_path, batch, &args)?;
+                let best = f.unwrap_or(0.0).max(c);
+                let row = Row {
+                    arch: arch.name(),
+                    weights,
+                    batch,
+                    input_size: args.input_size,
+                    threads: args.threads,
+                    macs_per_image: model.macs(),
+                    candle_images_per_s: c,
+                    fused_images_per_s: f,
+                    ort_images_per_s: o,
+                    ratio: best / o,
+                    peak_fraction: best * 2.0 * model.macs() as f64 / 1e9 / peak,
+                };
+                if !args.json {
+                    eprintln!(
+                        "{:<15} {:<5} batch {:>3}: candle {:>8.1} img/s, fused {:>8} img/s, onnxruntime {:>8.1} img/s, ratio {:.2}",
+                        row.arch,
+                        weights,
+                        batch,
+                        c,
+                        f.map(|f| format!("{f:.1}")).unwrap_or_else(|| "-".into()),
+                        o,
+                        row.ratio
+                    );
+                }
+                rows.push(row);
             }
-            rows.push(row);
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        let out = Output {
+            sgemm_peak_gflops: peak,
+            rows,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "\n| model | batch | M MAC/img | candle img/s | ONNX Runtime img/s | candle / ORT |\n|---|---|---|---|---|---|"
+            "\nsgemm peak, {} threads, same run: {peak:.1} GFLOP/s\n\n\
+             | model | weights | batch | M MAC/img | candle img/s | fused img/s | ONNX Runtime img/s | best / ORT | share of sgemm peak |\n\
+             |---|---|---|---|---|---|---|---|---|",
+            args.threads
         );
         for r in &rows {
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.2} | {:.0}% |",
                 r.arch,
+                r.weights,
                 r.batch,
                 r.macs_per_image as f64 / 1e6,
                 r.candle_images_per_s,
+                r.fused_images_per_s
+                    .map(|f| format!("{f:.1}"))
+                    .unwrap_or_else(|| "-".into()),
                 r.ort_images_per_s,
-                r.ratio
+                r.ratio,
+                r.peak_fraction * 100.0
             );
         }
     }

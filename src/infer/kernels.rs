@@ -1,0 +1,250 @@
+//! The fused CPU kernels of [`super::FastModel`], on one image's NCHW f32 buffers.
+
+use std::cell::RefCell;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::ops::conv2d::matmul;
+use crate::ops::depthwise::correlate_plane;
+pub(crate) use crate::ops::depthwise::dot;
+use crate::ops::multiversion;
+
+/// The activation fused after a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    Relu6,
+}
+
+impl Act {
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            Act::None => v,
+            Act::Relu => v.max(0.0),
+            Act::Relu6 => v.clamp(0.0, 6.0),
+        }
+    }
+}
+
+/// The output buffer shared by the threads of one layer; each writes disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used to write disjoint elements from the bands of one layer, which all finish
+// before the layer returns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+thread_local! {
+    /// im2col rows of the band being computed.
+    static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The band's GEMM result before bias, activation and pool.
+    static BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Bands of output rows `[y0, y1)` covering the rows a layer computes (an odd last row is
+/// skipped when a 2x2 pool follows, as PyTorch's floor does), about `target` floats wide.
+fn bands(h: usize, w: usize, pool: bool, target: usize) -> Vec<(usize, usize)> {
+    let rows = if pool { h / 2 * 2 } else { h };
+    let mut band = (target / w.max(1)).max(1);
+    if pool {
+        band = (band / 2 * 2).max(2);
+    }
+    (0..rows)
+        .step_by(band)
+        .map(|y0| (y0, (y0 + band).min(rows)))
+        .collect()
+}
+
+fn for_bands(bands: &[(usize, usize)], split: bool, f: impl Fn(usize, usize) + Sync) {
+    if split && bands.len() > 1 {
+        bands.par_iter().for_each(|&(y0, y1)| f(y0, y1));
+    } else {
+        bands.iter().for_each(|&(y0, y1)| f(y0, y1));
+    }
+}
+
+multiversion! {
+/// Bias, activation and the optional 2x2 max pool from a band's raw GEMM result
+/// (`[oc, rows * w]`) into the layer's output (`[oc, oh, ow]`).
+fn epilogue(
+    band: &[f32],
+    rows: (usize, usize, usize, usize),
+    b: &[f32],
+    act: Act,
+    pool: bool,
+    out: OutPtr,
+) {
+    let (y0, y1, h, w) = rows;
+    let n = (y1 - y0) * w;
+    for (o, (plane, &bias)) in band.chunks_exact(n).zip(b).enumerate() {
+        if pool {
+            let (oh, ow) = (h / 2, w / 2);
+            for r in (0..y1 - y0).step_by(2) {
+                let (top, bottom) = (&plane[r * w..(r + 1) * w], &plane[(r + 1) * w..(r + 2) * w]);
+                let yo = (y0 + r) / 2;
+                // SAFETY: row `yo` of plane `o` belongs to this band only; in bounds of [oc, oh, ow].
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out.0.add(o * oh * ow + yo * ow), ow)
+                };
+                for (xo, d) in dst.iter_mut().enumerate() {
+                    let m = top[2 * xo]
+                        .max(top[2 * xo + 1])
+                        .max(bottom[2 * xo])
+                        .max(bottom[2 * xo + 1]);
+                    *d = act.apply(m + bias);
+                }
+            }
+        } else {
+            // SAFETY: rows y0..y1 of plane `o` belong to this band only.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(o * h * w + y0 * w), n) };
+            for (d, &v) in dst.iter_mut().zip(plane) {
+                *d = act.apply(v + bias);
+            }
+        }
+    }
+}
+}
+
+multiversion! {
+/// im2col of output rows `[y0, y1)` of a 3x3 / stride 1 / pad 1 convolution:
+/// `col[(ci, ky, kx), (y - y0) * w + x] = x[ci, y + ky - 1, x + kx - 1]`, zero outside.
+fn im2col_band(x: &[f32], shape: (usize, usize, usize), rows: (usize, usize), col: &mut [f32]) {
+    let ((ic, h, w), (y0, y1)) = (shape, rows);
+    let n = (y1 - y0) * w;
+    for ci in 0..ic {
+        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let dst = &mut col[(ci * 9 + ky * 3 + kx) * n..(ci * 9 + ky * 3 + kx + 1) * n];
+                for (r, y) in (y0..y1).enumerate() {
+                    let row = &mut dst[r * w..(r + 1) * w];
+                    let sy = y + ky;
+                    if sy < 1 || sy > h {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[(sy - 1) * w..sy * w];
+                    match kx {
+                        0 => {
+                            row[0] = 0.0;
+                            row[1..].copy_from_slice(&src[..w - 1]);
+                        }
+                        1 => row.copy_from_slice(src),
+                        _ => {
+                            row[..w - 1].copy_from_slice(&src[1..]);
+                            row[w - 1] = 0.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+/// 3x3 convolution (stride 1, pad 1) + bias + `act` (+ 2x2 max pool): `x` is `[ic, h, w]`,
+/// `wt` is `[oc, ic * 9]`, `out` receives `[oc, h', w']`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3(
+    x: &[f32],
+    (ic, h, w): (usize, usize, usize),
+    wt: &[f32],
+    b: &[f32],
+    oc: usize,
+    act: Act,
+    pool: bool,
+    out: &mut [f32],
+    split: bool,
+) {
+    let k = ic * 9;
+    let out = OutPtr(out.as_mut_ptr());
+    // About 256 KiB of im2col rows per band: the band's columns and result stay in L2.
+    for_bands(&bands(h, w, pool, 65536 / k), split, |y0, y1| {
+        let n = (y1 - y0) * w;
+        COL.with(|col| {
+            BAND.with(|band| {
+                let (mut col, mut band) = (col.borrow_mut(), band.borrow_mut());
+                col.resize(k * n, 0.0);
+                band.resize(oc * n, 0.0);
+                im2col_band(x, (ic, h, w), (y0, y1), &mut col);
+                // SAFETY: wt is [oc, k], col is [k, n], band is [oc, n], all dense row-major.
+                unsafe {
+                    matmul(
+                        (oc, n, k),
+                        band.as_mut_ptr(),
+                        false,
+                        (wt.as_ptr(), k, 1),
+                        (col.as_ptr(), n, 1),
+                        Parallelism::None,
+                    );
+                }
+                epilogue(&band, (y0, y1, h, w), b, act, pool, out);
+            })
+        })
+    });
+}
+
+/// 1x1 convolution + bias (+ 2x2 max pool), one GEMM per band straight over `x` (`[ic, h, w]`).
+#[allow(clippy::too_many_arguments)]
+pub fn pointwise(
+    x: &[f32],
+    (ic, h, w): (usize, usize, usize),
+    wt: &[f32],
+    b: &[f32],
+    oc: usize,
+    pool: bool,
+    out: &mut [f32],
+    split: bool,
+) {
+    let out = OutPtr(out.as_mut_ptr());
+    for_bands(&bands(h, w, pool, 65536 / oc.max(ic)), split, |y0, y1| {
+        let n = (y1 - y0) * w;
+        BAND.with(|band| {
+            let mut band = band.borrow_mut();
+            band.resize(oc * n, 0.0);
+            // SAFETY: wt is [oc, ic]; the rhs is the [ic, n] block of x starting at row y0 of
+            // every channel (row stride h * w); band is [oc, n].
+            unsafe {
+                matmul(
+                    (oc, n, ic),
+                    band.as_mut_ptr(),
+                    false,
+                    (wt.as_ptr(), ic, 1),
+                    (x.as_ptr().add(y0 * w), h * w, 1),
+                    Parallelism::None,
+                );
+            }
+            epilogue(&band, (y0, y1, h, w), b, Act::None, pool, out);
+        })
+    });
+}
+
+/// Depthwise 3x3 (stride 1, pad 1) + bias + `act`, per channel.
+pub fn depthwise(
+    x: &[f32],
+    (c, h, w): (usize, usize, usize),
+    wt: &[[f32; 9]],
+    b: &[f32],
+    act: Act,
+    out: &mut [f32],
+    split: bool,
+) {
+    let plane = h * w;
+    let one = |(ch, o): (usize, &mut [f32])| {
+        correlate_plane(o, &x[ch * plane..(ch + 1) * plane], &wt[ch], b[ch], h, w);
+        if act != Act::None {
+            for v in o.iter_mut() {
+                *v = act.apply(*v);
+            }
+        }
+    };
+    let out = &mut out[..c * plane];
+    if split {
+        out.par_chunks_mut(plane).enumerate().for_each(one);
+    } else {
+        out.chunks_mut(plane).enumerate().for_each(one);
+    }
+}

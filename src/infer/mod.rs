@@ -1,0 +1,340 @@
+//! The CPU inference engine the server runs: a model compiled at load time into fused layers
+//! over plain f32 buffers.
+//!
+//! Load-time rewrites: every eval-mode BatchNorm is folded into the convolution before it (the
+//! students': into the depthwise conv), so a layer is one pass `conv + bias -> activation
+//! (-> 2x2 max pool)`. Kernels:
+//! - 3x3 convolution (`big`, `std-conv`, the students' stem): im2col over a band of output rows
+//!   sized to stay in cache, one GEMM per band, and bias, activation and max pool applied to
+//!   the band while it is hot;
+//! - depthwise 3x3 with its bias and ReLU6;
+//! - pointwise 1x1 convolution: one GEMM straight over the NCHW activations (no copy), bias and
+//!   pool fused per band;
+//! - global average pool + linear, or flatten + linear.
+//!
+//! Parallelism: a batch with at least as many images as threads runs one image per thread
+//! (each image's activations stay in that core's caches); a smaller batch splits each layer's
+//! bands or channels across the threads. Architectures without a compiled form (`group-conv`,
+//! `resnet18`) keep candle's path; [`FastModel::compile`] says which.
+
+mod kernels;
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+
+use candle_core::Tensor;
+use rayon::prelude::*;
+
+use crate::zoo::layers::{Bn, Conv, Linear, BN_EPS};
+use crate::zoo::{Model, ModelSpec, Net};
+pub use kernels::Act;
+use kernels::{conv3x3, depthwise, pointwise};
+
+/// Why a model has no compiled form.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("{0} has no fused CPU kernels (served by candle's path)")]
+    Unsupported(String),
+    #[error("reading weights: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// One fused layer; shapes are per image, NCHW.
+#[derive(Debug, Clone)]
+enum Layer {
+    /// 3x3, stride 1, pad 1; weights `[oc, ic * 9]` with BatchNorm folded in.
+    Conv3x3 {
+        ic: usize,
+        oc: usize,
+        w: Vec<f32>,
+        b: Vec<f32>,
+        act: Act,
+        pool: bool,
+    },
+    /// Depthwise 3x3 with BatchNorm folded in, then `act`.
+    Depthwise {
+        c: usize,
+        w: Vec<[f32; 9]>,
+        b: Vec<f32>,
+        act: Act,
+    },
+    /// 1x1, weights `[oc, ic]`.
+    Pointwise {
+        ic: usize,
+        oc: usize,
+        w: Vec<f32>,
+        b: Vec<f32>,
+        pool: bool,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Head {
+    /// `Linear(c * h * w, classes)` over the flattened activations.
+    Flatten { w: Vec<f32>, b: Vec<f32> },
+    /// Global average pool, then `Linear(c, classes)`.
+    Gap { w: Vec<f32>, b: Vec<f32> },
+}
+
+/// A model compiled for CPU inference.
+#[derive(Debug, Clone)]
+pub struct FastModel {
+    spec: ModelSpec,
+    layers: Vec<Layer>,
+    head: Head,
+    /// Largest activation of one image, in floats.
+    max_activation: usize,
+}
+
+fn vec1(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()
+}
+
+/// A conv's weights `[oc, rest]` and bias with `bn` folded in:
+/// `w' = w * g / sqrt(var + eps)`, `b' = (b - mean) * g / sqrt(var + eps) + beta`.
+fn fold(conv: &Conv, bn: Option<&Bn>) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let mut w = vec1(conv.weight())?;
+    let oc = conv.weight().dim(0)?;
+    let per = w.len() / oc;
+    let mut b = match conv.bias() {
+        Some(b) => vec1(b)?,
+        None => vec![0.0; oc],
+    };
+    if let Some(bn) = bn {
+        let (g, beta) = (vec1(bn.weight())?, vec1(bn.bias())?);
+        let (mean, var) = (vec1(bn.running_mean())?, vec1(bn.running_var())?);
+        for o in 0..oc {
+            // In f64: the folded weights match the unfolded graph to float rounding.
+            let scale = g[o] as f64 / (var[o] as f64 + BN_EPS).sqrt();
+            for v in &mut w[o * per..(o + 1) * per] {
+                *v = (*v as f64 * scale) as f32;
+            }
+            b[o] = ((b[o] as f64 - mean[o] as f64) * scale + beta[o] as f64) as f32;
+        }
+    }
+    Ok((w, b))
+}
+
+fn linear(l: &Linear) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let w = vec1(l.weight())?;
+    let out = l.weight().dim(0)?;
+    let b = match l.bias() {
+        Some(b) => vec1(b)?,
+        None => vec![0.0; out],
+    };
+    Ok((w, b))
+}
+
+fn is_3x3_same(conv: &Conv) -> bool {
+    conv.stride() == 1
+        && conv.padding() == 1
+        && conv.groups() == 1
+        && conv
+            .weight()
+            .dims4()
+            .is_ok_and(|(_, _, kh, kw)| kh == 3 && kw == 3)
+}
+
+impl FastModel {
+    /// Compiles `model` (eval mode: BatchNorm running statistics) for CPU inference.
+    pub fn compile(model: &Model) -> Result<Self, CompileError> {
+        let spec = model.spec().clone();
+        let unsupported = || CompileError::Unsupported(spec.arch.to_string());
+        let mut layers = Vec::new();
+        let head = match model.net() {
+            Net::Plain(net) => {
+                for (conv, bn) in net.blocks() {
+                    if !is_3x3_same(conv) {
+                        return Err(unsupported());
+                    }
+                    let (ic, oc) = (conv.weight().dim(1)?, conv.weight().dim(0)?);
+                    let (w, b) = fold(conv, Some(bn))?;
+                    layers.push(Layer::Conv3x3 {
+                        ic,
+                        oc,
+                        w,
+                        b,
+                        act: Act::Relu,
+                        pool: true,
+                    });
+                }
+                let (w, b) = linear(net.fc())?;
+                Head::Flatten { w, b }
+            }
+            Net::Mobile(net) => {
+                let (conv, bn) = net.stem();
+                if !is_3x3_same(conv) {
+                    return Err(unsupported());
+                }
+                let (ic, oc) = (conv.weight().dim(1)?, conv.weight().dim(0)?);
+                let (w, b) = fold(conv, Some(bn))?;
+                layers.push(Layer::Conv3x3 {
+                    ic,
+                    oc,
+                    w,
+                    b,
+                    act: Act::Relu6,
+                    pool: true,
+                });
+                for block in net.blocks() {
+                    let c = block.spatial.weight().dim(0)?;
+                    if block.spatial.groups() != c
+                        || block.spatial.weight().dims4()? != (c, 1, 3, 3)
+                        || block.spatial.stride() != 1
+                        || block.spatial.padding() != 1
+                    {
+                        // group-conv: grouped 3x3, not depthwise
+                        return Err(unsupported());
+                    }
+                    let (w, b) = fold(&block.spatial, Some(&block.bn))?;
+                    layers.push(Layer::Depthwise {
+                        c,
+                        w: w.chunks_exact(9)
+                            .map(|k| k.try_into().expect("9 taps"))
+                            .collect(),
+                        b,
+                        act: Act::Relu6,
+                    });
+                    let (oc, ic) = (
+                        block.pointwise.weight().dim(0)?,
+                        block.pointwise.weight().dim(1)?,
+                    );
+                    let (w, b) = fold(&block.pointwise, None)?;
+                    layers.push(Layer::Pointwise {
+                        ic,
+                        oc,
+                        w,
+                        b,
+                        pool: block.pool,
+                    });
+                }
+                let (w, b) = linear(net.fc())?;
+                Head::Gap { w, b }
+            }
+            Net::Resnet(_) => return Err(unsupported()),
+        };
+        let mut fast = Self {
+            spec,
+            layers,
+            head,
+            max_activation: 0,
+        };
+        fast.max_activation = fast
+            .shapes()
+            .iter()
+            .map(|(c, h, w)| c * h * w)
+            .max()
+            .unwrap_or(0);
+        Ok(fast)
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// (channels, height, width) of the input and after every layer.
+    fn shapes(&self) -> Vec<(usize, usize, usize)> {
+        let s = self.spec.input_size;
+        let mut shape = (3, s, s);
+        let mut out = vec![shape];
+        for l in &self.layers {
+            shape = match *l {
+                Layer::Conv3x3 { oc, pool, .. } | Layer::Pointwise { oc, pool, .. } => {
+                    if pool {
+                        (oc, shape.1 / 2, shape.2 / 2)
+                    } else {
+                        (oc, shape.1, shape.2)
+                    }
+                }
+                Layer::Depthwise { .. } => shape,
+            };
+            out.push(shape);
+        }
+        out
+    }
+
+    /// Logits `[n, classes]` of `n` preprocessed CHW images laid end to end.
+    pub fn forward(&self, input: &[f32], n: usize) -> Vec<f32> {
+        let s = self.spec.input_size;
+        let per = 3 * s * s;
+        assert_eq!(input.len(), n * per, "input is not {n} images of 3x{s}x{s}");
+        let classes = self.spec.num_classes;
+        let mut out = vec![0f32; n * classes];
+        let threads = rayon::current_num_threads();
+        if n >= threads && threads > 1 {
+            input
+                .par_chunks(per)
+                .zip(out.par_chunks_mut(classes))
+                .for_each(|(x, o)| self.image(x, o, false));
+        } else {
+            for (x, o) in input.chunks(per).zip(out.chunks_mut(classes)) {
+                self.image(x, o, threads > 1);
+            }
+        }
+        out
+    }
+
+    /// One image through every layer; `split` spreads each layer over the thread pool.
+    fn image(&self, x: &[f32], logits: &mut [f32], split: bool) {
+        thread_local! {
+            static ACTIVATIONS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        }
+        ACTIVATIONS.with(|cell| {
+            let mut bufs = cell.borrow_mut();
+            let (a, b) = &mut *bufs;
+            a.resize(self.max_activation, 0.0);
+            b.resize(self.max_activation, 0.0);
+            let shapes = self.shapes();
+            let mut src: &mut Vec<f32> = a;
+            let mut dst: &mut Vec<f32> = b;
+            src[..x.len()].copy_from_slice(x);
+            for (l, &(c, h, w)) in self.layers.iter().zip(&shapes) {
+                let input = &src[..c * h * w];
+                match l {
+                    Layer::Conv3x3 {
+                        ic,
+                        oc,
+                        w: wt,
+                        b,
+                        act,
+                        pool,
+                    } => conv3x3(input, (*ic, h, w), wt, b, *oc, *act, *pool, dst, split),
+                    Layer::Depthwise { c, w: wt, b, act } => {
+                        depthwise(input, (*c, h, w), wt, b, *act, dst, split)
+                    }
+                    Layer::Pointwise {
+                        ic,
+                        oc,
+                        w: wt,
+                        b,
+                        pool,
+                    } => pointwise(input, (*ic, h, w), wt, b, *oc, *pool, dst, split),
+                }
+                std::mem::swap(&mut src, &mut dst);
+            }
+            let &(c, h, w) = shapes.last().expect("input shape");
+            let features = &src[..c * h * w];
+            match &self.head {
+                Head::Flatten { w: wt, b } => dense(features, wt, b, logits),
+                Head::Gap { w: wt, b } => {
+                    let hw = (h * w) as f32;
+                    let pooled: Vec<f32> = features
+                        .chunks_exact(h * w)
+                        .map(|p| p.iter().sum::<f32>() / hw)
+                        .collect();
+                    dense(&pooled, wt, b, logits)
+                }
+            }
+        });
+    }
+}
+
+/// `out = w . x + b` with `w` as `[out, in]`.
+fn dense(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32]) {
+    for (o, (row, bias)) in out.iter_mut().zip(w.chunks_exact(x.len()).zip(b)) {
+        *o = bias + kernels::dot(row, x);
+    }
+}

@@ -1,0 +1,237 @@
+//! The fused engine against candle's eval forward on random weights with far-from-identity
+//! BatchNorms, odd sizes included, in both parallel modes; and each kernel on its own.
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::kernels::{conv3x3, depthwise, pointwise, Act};
+use super::FastModel;
+use crate::zoo::{Arch, Model, ModelSpec};
+
+fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// A model whose BatchNorms are far from the identity (seeded): running statistics calibrated
+/// on data by train-mode passes (fresh ones leave the students' logits equal to the fc bias),
+/// then gamma, beta and the means perturbed.
+fn model(arch: Arch, size: usize, seed: u64) -> Model {
+    let spec = ModelSpec::new(arch, 7, size);
+    let (varmap, m) = Model::init_seeded(&spec, &Device::Cpu, seed).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let calib = Tensor::from_vec(
+        rand_vec(&mut rng, 4 * 3 * size * size, 1.0),
+        (4, 3, size, size),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for _ in 0..30 {
+        m.forward_t(&calib, true).unwrap();
+    }
+    let mut tensors = crate::zoo::varmap_tensors(&varmap);
+    let bn_prefixes: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".running_mean").map(str::to_string))
+        .collect();
+    for p in bn_prefixes {
+        let var: Vec<f32> = tensors[&format!("{p}.running_var")].to_vec1().unwrap();
+        let mean: Vec<f32> = tensors[&format!("{p}.running_mean")].to_vec1().unwrap();
+        let c = var.len();
+        let mean: Vec<f32> = mean
+            .iter()
+            .zip(&var)
+            .map(|(m, v)| m + 0.1 * v.sqrt() * rng.random_range(-1.0..1.0))
+            .collect();
+        let gamma: Vec<f32> = (0..c).map(|_| rng.random_range(0.5..2.0)).collect();
+        let beta = rand_vec(&mut rng, c, 0.5);
+        for (name, v) in [("running_mean", mean), ("weight", gamma), ("bias", beta)] {
+            tensors.insert(
+                format!("{p}.{name}"),
+                Tensor::from_vec(v, c, &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    Model::from_tensors(&spec, &tensors, &Device::Cpu).unwrap()
+}
+
+fn check_model(arch: Arch, size: usize, batches: &[usize]) {
+    let m = model(arch, size, 7);
+    let fast = FastModel::compile(&m).unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    for &n in batches {
+        let x = rand_vec(&mut rng, n * 3 * size * size, 1.0);
+        let xt = Tensor::from_vec(x.clone(), (n, 3, size, size), &Device::Cpu).unwrap();
+        let want: Vec<f32> = m
+            .forward_t(&xt, false)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = fast.forward(&x, n);
+        let rel = max_rel(&got, &want);
+        assert!(
+            rel < 1e-4,
+            "{arch} {size}x{size} batch {n}: relative error {rel:e}"
+        );
+        // The logits depend on the input: a broken body cannot hide behind the fc bias.
+        if n > 1 {
+            let spread = max_rel(&got[..7], &got[7..14]);
+            assert!(spread > 1e-3, "{arch}: logits do not depend on the input");
+        }
+    }
+}
+
+#[test]
+fn big_matches_candle() {
+    // 64 keeps a pixel after six pools; 100 has odd sizes (50, 25, 12, 6, 3, 1) on the way.
+    check_model(Arch::Big, 64, &[1, 3]);
+    check_model(Arch::Big, 100, &[2]);
+}
+
+#[test]
+fn std_conv_matches_candle() {
+    check_model(Arch::StdConv, 70, &[1, 3]);
+}
+
+#[test]
+fn students_match_candle() {
+    check_model(Arch::StudentDeeper, 64, &[1, 3]);
+    check_model(Arch::StudentDeeper, 45, &[2]);
+    check_model(Arch::Student, 37, &[1, 4]);
+}
+
+#[test]
+fn other_architectures_are_refused() {
+    for arch in [Arch::GroupConv, Arch::Resnet18] {
+        let size = arch.min_input_size();
+        let (_, m) = Model::init(&ModelSpec::new(arch, 3, size), &Device::Cpu).unwrap();
+        let e = FastModel::compile(&m).unwrap_err().to_string();
+        assert!(e.contains(arch.name()), "{e}");
+    }
+}
+
+/// candle reference for one conv layer: conv + bias -> act (-> 2x2 max pool).
+fn reference(
+    x: &[f32],
+    (c, h, w): (usize, usize, usize),
+    weight: (&[f32], (usize, usize, usize, usize)),
+    groups: usize,
+    b: &[f32],
+    act: Act,
+    pool: bool,
+) -> Vec<f32> {
+    let dev = Device::Cpu;
+    let xt = Tensor::from_vec(x.to_vec(), (1, c, h, w), &dev).unwrap();
+    let wt = Tensor::from_vec(weight.0.to_vec(), weight.1, &dev).unwrap();
+    let pad = weight.1 .2 / 2;
+    let mut y = xt
+        .conv2d(&wt, pad, 1, 1, groups)
+        .unwrap()
+        .broadcast_add(&Tensor::from_vec(b.to_vec(), (1, b.len(), 1, 1), &dev).unwrap())
+        .unwrap();
+    y = match act {
+        Act::None => y,
+        Act::Relu => y.relu().unwrap(),
+        Act::Relu6 => y.clamp(0f32, 6f32).unwrap(),
+    };
+    if pool {
+        y = y.max_pool2d(2).unwrap();
+    }
+    y.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+const SHAPES: [(usize, usize, usize); 5] =
+    [(3, 7, 5), (5, 1, 1), (4, 9, 13), (16, 33, 31), (2, 2, 3)];
+
+#[test]
+fn conv3x3_kernel_matches_candle() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (ic, h, w) in SHAPES {
+        for (oc, act, pool) in [
+            (6, Act::Relu, true),
+            (3, Act::Relu6, false),
+            (17, Act::None, true),
+        ] {
+            if pool && h < 2 {
+                continue;
+            }
+            let x = rand_vec(&mut rng, ic * h * w, 1.0);
+            let wt = rand_vec(&mut rng, oc * ic * 9, 0.5);
+            let b = rand_vec(&mut rng, oc, 0.5);
+            let want = reference(&x, (ic, h, w), (&wt, (oc, ic, 3, 3)), 1, &b, act, pool);
+            for split in [false, true] {
+                let mut out = vec![f32::NAN; want.len()];
+                conv3x3(&x, (ic, h, w), &wt, &b, oc, act, pool, &mut out, split);
+                let rel = max_rel(&out, &want);
+                assert!(
+                    rel < 1e-5,
+                    "conv3x3 {ic}x{h}x{w} -> {oc} {act:?} pool {pool}: {rel:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn pointwise_kernel_matches_candle() {
+    let mut rng = StdRng::seed_from_u64(4);
+    for (ic, h, w) in SHAPES {
+        for (oc, pool) in [(8, false), (5, true), (300, false)] {
+            if pool && h < 2 {
+                continue;
+            }
+            let x = rand_vec(&mut rng, ic * h * w, 1.0);
+            let wt = rand_vec(&mut rng, oc * ic, 0.5);
+            let b = rand_vec(&mut rng, oc, 0.5);
+            let want = reference(
+                &x,
+                (ic, h, w),
+                (&wt, (oc, ic, 1, 1)),
+                1,
+                &b,
+                Act::None,
+                pool,
+            );
+            for split in [false, true] {
+                let mut out = vec![f32::NAN; want.len()];
+                pointwise(&x, (ic, h, w), &wt, &b, oc, pool, &mut out, split);
+                let rel = max_rel(&out, &want);
+                assert!(
+                    rel < 1e-5,
+                    "pointwise {ic}x{h}x{w} -> {oc} pool {pool}: {rel:e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn depthwise_kernel_matches_candle() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for (c, h, w) in SHAPES {
+        let x = rand_vec(&mut rng, c * h * w, 1.0);
+        let wt = rand_vec(&mut rng, c * 9, 0.8);
+        let b = rand_vec(&mut rng, c, 0.5);
+        let taps: Vec<[f32; 9]> = wt.chunks_exact(9).map(|k| k.try_into().unwrap()).collect();
+        let want = reference(&x, (c, h, w), (&wt, (c, 1, 3, 3)), c, &b, Act::Relu6, false);
+        for split in [false, true] {
+            let mut out = vec![f32::NAN; want.len()];
+            depthwise(&x, (c, h, w), &taps, &b, Act::Relu6, &mut out, split);
+            let rel = max_rel(&out, &want);
+            assert!(rel < 1e-5, "depthwise {c}x{h}x{w}: {rel:e}");
+        }
+    }
+}
