@@ -151,7 +151,7 @@ fn describe() {
     );
     describe_gauge!(
         MODEL_INFO,
-        "Served model: architecture, weight format, parameters, file bytes, version, device"
+        "Served model: architecture, weight format, parameters, file bytes, version, device, engine"
     );
 }
 
@@ -165,6 +165,8 @@ pub struct ModelInfoLabels {
     pub file_bytes: u64,
     pub input_size: usize,
     pub device: String,
+    /// `fused` (compiled CPU kernels) or `candle`.
+    pub engine: String,
 }
 
 /// One model's metric handles, created once so the hot path does no label formatting.
@@ -215,6 +217,7 @@ impl ModelMetrics {
             "file_bytes" => info.file_bytes.to_string(),
             "input_size" => info.input_size.to_string(),
             "device" => info.device.clone(),
+            "engine" => info.engine.clone(),
         )
         .set(1.0);
     }

@@ -1,8 +1,10 @@
 //! Model execution: one executor thread per model and device, off the async runtime.
 //!
-//! The batcher hands the executor a batch as one `[N, 3, S, S]` f32 buffer; the executor runs
-//! candle's eval-mode forward (`forward_t(x, false)`: BatchNorm uses its running statistics)
-//! and answers the `[N, C]` logits through a oneshot channel. Compute never blocks a runtime
+//! The batcher hands the executor a batch as one `[N, 3, S, S]` f32 buffer; on the CPU the
+//! executor runs the model compiled by [`crate::infer::FastModel`] (BatchNorm folded, fused
+//! kernels) when its architecture has a compiled form, else candle's eval-mode forward
+//! (`forward_t(x, false)`: BatchNorm uses its running statistics), and answers the `[N, C]`
+//! logits through a oneshot channel. Compute never blocks a runtime
 //! thread, and one thread per model keeps a slow model from stalling the others.
 
 mod device;
@@ -16,6 +18,7 @@ use tokio::sync::oneshot;
 
 pub use device::{DeviceError, DeviceSpec};
 
+use crate::infer::FastModel;
 use crate::zoo::Model;
 
 /// The logits of one executed batch.
@@ -40,6 +43,7 @@ pub struct Executor {
     jobs: mpsc::Sender<Job>,
     input_size: usize,
     num_classes: usize,
+    engine: &'static str,
 }
 
 impl Executor {
@@ -54,6 +58,12 @@ impl Executor {
         compute_delay: Duration,
     ) -> std::io::Result<Self> {
         let spec = model.spec().clone();
+        let fast = if device.is_cpu() {
+            FastModel::compile(&model).ok()
+        } else {
+            None
+        };
+        let engine = if fast.is_some() { "fused" } else { "candle" };
         let (jobs, rx) = mpsc::channel::<Job>();
         let (s, c) = (spec.input_size, spec.num_classes);
         thread::Builder::new()
@@ -64,7 +74,11 @@ impl Executor {
                     if !compute_delay.is_zero() {
                         thread::sleep(compute_delay);
                     }
-                    let result = forward(&model, &device, job.input, job.batch, s)
+                    let logits = match &fast {
+                        Some(f) => Ok(f.forward(&job.input, job.batch)),
+                        None => forward(&model, &device, job.input, job.batch, s),
+                    };
+                    let result = logits
                         .map(|logits| BatchOutput {
                             logits,
                             compute: started.elapsed(),
@@ -78,7 +92,13 @@ impl Executor {
             jobs,
             input_size: s,
             num_classes: c,
+            engine,
         })
+    }
+
+    /// `fused` (the compiled CPU engine) or `candle`.
+    pub fn engine(&self) -> &'static str {
+        self.engine
     }
 
     pub fn input_size(&self) -> usize {

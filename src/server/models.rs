@@ -212,17 +212,20 @@ pub async fn start(
             file_bytes: model.file_bytes,
             input_size: s,
             device: config.device.to_string(),
+            engine: executor.engine().to_string(),
         });
         let stats = Arc::new(ModelStats::default());
+        let engine = executor.engine();
         let batcher = Batcher::spawn(executor, batching, metrics.clone(), stats.clone());
         tracing::info!(
-            "model {name}: {} {}x{}, {} params, {} weights ({} bytes), version {version}, warm-up {:.1} ms",
+            "model {name}: {} {}x{}, {} params, {} weights ({} bytes), version {version}, {} engine, warm-up {:.1} ms",
             model.config.spec.arch,
             s,
             s,
             model.param_count(),
             model.config.weights.format,
             model.file_bytes,
+            engine,
             warm.compute.as_secs_f64() * 1e3
         );
         by_name.insert(

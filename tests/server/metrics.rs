@@ -55,6 +55,8 @@ async fn metrics_endpoint_has_per_model_histograms() {
             "parameters=\"",
             "file_bytes=\"",
             "device=\"cpu\"",
+            // students run on the compiled CPU engine
+            "engine=\"fused\"",
         ] {
             assert!(info.contains(label), "{info} lacks {label}");
         }
