@@ -6,7 +6,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::ops::conv2d::matmul;
-use crate::ops::depthwise::correlate_plane;
+use crate::ops::depthwise::correlate_row;
 pub(crate) use crate::ops::depthwise::dot;
 use crate::ops::multiversion;
 
@@ -58,12 +58,52 @@ fn bands(h: usize, w: usize, pool: bool, target: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn for_bands(bands: &[(usize, usize)], split: bool, f: impl Fn(usize, usize) + Sync) {
-    if split && bands.len() > 1 {
-        bands.par_iter().for_each(|&(y0, y1)| f(y0, y1));
+/// Work items `(y0, y1, o0, o1)`: a band of rows and a slice of output channels. When `split`
+/// leaves fewer bands than twice the threads (small images deep in the net), the output
+/// channels are cut into slices of at least 16 so every thread gets work.
+fn tasks(bands: &[(usize, usize)], oc: usize, split: bool) -> Vec<(usize, usize, usize, usize)> {
+    let want = if split {
+        2 * rayon::current_num_threads()
     } else {
-        bands.iter().for_each(|&(y0, y1)| f(y0, y1));
+        1
+    };
+    let chunks = if bands.len() >= want {
+        1
+    } else {
+        want.div_ceil(bands.len().max(1)).min(oc / 16).max(1)
+    };
+    let per = oc.div_ceil(chunks);
+    bands
+        .iter()
+        .flat_map(|&(y0, y1)| {
+            (0..oc)
+                .step_by(per.max(1))
+                .map(move |o0| (y0, y1, o0, (o0 + per).min(oc)))
+        })
+        .collect()
+}
+
+fn for_tasks(
+    tasks: &[(usize, usize, usize, usize)],
+    split: bool,
+    f: impl Fn((usize, usize), (usize, usize)) + Sync,
+) {
+    if split && tasks.len() > 1 {
+        tasks
+            .par_iter()
+            .for_each(|&(y0, y1, o0, o1)| f((y0, y1), (o0, o1)));
+    } else {
+        tasks
+            .iter()
+            .for_each(|&(y0, y1, o0, o1)| f((y0, y1), (o0, o1)));
     }
+}
+
+/// `out` advanced to output plane `o0` of a layer with `(h, w)` inputs.
+fn plane_offset(out: OutPtr, o0: usize, (h, w): (usize, usize), pool: bool) -> OutPtr {
+    let plane = if pool { (h / 2) * (w / 2) } else { h * w };
+    // SAFETY: o0 < oc, so the offset stays inside the [oc, h', w'] output.
+    OutPtr(unsafe { out.0.add(o0 * plane) })
 }
 
 multiversion! {
@@ -162,26 +202,29 @@ pub fn conv3x3(
     let k = ic * 9;
     let out = OutPtr(out.as_mut_ptr());
     // About 256 KiB of im2col rows per band: the band's columns and result stay in L2.
-    for_bands(&bands(h, w, pool, 65536 / k), split, |y0, y1| {
-        let n = (y1 - y0) * w;
+    let work = tasks(&bands(h, w, pool, 65536 / k), oc, split);
+    for_tasks(&work, split, |(y0, y1), (o0, o1)| {
+        let (n, m) = ((y1 - y0) * w, o1 - o0);
         COL.with(|col| {
             BAND.with(|band| {
                 let (mut col, mut band) = (col.borrow_mut(), band.borrow_mut());
                 col.resize(k * n, 0.0);
-                band.resize(oc * n, 0.0);
+                band.resize(m * n, 0.0);
                 im2col_band(x, (ic, h, w), (y0, y1), &mut col);
-                // SAFETY: wt is [oc, k], col is [k, n], band is [oc, n], all dense row-major.
+                // SAFETY: rows o0..o1 of wt ([oc, k]), col is [k, n], band is [m, n], all
+                // dense row-major.
                 unsafe {
                     matmul(
-                        (oc, n, k),
+                        (m, n, k),
                         band.as_mut_ptr(),
                         false,
-                        (wt.as_ptr(), k, 1),
+                        (wt.as_ptr().add(o0 * k), k, 1),
                         (col.as_ptr(), n, 1),
                         Parallelism::None,
                     );
                 }
-                epilogue(&band, (y0, y1, h, w), b, act, pool, out);
+                let dst = plane_offset(out, o0, (h, w), pool);
+                epilogue(&band, (y0, y1, h, w), &b[o0..o1], act, pool, dst);
             })
         })
     });
@@ -200,24 +243,26 @@ pub fn pointwise(
     split: bool,
 ) {
     let out = OutPtr(out.as_mut_ptr());
-    for_bands(&bands(h, w, pool, 65536 / oc.max(ic)), split, |y0, y1| {
-        let n = (y1 - y0) * w;
+    let work = tasks(&bands(h, w, pool, 65536 / oc.max(ic)), oc, split);
+    for_tasks(&work, split, |(y0, y1), (o0, o1)| {
+        let (n, m) = ((y1 - y0) * w, o1 - o0);
         BAND.with(|band| {
             let mut band = band.borrow_mut();
-            band.resize(oc * n, 0.0);
-            // SAFETY: wt is [oc, ic]; the rhs is the [ic, n] block of x starting at row y0 of
-            // every channel (row stride h * w); band is [oc, n].
+            band.resize(m * n, 0.0);
+            // SAFETY: rows o0..o1 of wt ([oc, ic]); the rhs is the [ic, n] block of x starting
+            // at row y0 of every channel (row stride h * w); band is [m, n].
             unsafe {
                 matmul(
-                    (oc, n, ic),
+                    (m, n, ic),
                     band.as_mut_ptr(),
                     false,
-                    (wt.as_ptr(), ic, 1),
+                    (wt.as_ptr().add(o0 * ic), ic, 1),
                     (x.as_ptr().add(y0 * w), h * w, 1),
                     Parallelism::None,
                 );
             }
-            epilogue(&band, (y0, y1, h, w), b, Act::None, pool, out);
+            let dst = plane_offset(out, o0, (h, w), pool);
+            epilogue(&band, (y0, y1, h, w), &b[o0..o1], Act::None, pool, dst);
         })
     });
 }
@@ -233,18 +278,57 @@ pub fn depthwise(
     split: bool,
 ) {
     let plane = h * w;
+    let zeros = vec![0f32; w];
     let one = |(ch, o): (usize, &mut [f32])| {
-        correlate_plane(o, &x[ch * plane..(ch + 1) * plane], &wt[ch], b[ch], h, w);
-        if act != Act::None {
-            for v in o.iter_mut() {
-                *v = act.apply(*v);
-            }
-        }
+        depthwise_plane(
+            o,
+            &x[ch * plane..(ch + 1) * plane],
+            &wt[ch],
+            b[ch],
+            (h, w),
+            act,
+            &zeros,
+        )
     };
     let out = &mut out[..c * plane];
-    if split {
-        out.par_chunks_mut(plane).enumerate().for_each(one);
+    if split && c > 1 {
+        // Whole-channel chunks of about equal size, two per thread.
+        let per = c.div_ceil(2 * rayon::current_num_threads()).max(1);
+        out.par_chunks_mut(per * plane)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                chunk
+                    .chunks_mut(plane)
+                    .enumerate()
+                    .for_each(|(j, o)| one((i * per + j, o)))
+            });
     } else {
         out.chunks_mut(plane).enumerate().for_each(one);
     }
+}
+
+multiversion! {
+/// One channel: 3x3 correlation with zero padding, bias and `act`, row by row in cache.
+fn depthwise_plane(
+    out: &mut [f32],
+    src: &[f32],
+    k: &[f32; 9],
+    bias: f32,
+    hw: (usize, usize),
+    act: Act,
+    zeros: &[f32],
+) {
+    let (h, w) = hw;
+    for (y, out_row) in out.chunks_exact_mut(w).enumerate() {
+        let row = |r: usize| &src[r * w..(r + 1) * w];
+        let above = if y > 0 { row(y - 1) } else { zeros };
+        let below = if y + 1 < h { row(y + 1) } else { zeros };
+        correlate_row(out_row, [above, row(y), below], k, bias);
+        match act {
+            Act::None => {}
+            Act::Relu => out_row.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Act::Relu6 => out_row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+        }
+    }
+}
 }

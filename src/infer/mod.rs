@@ -277,8 +277,31 @@ impl FastModel {
         out
     }
 
+    /// Milliseconds per layer for one image (`split`: each layer spread over the thread pool,
+    /// as batch 1 runs), best of `repeats`; for profiles in benchmarks.
+    pub fn profile(&self, x: &[f32], split: bool, repeats: usize) -> Vec<(String, f64)> {
+        let mut best: Vec<(String, f64)> = Vec::new();
+        for _ in 0..repeats.max(1) {
+            let mut logits = vec![0f32; self.spec.num_classes];
+            let times = self.run(x, &mut logits, split, true);
+            if best.is_empty() {
+                best = times;
+            } else {
+                for (b, t) in best.iter_mut().zip(times) {
+                    b.1 = b.1.min(t.1);
+                }
+            }
+        }
+        best
+    }
+
     /// One image through every layer; `split` spreads each layer over the thread pool.
     fn image(&self, x: &[f32], logits: &mut [f32], split: bool) {
+        self.run(x, logits, split, false);
+    }
+
+    fn run(&self, x: &[f32], logits: &mut [f32], split: bool, timed: bool) -> Vec<(String, f64)> {
+        let mut times = Vec::new();
         thread_local! {
             static ACTIVATIONS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
         }
@@ -292,6 +315,7 @@ impl FastModel {
             let mut dst: &mut Vec<f32> = b;
             src[..x.len()].copy_from_slice(x);
             for (l, &(c, h, w)) in self.layers.iter().zip(&shapes) {
+                let started = timed.then(std::time::Instant::now);
                 let input = &src[..c * h * w];
                 match l {
                     Layer::Conv3x3 {
@@ -313,6 +337,14 @@ impl FastModel {
                         pool,
                     } => pointwise(input, (*ic, h, w), wt, b, *oc, *pool, dst, split),
                 }
+                if let Some(t) = started {
+                    let what = match l {
+                        Layer::Conv3x3 { ic, oc, .. } => format!("conv3x3 {ic}->{oc} @{h}x{w}"),
+                        Layer::Depthwise { c, .. } => format!("depthwise {c} @{h}x{w}"),
+                        Layer::Pointwise { ic, oc, .. } => format!("pointwise {ic}->{oc} @{h}x{w}"),
+                    };
+                    times.push((what, t.elapsed().as_secs_f64() * 1e3));
+                }
                 std::mem::swap(&mut src, &mut dst);
             }
             let &(c, h, w) = shapes.last().expect("input shape");
@@ -329,6 +361,7 @@ impl FastModel {
                 }
             }
         });
+        times
     }
 }
 

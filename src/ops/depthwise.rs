@@ -288,7 +288,7 @@ fn correlate_planes(
 }
 
 multiversion! {
-pub(crate) fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usize, w: usize) {
+fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: f32, h: usize, w: usize) {
     // Rows outside the image read this zero row, so every output row takes the same path.
     let zeros = vec![0f32; w];
     for (y, out_row) in out.chunks_exact_mut(w).enumerate() {
@@ -302,7 +302,7 @@ pub(crate) fn correlate_plane(out: &mut [f32], src: &[f32], k: &[f32; 9], bias: 
 
 /// One output row from its three source rows (all of the same width), plus `bias`.
 #[inline(always)]
-fn correlate_row(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9], bias: f32) {
+pub(crate) fn correlate_row(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9], bias: f32) {
     let w = out.len();
     // Left and right columns: the missing neighbour is padding.
     let mut left = bias;

@@ -46,6 +46,10 @@ pub struct Args {
     /// Also measure every model after a uint8 per-tensor round trip of its weights.
     #[arg(long)]
     uint8: bool,
+    /// Print the fused engine's time per layer (one image: split across threads as batch 1
+    /// runs, and on one thread as each image of a large batch runs) and exit.
+    #[arg(long)]
+    profile: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -139,6 +143,35 @@ fn fused_images_per_s(model: &FastModel, batch: usize, size: usize, seconds: f64
         iters += 1;
     }
     (iters * batch) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn profile(archs: &[Arch], args: &Args) -> Result<()> {
+    for &arch in archs {
+        let spec = ModelSpec::new(arch, 11, args.input_size);
+        let (_, model) = Model::init(&spec, &Device::Cpu)?;
+        let Ok(fast) = FastModel::compile(&model) else {
+            println!("{arch}: no fused form");
+            continue;
+        };
+        let x: Vec<f32> = (0..3 * args.input_size * args.input_size)
+            .map(|i| (i % 251) as f32 / 251.0)
+            .collect();
+        let split = fast.profile(&x, true, 20);
+        let single = fast.profile(&x, false, 20);
+        println!(
+            "\n{arch} ({}x{}), ms per layer, best of 20:\n| layer | {} threads (batch 1) | 1 thread |\n|---|---|---|",
+            args.input_size, args.input_size, args.threads
+        );
+        for ((name, a), (_, b)) in split.iter().zip(&single) {
+            println!("| {name} | {a:.3} | {b:.3} |");
+        }
+        let (ta, tb): (f64, f64) = (
+            split.iter().map(|t| t.1).sum(),
+            single.iter().map(|t| t.1).sum(),
+        );
+        println!("| total | {ta:.3} | {tb:.3} |");
+    }
+    Ok(())
 }
 
 /// The model after its weights went through the uint8 per-tensor codec and back.
@@ -236,6 +269,9 @@ pub fn run(args: Args) -> Result<()> {
     let script = tmp.path().join("ort_run.py");
     std::fs::write(&script, ORT_SCRIPT)?;
 
+    if args.profile {
+        return profile(&archs, &args);
+    }
     let peak = sgemm_peak(args.threads, args.seconds);
     if !args.json {
         eprintln!("sgemm peak ({} threads): {peak:.1} GFLOP/s", args.threads);
