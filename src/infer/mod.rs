@@ -20,6 +20,7 @@
 mod kernels;
 #[cfg(test)]
 mod tests;
+mod winograd;
 
 use std::cell::RefCell;
 
@@ -48,6 +49,15 @@ enum Layer {
         ic: usize,
         oc: usize,
         w: Vec<f32>,
+        b: Vec<f32>,
+        act: Act,
+        pool: bool,
+    },
+    /// As `Conv3x3`, by Winograd F(2x2, 3x3); `u` is `[16, oc, ic]`.
+    Winograd {
+        ic: usize,
+        oc: usize,
+        u: Vec<f32>,
         b: Vec<f32>,
         act: Act,
         pool: bool,
@@ -138,6 +148,32 @@ fn is_3x3_same(conv: &Conv) -> bool {
             .is_ok_and(|(_, _, kh, kw)| kh == 3 && kw == 3)
 }
 
+/// Input channels from which Winograd F(2x2, 3x3) beats im2col + GEMM here (below, the 16
+/// GEMMs are too thin; the RGB input layer stays on im2col).
+const WINOGRAD_MIN_INPUT_CHANNELS: usize = 16;
+
+fn conv_layer(ic: usize, oc: usize, w: Vec<f32>, b: Vec<f32>, act: Act, pool: bool) -> Layer {
+    if ic >= WINOGRAD_MIN_INPUT_CHANNELS {
+        Layer::Winograd {
+            ic,
+            oc,
+            u: winograd::transform_weights(&w, oc, ic),
+            b,
+            act,
+            pool,
+        }
+    } else {
+        Layer::Conv3x3 {
+            ic,
+            oc,
+            w,
+            b,
+            act,
+            pool,
+        }
+    }
+}
+
 impl FastModel {
     /// Compiles `model` (eval mode: BatchNorm running statistics) for CPU inference.
     pub fn compile(model: &Model) -> Result<Self, CompileError> {
@@ -152,14 +188,7 @@ impl FastModel {
                     }
                     let (ic, oc) = (conv.weight().dim(1)?, conv.weight().dim(0)?);
                     let (w, b) = fold(conv, Some(bn))?;
-                    layers.push(Layer::Conv3x3 {
-                        ic,
-                        oc,
-                        w,
-                        b,
-                        act: Act::Relu,
-                        pool: true,
-                    });
+                    layers.push(conv_layer(ic, oc, w, b, Act::Relu, true));
                 }
                 let (w, b) = linear(net.fc())?;
                 Head::Flatten { w, b }
@@ -171,14 +200,7 @@ impl FastModel {
                 }
                 let (ic, oc) = (conv.weight().dim(1)?, conv.weight().dim(0)?);
                 let (w, b) = fold(conv, Some(bn))?;
-                layers.push(Layer::Conv3x3 {
-                    ic,
-                    oc,
-                    w,
-                    b,
-                    act: Act::Relu6,
-                    pool: true,
-                });
+                layers.push(conv_layer(ic, oc, w, b, Act::Relu6, true));
                 for block in net.blocks() {
                     let c = block.spatial.weight().dim(0)?;
                     if block.spatial.groups() != c
@@ -242,7 +264,9 @@ impl FastModel {
         let mut out = vec![shape];
         for l in &self.layers {
             shape = match *l {
-                Layer::Conv3x3 { oc, pool, .. } | Layer::Pointwise { oc, pool, .. } => {
+                Layer::Conv3x3 { oc, pool, .. }
+                | Layer::Winograd { oc, pool, .. }
+                | Layer::Pointwise { oc, pool, .. } => {
                     if pool {
                         (oc, shape.1 / 2, shape.2 / 2)
                     } else {
@@ -326,6 +350,14 @@ impl FastModel {
                         act,
                         pool,
                     } => conv3x3(input, (*ic, h, w), wt, b, *oc, *act, *pool, dst, split),
+                    Layer::Winograd {
+                        ic,
+                        oc,
+                        u,
+                        b,
+                        act,
+                        pool,
+                    } => winograd::conv3x3(input, (*ic, h, w), u, b, *oc, *act, *pool, dst, split),
                     Layer::Depthwise { c, w: wt, b, act } => {
                         depthwise(input, (*c, h, w), wt, b, *act, dst, split)
                     }
@@ -340,6 +372,9 @@ impl FastModel {
                 if let Some(t) = started {
                     let what = match l {
                         Layer::Conv3x3 { ic, oc, .. } => format!("conv3x3 {ic}->{oc} @{h}x{w}"),
+                        Layer::Winograd { ic, oc, .. } => {
+                            format!("winograd 3x3 {ic}->{oc} @{h}x{w}")
+                        }
                         Layer::Depthwise { c, .. } => format!("depthwise {c} @{h}x{w}"),
                         Layer::Pointwise { ic, oc, .. } => format!("pointwise {ic}->{oc} @{h}x{w}"),
                     };

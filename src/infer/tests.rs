@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::kernels::{conv3x3, depthwise, pointwise, Act};
-use super::FastModel;
+use super::{winograd, FastModel};
 use crate::zoo::{Arch, Model, ModelSpec};
 
 fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -232,6 +232,37 @@ fn depthwise_kernel_matches_candle() {
             depthwise(&x, (c, h, w), &taps, &b, Act::Relu6, &mut out, split);
             let rel = max_rel(&out, &want);
             assert!(rel < 1e-5, "depthwise {c}x{h}x{w}: {rel:e}");
+        }
+    }
+}
+
+#[test]
+fn winograd_kernel_matches_candle() {
+    let mut rng = StdRng::seed_from_u64(6);
+    for (ic, h, w) in SHAPES.into_iter().chain([(16, 8, 8), (32, 17, 6)]) {
+        for (oc, act, pool) in [
+            (6, Act::Relu, true),
+            (3, Act::Relu6, false),
+            (40, Act::None, true),
+            (33, Act::None, false),
+        ] {
+            if pool && h < 2 {
+                continue;
+            }
+            let x = rand_vec(&mut rng, ic * h * w, 1.0);
+            let wt = rand_vec(&mut rng, oc * ic * 9, 0.5);
+            let b = rand_vec(&mut rng, oc, 0.5);
+            let u = winograd::transform_weights(&wt, oc, ic);
+            let want = reference(&x, (ic, h, w), (&wt, (oc, ic, 3, 3)), 1, &b, act, pool);
+            for split in [false, true] {
+                let mut out = vec![f32::NAN; want.len()];
+                winograd::conv3x3(&x, (ic, h, w), &u, &b, oc, act, pool, &mut out, split);
+                let rel = max_rel(&out, &want);
+                assert!(
+                    rel < 1e-5,
+                    "winograd {ic}x{h}x{w} -> {oc} {act:?} pool {pool}: {rel:e}"
+                );
+            }
         }
     }
 }

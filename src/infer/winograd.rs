@@ -1,0 +1,281 @@
+//! 3x3 convolution (stride 1, pad 1) by Winograd's minimal filtering F(2x2, 3x3): each 2x2
+//! output tile costs 16 multiplies per (input, output) channel pair instead of 36, as 16
+//! GEMMs `M[xi] = U[xi] . V[xi]` over a band of tiles between an input and an output transform
+//! (Lavin & Gray, 2016). A 2x2 output tile is exactly a 2x2 max-pool window, so a following pool
+//! is taken from the tile before it is written.
+//!
+//! Transforms: `V = B^T d B` (d: 4x4 input patch), `U = G g G^T` (g: 3x3 kernel),
+//! `Y = A^T M A` (2x2 output), with
+//! `B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, `G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]`,
+//! `A^T = [1 1 1 0; 0 1 -1 -1]`.
+
+use std::cell::RefCell;
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::kernels::Act;
+use crate::ops::conv2d::matmul;
+use crate::ops::multiversion;
+
+/// `U[xi, o, i]` (16 x oc x ic) from PyTorch-layout weights `[oc, ic, 3, 3]`.
+pub fn transform_weights(w: &[f32], oc: usize, ic: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * oc * ic];
+    for o in 0..oc {
+        for i in 0..ic {
+            let g = &w[(o * ic + i) * 9..(o * ic + i) * 9 + 9];
+            // G g: 4x3
+            let mut gg = [[0f64; 3]; 4];
+            for c in 0..3 {
+                let (g0, g1, g2) = (g[c] as f64, g[3 + c] as f64, g[6 + c] as f64);
+                gg[0][c] = g0;
+                gg[1][c] = 0.5 * (g0 + g1 + g2);
+                gg[2][c] = 0.5 * (g0 - g1 + g2);
+                gg[3][c] = g2;
+            }
+            // (G g) G^T: 4x4
+            for (r, row) in gg.iter().enumerate() {
+                let t = [
+                    row[0],
+                    0.5 * (row[0] + row[1] + row[2]),
+                    0.5 * (row[0] - row[1] + row[2]),
+                    row[2],
+                ];
+                for (c, v) in t.iter().enumerate() {
+                    u[((r * 4 + c) * oc + o) * ic + i] = *v as f32;
+                }
+            }
+        }
+    }
+    u
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only its own tiles' outputs, all finished before the layer returns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `n` must stay inside the output buffer.
+    unsafe fn add(self, n: usize) -> OutPtr {
+        OutPtr(self.0.add(n))
+    }
+}
+
+thread_local! {
+    static V: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static M: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+multiversion! {
+/// `V[xi, i, t]` for the tiles of tile rows `ty0..ty1` (all `tw` tiles of each row).
+fn input_transform(x: &[f32], shape: (usize, usize, usize), tiles: (usize, usize, usize), v: &mut [f32], rows: &mut Vec<f32>) {
+    let ((ic, h, w), (ty0, ty1, tw)) = (shape, tiles);
+    let n = (ty1 - ty0) * tw;
+    // One zero-padded row: columns -1 ..= 2 * tw (covers every tile's 4 columns).
+    let pw = 2 * tw + 2;
+    rows.resize(4 * pw, 0.0);
+    for i in 0..ic {
+        let plane = &x[i * h * w..(i + 1) * h * w];
+        for ty in ty0..ty1 {
+            // The 4 padded input rows 2ty-1 ..= 2ty+2.
+            for r in 0..4 {
+                let dst = &mut rows[r * pw..(r + 1) * pw];
+                dst.fill(0.0);
+                let y = (2 * ty + r) as isize - 1;
+                if y >= 0 && (y as usize) < h {
+                    let src = &plane[y as usize * w..(y as usize + 1) * w];
+                    let len = w.min(pw - 1);
+                    dst[1..1 + len].copy_from_slice(&src[..len]);
+                }
+            }
+            // B^T d: row combinations, vectorised over the whole padded width.
+            let (r0, rest) = rows.split_at_mut(pw);
+            let (r1, rest) = rest.split_at_mut(pw);
+            let (r2, r3) = rest.split_at_mut(pw);
+            for c in 0..pw {
+                let (a, b, cc, d) = (r0[c], r1[c], r2[c], r3[c]);
+                r0[c] = a - cc;
+                r3[c] = b - d;
+                r1[c] = b + cc;
+                r2[c] = cc - b;
+            }
+            // (B^T d) B: column combinations, one output row of V per (row, column) pair,
+            // contiguous over the tiles so it vectorises.
+            let base = (ty - ty0) * tw;
+            for (ri, row) in [&*r0, &*r1, &*r2, &*r3].into_iter().enumerate() {
+                let col = |k: usize| (0..tw).map(move |tx| row[2 * tx + k]);
+                let at = |cj: usize| ((ri * 4 + cj) * ic + i) * n + base;
+                for (d, (a, c)) in v[at(0)..at(0) + tw].iter_mut().zip(col(0).zip(col(2))) {
+                    *d = a - c;
+                }
+                for (d, (b, c)) in v[at(1)..at(1) + tw].iter_mut().zip(col(1).zip(col(2))) {
+                    *d = b + c;
+                }
+                for (d, (b, c)) in v[at(2)..at(2) + tw].iter_mut().zip(col(1).zip(col(2))) {
+                    *d = c - b;
+                }
+                for (d, (b, e)) in v[at(3)..at(3) + tw].iter_mut().zip(col(1).zip(col(3))) {
+                    *d = b - e;
+                }
+            }
+        }
+    }
+}
+}
+
+multiversion! {
+/// `Y = A^T M A` + bias, activation, optional pool, for output channels `o0..o1` of the band.
+fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, usize), b: &[f32], act: Act, pool: bool, out: OutPtr) {
+    let (mo, n, ty0, ty1, h, w) = geom;
+    let tw = n / (ty1 - ty0);
+    let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+    let plane = oh * ow;
+    let apply = |v: f32, bias: f32| match act {
+        Act::None => v + bias,
+        Act::Relu => (v + bias).max(0.0),
+        Act::Relu6 => (v + bias).clamp(0.0, 6.0),
+    };
+    // Row-major 2x4 `A^T M` for one tile row, then the 2x2 outputs, each as arrays over the
+    // row's tiles: every loop runs over contiguous memory.
+    let mut r = vec![0f32; 8 * tw];
+    for (o, &bias) in b.iter().enumerate().take(mo) {
+        for ty in ty0..ty1 {
+            let t0 = (ty - ty0) * tw;
+            let slice = |xi: usize| &m[(xi * mo + o) * n + t0..(xi * mo + o) * n + t0 + tw];
+            for c in 0..4 {
+                let (m0, m1, m2, m3) = (slice(c), slice(4 + c), slice(8 + c), slice(12 + c));
+                let (top, bottom) = r.split_at_mut(4 * tw);
+                let (top, bottom) = (&mut top[c * tw..(c + 1) * tw], &mut bottom[c * tw..(c + 1) * tw]);
+                for t in 0..tw {
+                    top[t] = m0[t] + m1[t] + m2[t];
+                    bottom[t] = m1[t] - m2[t] - m3[t];
+                }
+            }
+            let rr = |row: usize, c: usize| &r[(row * 4 + c) * tw..(row * 4 + c + 1) * tw];
+            let y = |row: usize, t: usize| {
+                let (a, b2, c, d) = (rr(row, 0)[t], rr(row, 1)[t], rr(row, 2)[t], rr(row, 3)[t]);
+                (a + b2 + c, b2 - c - d)
+            };
+            if pool {
+                // SAFETY: row ty of plane o (pooled), tw == ow when pooling.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(o * plane + ty * ow), tw) };
+                for (t, d) in dst.iter_mut().enumerate() {
+                    let (y00, y01) = y(0, t);
+                    let (y10, y11) = y(1, t);
+                    *d = apply(y00.max(y01).max(y10).max(y11), bias);
+                }
+            } else {
+                for dy in 0..2 {
+                    let yy = 2 * ty + dy;
+                    if yy >= h {
+                        continue;
+                    }
+                    // SAFETY: row yy of plane o, inside [oc, h, w].
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(o * plane + yy * ow), w) };
+                    for (t, pair) in dst.chunks_mut(2).enumerate() {
+                        let (a, c) = y(dy, t);
+                        pair[0] = apply(a, bias);
+                        if pair.len() > 1 {
+                            pair[1] = apply(c, bias);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+/// 3x3 conv + bias + `act` (+ 2x2 max pool) with transformed weights `u` (16 x oc x ic).
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3(
+    x: &[f32],
+    (ic, h, w): (usize, usize, usize),
+    u: &[f32],
+    b: &[f32],
+    oc: usize,
+    act: Act,
+    pool: bool,
+    out: &mut [f32],
+    split: bool,
+) {
+    // Tiles that produce needed outputs (a pool drops an odd last row / column).
+    let (th, tw) = if pool {
+        (h / 2, w / 2)
+    } else {
+        (h.div_ceil(2), w.div_ceil(2))
+    };
+    if th == 0 || tw == 0 {
+        return;
+    }
+    // Bands of tile rows holding about 1 MiB of V and M.
+    let per_row = 16 * (ic + oc) * tw;
+    let band = ((1 << 18) / per_row).clamp(1, th);
+    let threads = if split {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let bands: Vec<(usize, usize)> = (0..th)
+        .step_by(band)
+        .map(|t0| (t0, (t0 + band).min(th)))
+        .collect();
+    // Few bands (small, deep layers): also split the output channels.
+    let chunks = if bands.len() >= 2 * threads {
+        1
+    } else {
+        (2 * threads).div_ceil(bands.len()).min(oc / 16).max(1)
+    };
+    let per = oc.div_ceil(chunks);
+    let tasks: Vec<(usize, usize, usize, usize)> = bands
+        .iter()
+        .flat_map(|&(t0, t1)| {
+            (0..oc)
+                .step_by(per)
+                .map(move |o0| (t0, t1, o0, (o0 + per).min(oc)))
+        })
+        .collect();
+    let plane = if pool { (h / 2) * (w / 2) } else { h * w };
+    let out = OutPtr(out.as_mut_ptr());
+    let run = |&(t0, t1, o0, o1): &(usize, usize, usize, usize)| {
+        let n = (t1 - t0) * tw;
+        let mo = o1 - o0;
+        V.with(|v| {
+            M.with(|m| {
+                ROWS.with(|rows| {
+                    let (mut v, mut m, mut rows) =
+                        (v.borrow_mut(), m.borrow_mut(), rows.borrow_mut());
+                    v.resize(16 * ic * n, 0.0);
+                    m.resize(16 * mo * n, 0.0);
+                    input_transform(x, (ic, h, w), (t0, t1, tw), &mut v, &mut rows);
+                    for xi in 0..16 {
+                        // SAFETY: U[xi] rows o0..o1 ([oc, ic]), V[xi] is [ic, n], M[xi] is
+                        // [mo, n], all dense row-major.
+                        unsafe {
+                            matmul(
+                                (mo, n, ic),
+                                m.as_mut_ptr().add(xi * mo * n),
+                                false,
+                                (u.as_ptr().add((xi * oc + o0) * ic), ic, 1),
+                                (v.as_ptr().add(xi * ic * n), n, 1),
+                                Parallelism::None,
+                            );
+                        }
+                    }
+                    // SAFETY: plane o0 of the [oc, h', w'] output.
+                    let dst = unsafe { out.add(o0 * plane) };
+                    output_transform(&m, (mo, n, t0, t1, h, w), &b[o0..o1], act, pool, dst);
+                })
+            })
+        })
+    };
+    if split && tasks.len() > 1 {
+        tasks.par_iter().for_each(run);
+    } else {
+        tasks.iter().for_each(run);
+    }
+}
