@@ -31,7 +31,7 @@ impl Act {
 
 /// The output buffer shared by the threads of one layer; each writes disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct OutPtr(pub(crate) *mut f32);
 // SAFETY: only used to write disjoint elements from the bands of one layer, which all finish
 // before the layer returns.
 unsafe impl Send for OutPtr {}
@@ -201,6 +201,26 @@ pub fn conv3x3(
 ) {
     let k = ic * 9;
     let out = OutPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if ic <= direct::MAX_INPUT_CHANNELS && crate::ops::simd_level() == 2 {
+        let work = tasks(&bands(h, w, pool, 4096), oc, split);
+        for_tasks(&work, split, |rows, (o0, o1)| {
+            let dst = plane_offset(out, o0, (h, w), pool);
+            // SAFETY: AVX-512 is present (simd_level 2); dst is plane o0 of the output and
+            // this task writes rows `rows` of channels o0..o1 only.
+            unsafe {
+                direct::conv3x3(
+                    x,
+                    (ic, h, w, rows.0, rows.1),
+                    &wt[o0 * k..o1 * k],
+                    &b[o0..o1],
+                    (act, pool),
+                    dst.0,
+                )
+            };
+        });
+        return;
+    }
     // About 256 KiB of im2col rows per band: the band's columns and result stay in L2.
     let work = tasks(&bands(h, w, pool, 65536 / k), oc, split);
     for_tasks(&work, split, |(y0, y1), (o0, o1)| {
@@ -331,4 +351,146 @@ fn depthwise_plane(
         }
     }
 }
+}
+
+/// Direct 3x3 convolution for the RGB input layer (AVX-512): an im2col reduction of only
+/// `9 * ic` is too short for a GEMM to run well, so each 8-channel x 16-pixel output tile
+/// accumulates in eight registers over all taps, one load and eight FMAs per tap.
+#[cfg(target_arch = "x86_64")]
+mod direct {
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    use super::Act;
+
+    /// Up to this many input channels the direct kernel is used.
+    pub const MAX_INPUT_CHANNELS: usize = 4;
+    const OB: usize = 8;
+    const L: usize = 16;
+
+    thread_local! {
+        static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Output rows `y0..y1` of the channels whose weights `wt` (`[m, ic * 9]`) and biases `b`
+    /// hold, + activation (+ 2x2 max pool), written from `out` (that layer's plane of the
+    /// first of these channels).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `out` must address `b.len()` output planes of the layer
+    /// (`[h', w']` each) and no other thread may write rows `y0..y1` (pooled: `y0/2..y1/2`)
+    /// of them.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn conv3x3(
+        x: &[f32],
+        (ic, h, w, y0, y1): (usize, usize, usize, usize, usize),
+        wt: &[f32],
+        b: &[f32],
+        (act, pool): (Act, bool),
+        out: *mut f32,
+    ) {
+        let (m, k) = (b.len(), ic * 9);
+        let nr = y1 - y0 + 2;
+        // Padded rows y0-1 ..= y1: a zero column on the left, zeros on the right up to whole
+        // tiles plus the right neighbour.
+        let pw = w.div_ceil(L) * L + 2;
+        PAD.with(|pad| {
+            let mut pad = pad.borrow_mut();
+            pad.clear();
+            pad.resize(ic * nr * pw, 0.0);
+            for ci in 0..ic {
+                for r in 0..nr {
+                    let y = (y0 + r) as isize - 1;
+                    if y >= 0 && (y as usize) < h {
+                        let src = &x[(ci * h + y as usize) * w..(ci * h + y as usize + 1) * w];
+                        let at = (ci * nr + r) * pw + 1;
+                        pad[at..at + w].copy_from_slice(src);
+                    }
+                }
+            }
+            let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+            let mut wv = vec![[0f32; OB]; k];
+            let mut top = [_mm512_setzero_ps(); OB];
+            let mut bottom = [_mm512_setzero_ps(); OB];
+            let (lo, hi) = match act {
+                Act::None => (f32::NEG_INFINITY, f32::INFINITY),
+                Act::Relu => (0.0, f32::INFINITY),
+                Act::Relu6 => (0.0, 6.0),
+            };
+            let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+            // Lanes 0..8 <- the max of lane pairs (0,1), (2,3), ...
+            let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+            let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+            for o in (0..m).step_by(OB) {
+                let mo = OB.min(m - o);
+                for (tap, v) in wv.iter_mut().enumerate() {
+                    for (j, x) in v.iter_mut().enumerate() {
+                        *x = if j < mo { wt[(o + j) * k + tap] } else { 0.0 };
+                    }
+                }
+                let step = if pool { 2 } else { 1 };
+                for y in (y0..y1).step_by(step) {
+                    for xs in (0..w).step_by(L) {
+                        tile(&pad, (y - y0) * pw + xs, (nr * pw, pw), &wv, &mut top);
+                        if pool {
+                            tile(
+                                &pad,
+                                (y + 1 - y0) * pw + xs,
+                                (nr * pw, pw),
+                                &wv,
+                                &mut bottom,
+                            );
+                            let n = (ow - xs / 2).min(L / 2);
+                            let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+                            for j in 0..mo {
+                                let v = _mm512_max_ps(top[j], bottom[j]);
+                                let v = _mm512_max_ps(
+                                    _mm512_permutexvar_ps(evens, v),
+                                    _mm512_permutexvar_ps(odds, v),
+                                );
+                                let v = _mm512_add_ps(v, _mm512_set1_ps(b[o + j]));
+                                let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                                let dst = out.add((o + j) * oh * ow + (y / 2) * ow + xs / 2);
+                                _mm512_mask_storeu_ps(dst, mask, v);
+                            }
+                        } else {
+                            let n = (w - xs).min(L);
+                            let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+                            for j in 0..mo {
+                                let v = _mm512_add_ps(top[j], _mm512_set1_ps(b[o + j]));
+                                let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                                let dst = out.add((o + j) * oh * ow + y * ow + xs);
+                                _mm512_mask_storeu_ps(dst, mask, v);
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// One tile: `acc[j][l] = sum over (ci, ky, kx) of w[j][tap] * pad[ci][row + ky][x + l + kx]`.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile(
+        pad: &[f32],
+        base: usize,
+        (cs, pw): (usize, usize),
+        wv: &[[f32; OB]],
+        acc: &mut [__m512; OB],
+    ) {
+        *acc = [_mm512_setzero_ps(); OB];
+        for (ci, taps) in wv.chunks_exact(9).enumerate() {
+            for ky in 0..3 {
+                let row = base + ci * cs + ky * pw;
+                debug_assert!(row + 2 + L <= pad.len());
+                for kx in 0..3 {
+                    let s = _mm512_loadu_ps(pad.as_ptr().add(row + kx));
+                    let wj = &taps[ky * 3 + kx];
+                    for j in 0..OB {
+                        acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(wj[j]), s, acc[j]);
+                    }
+                }
+            }
+        }
+    }
 }

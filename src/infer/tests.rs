@@ -153,8 +153,15 @@ fn reference(
     y.flatten_all().unwrap().to_vec1().unwrap()
 }
 
-const SHAPES: [(usize, usize, usize); 5] =
-    [(3, 7, 5), (5, 1, 1), (4, 9, 13), (16, 33, 31), (2, 2, 3)];
+const SHAPES: [(usize, usize, usize); 7] = [
+    (3, 7, 5),
+    (5, 1, 1),
+    (4, 9, 13),
+    (16, 33, 31),
+    (2, 2, 3),
+    (1, 20, 35),
+    (3, 34, 48),
+];
 
 #[test]
 fn conv3x3_kernel_matches_candle() {
