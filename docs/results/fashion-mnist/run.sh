@@ -2,6 +2,7 @@
 # Reproduces docs/results/fashion-mnist: every row of results.md, in order, resumable.
 #
 #   bash docs/results/fashion-mnist/run.sh            # the whole series (~2.5 h on 2 cores)
+#   LANE_THREADS=4 ...                                  # threads per lane on a bigger machine
 #   SLIMTRAIN=path/to/slimtrain RUNS=runs/fmnist bash docs/results/fashion-mnist/run.sh
 #
 # Each run directory keeps its checkpoints, so after a kill the same command continues where it
@@ -38,16 +39,23 @@ fit() {
 
 fit big train --arch big
 fit kd distill --teacher "$RUNS/big/best" --arch student-deeper --temperature 20 --alpha 0.5
-fit student-deeper train --arch student-deeper
-fit std-conv train --arch std-conv
-fit group-conv train --arch group-conv
-
-# pruning curves from the distilled student-deeper: 5 steps, 1 fine-tuning epoch each,
-# fresh AdamW per step, cross-entropy only (as the study)
-for rate in 0.95 0.90; do
-  [[ -f "$RUNS/prune-$rate/curve.csv" ]] && [[ $(wc -l <"$RUNS/prune-$rate/curve.csv") -ge 7 ]] && continue
+# The rest runs as two lanes of one thread each (two single-threaded runs get more done on two
+# cores than one run split across both): the scratch student and group-conv, and std-conv and
+# the pruning curves. Pruning starts from the distilled student-deeper: 5 steps, 1 fine-tuning
+# epoch each, a fresh AdamW per step, cross-entropy only (as the study).
+prune_curve() {
+  local rate=$1
+  [[ -f "$RUNS/prune-$rate/curve.csv" ]] && [[ $(wc -l <"$RUNS/prune-$rate/curve.csv") -ge 7 ]] && return
   run "prune-$rate" prune --model "$RUNS/kd/best" --rate "$rate" --steps 5 --epochs 1 --lr 5e-4
-done
+}
+export RAYON_NUM_THREADS=${LANE_THREADS:-1}
+(fit student-deeper train --arch student-deeper && fit group-conv train --arch group-conv) &
+lane_a=$!
+(fit std-conv train --arch std-conv && prune_curve 0.95 && prune_curve 0.90) &
+lane_b=$!
+wait $lane_a
+wait $lane_b
+unset RAYON_NUM_THREADS
 
 for fmt in uint8 uint8_per_channel f16; do
   "$SLIMTRAIN" quantize --model "$RUNS/kd/best" --out "$RUNS/kd-$fmt" --format "$fmt"
