@@ -72,8 +72,8 @@ for m in big big-uint8 kd kd-uint8 kd-uint8_per_channel kd-f16 student-deeper st
   models+=(--model "$m=$dir:$OUT/eval-$m.json")
 done
 "$SLIMTRAIN" report --out "$OUT" --title "Fashion-MNIST (64x64, full 10,000-image test set)" \
-  --run big=$RUNS/big --run kd=$RUNS/kd --run student-deeper=$RUNS/student-deeper \
-  --run std-conv=$RUNS/std-conv --run group-conv=$RUNS/group-conv \
+  --run big-run=$RUNS/big --run kd-run=$RUNS/kd --run student-deeper-run=$RUNS/student-deeper \
+  --run std-conv-run=$RUNS/std-conv --run group-conv-run=$RUNS/group-conv \
   --prune rate-0.95=$RUNS/prune-0.95 --prune rate-0.90=$RUNS/prune-0.90 "${models[@]}"
 for f in "$RUNS"/*/log.csv "$RUNS"/prune-*/curve.csv; do
   n=$(basename "$(dirname "$f")")
