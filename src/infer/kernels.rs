@@ -31,7 +31,7 @@ impl Act {
 
 /// The output buffer shared by the threads of one layer; each writes disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(pub(crate) *mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: only used to write disjoint elements from the bands of one layer, which all finish
 // before the layer returns.
 unsafe impl Send for OutPtr {}
@@ -58,10 +58,14 @@ fn bands(h: usize, w: usize, pool: bool, target: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Work items `(y0, y1, o0, o1)`: a band of rows and a slice of output channels. When `split`
+/// Work items `(y0, y1, o0, o1)`: a band of rows (or of Winograd tile rows) and a slice of output channels. When `split`
 /// leaves fewer bands than twice the threads (small images deep in the net), the output
 /// channels are cut into slices of at least 16 so every thread gets work.
-fn tasks(bands: &[(usize, usize)], oc: usize, split: bool) -> Vec<(usize, usize, usize, usize)> {
+pub(super) fn tasks(
+    bands: &[(usize, usize)],
+    oc: usize,
+    split: bool,
+) -> Vec<(usize, usize, usize, usize)> {
     let want = if split {
         2 * rayon::current_num_threads()
     } else {
@@ -83,7 +87,7 @@ fn tasks(bands: &[(usize, usize)], oc: usize, split: bool) -> Vec<(usize, usize,
         .collect()
 }
 
-fn for_tasks(
+pub(super) fn for_tasks(
     tasks: &[(usize, usize, usize, usize)],
     split: bool,
     f: impl Fn((usize, usize), (usize, usize)) + Sync,
@@ -100,7 +104,7 @@ fn for_tasks(
 }
 
 /// `out` advanced to output plane `o0` of a layer with `(h, w)` inputs.
-fn plane_offset(out: OutPtr, o0: usize, (h, w): (usize, usize), pool: bool) -> OutPtr {
+pub(super) fn plane_offset(out: OutPtr, o0: usize, (h, w): (usize, usize), pool: bool) -> OutPtr {
     let plane = if pool { (h / 2) * (w / 2) } else { h * w };
     // SAFETY: o0 < oc, so the offset stays inside the [oc, h', w'] output.
     OutPtr(unsafe { out.0.add(o0 * plane) })

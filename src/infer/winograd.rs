@@ -12,9 +12,8 @@
 use std::cell::RefCell;
 
 use gemm::Parallelism;
-use rayon::prelude::*;
 
-use super::kernels::Act;
+use super::kernels::{for_tasks, plane_offset, tasks, Act, OutPtr};
 use crate::ops::conv2d::matmul;
 use crate::ops::multiversion;
 
@@ -48,20 +47,6 @@ pub fn transform_weights(w: &[f32], oc: usize, ic: usize) -> Vec<f32> {
         }
     }
     u
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own tiles' outputs, all finished before the layer returns.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `n` must stay inside the output buffer.
-    unsafe fn add(self, n: usize) -> OutPtr {
-        OutPtr(self.0.add(n))
-    }
 }
 
 thread_local! {
@@ -215,33 +200,14 @@ pub fn conv3x3(
     // Bands of tile rows holding about 1 MiB of V and M.
     let per_row = 16 * (ic + oc) * tw;
     let band = ((1 << 18) / per_row).clamp(1, th);
-    let threads = if split {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
     let bands: Vec<(usize, usize)> = (0..th)
         .step_by(band)
         .map(|t0| (t0, (t0 + band).min(th)))
         .collect();
     // Few bands (small, deep layers): also split the output channels.
-    let chunks = if bands.len() >= 2 * threads {
-        1
-    } else {
-        (2 * threads).div_ceil(bands.len()).min(oc / 16).max(1)
-    };
-    let per = oc.div_ceil(chunks);
-    let tasks: Vec<(usize, usize, usize, usize)> = bands
-        .iter()
-        .flat_map(|&(t0, t1)| {
-            (0..oc)
-                .step_by(per)
-                .map(move |o0| (t0, t1, o0, (o0 + per).min(oc)))
-        })
-        .collect();
-    let plane = if pool { (h / 2) * (w / 2) } else { h * w };
+    let work = tasks(&bands, oc, split);
     let out = OutPtr(out.as_mut_ptr());
-    let run = |&(t0, t1, o0, o1): &(usize, usize, usize, usize)| {
+    for_tasks(&work, split, |(t0, t1), (o0, o1)| {
         let n = (t1 - t0) * tw;
         let mo = o1 - o0;
         V.with(|v| {
@@ -266,16 +232,10 @@ pub fn conv3x3(
                             );
                         }
                     }
-                    // SAFETY: plane o0 of the [oc, h', w'] output.
-                    let dst = unsafe { out.add(o0 * plane) };
+                    let dst = plane_offset(out, o0, (h, w), pool);
                     output_transform(&m, (mo, n, t0, t1, h, w), &b[o0..o1], act, pool, dst);
                 })
             })
         })
-    };
-    if split && tasks.len() > 1 {
-        tasks.par_iter().for_each(run);
-    } else {
-        tasks.iter().for_each(run);
-    }
+    });
 }
