@@ -46,7 +46,7 @@ thread_local! {
 
 /// Bands of output rows `[y0, y1)` covering the rows a layer computes (an odd last row is
 /// skipped when a 2x2 pool follows, as PyTorch's floor does), about `target` floats wide.
-fn bands(h: usize, w: usize, pool: bool, target: usize) -> Vec<(usize, usize)> {
+pub(super) fn bands(h: usize, w: usize, pool: bool, target: usize) -> Vec<(usize, usize)> {
     let rows = if pool { h / 2 * 2 } else { h };
     let mut band = (target / w.max(1)).max(1);
     if pool {
@@ -113,7 +113,7 @@ pub(super) fn plane_offset(out: OutPtr, o0: usize, (h, w): (usize, usize), pool:
 multiversion! {
 /// Bias, activation and the optional 2x2 max pool from a band's raw GEMM result
 /// (`[oc, rows * w]`) into the layer's output (`[oc, oh, ow]`).
-fn epilogue(
+pub(super) fn epilogue(
     band: &[f32],
     rows: (usize, usize, usize, usize),
     b: &[f32],
@@ -254,96 +254,22 @@ pub fn conv3x3(
     });
 }
 
-/// 1x1 convolution + bias (+ 2x2 max pool), one GEMM per band straight over `x` (`[ic, h, w]`).
-#[allow(clippy::too_many_arguments)]
-pub fn pointwise(
-    x: &[f32],
-    (ic, h, w): (usize, usize, usize),
-    wt: &[f32],
-    b: &[f32],
-    oc: usize,
-    pool: bool,
-    out: &mut [f32],
-    split: bool,
-) {
-    let out = OutPtr(out.as_mut_ptr());
-    let work = tasks(&bands(h, w, pool, 65536 / oc.max(ic)), oc, split);
-    for_tasks(&work, split, |(y0, y1), (o0, o1)| {
-        let (n, m) = ((y1 - y0) * w, o1 - o0);
-        BAND.with(|band| {
-            let mut band = band.borrow_mut();
-            band.resize(m * n, 0.0);
-            // SAFETY: rows o0..o1 of wt ([oc, ic]); the rhs is the [ic, n] block of x starting
-            // at row y0 of every channel (row stride h * w); band is [m, n].
-            unsafe {
-                matmul(
-                    (m, n, ic),
-                    band.as_mut_ptr(),
-                    false,
-                    (wt.as_ptr().add(o0 * ic), ic, 1),
-                    (x.as_ptr().add(y0 * w), h * w, 1),
-                    Parallelism::None,
-                );
-            }
-            let dst = plane_offset(out, o0, (h, w), pool);
-            epilogue(&band, (y0, y1, h, w), &b[o0..o1], Act::None, pool, dst);
-        })
-    });
-}
-
-/// Depthwise 3x3 (stride 1, pad 1) + bias + `act`, per channel.
-pub fn depthwise(
-    x: &[f32],
-    (c, h, w): (usize, usize, usize),
-    wt: &[[f32; 9]],
-    b: &[f32],
-    act: Act,
-    out: &mut [f32],
-    split: bool,
-) {
-    let plane = h * w;
-    let zeros = vec![0f32; w];
-    let one = |(ch, o): (usize, &mut [f32])| {
-        depthwise_plane(
-            o,
-            &x[ch * plane..(ch + 1) * plane],
-            &wt[ch],
-            b[ch],
-            (h, w),
-            act,
-            &zeros,
-        )
-    };
-    let out = &mut out[..c * plane];
-    if split && c > 1 {
-        // Whole-channel chunks of about equal size, two per thread.
-        let per = c.div_ceil(2 * rayon::current_num_threads()).max(1);
-        out.par_chunks_mut(per * plane)
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                chunk
-                    .chunks_mut(plane)
-                    .enumerate()
-                    .for_each(|(j, o)| one((i * per + j, o)))
-            });
-    } else {
-        out.chunks_mut(plane).enumerate().for_each(one);
-    }
-}
-
 multiversion! {
-/// One channel: 3x3 correlation with zero padding, bias and `act`, row by row in cache.
-fn depthwise_plane(
+/// Rows `y0..y1` of one channel's 3x3 correlation with zero padding, bias and `act` (`out`
+/// holds those rows), row by row in cache.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn depthwise_rows(
     out: &mut [f32],
     src: &[f32],
     k: &[f32; 9],
     bias: f32,
     hw: (usize, usize),
+    rows: (usize, usize),
     act: Act,
     zeros: &[f32],
 ) {
-    let (h, w) = hw;
-    for (y, out_row) in out.chunks_exact_mut(w).enumerate() {
+    let ((h, w), (y0, y1)) = (hw, rows);
+    for (y, out_row) in (y0..y1).zip(out.chunks_exact_mut(w)) {
         let row = |r: usize| &src[r * w..(r + 1) * w];
         let above = if y > 0 { row(y - 1) } else { zeros };
         let below = if y + 1 < h { row(y + 1) } else { zeros };

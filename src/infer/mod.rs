@@ -7,9 +7,9 @@
 //! - 3x3 convolution (`big`, `std-conv`, the students' stem): im2col over a band of output rows
 //!   sized to stay in cache, one GEMM per band, and bias, activation and max pool applied to
 //!   the band while it is hot;
-//! - depthwise 3x3 with its bias and ReLU6;
-//! - pointwise 1x1 convolution: one GEMM straight over the NCHW activations (no copy), bias and
-//!   pool fused per band;
+//! - the students' depthwise-separable block in one pass per band of rows: depthwise 3x3 with
+//!   its bias and ReLU6 into a buffer that stays in cache, then the pointwise 1x1 GEMM over it
+//!   with bias and pool ([`separable`]);
 //! - global average pool + linear, or flatten + linear.
 //!
 //! Parallelism: a batch with at least as many images as threads runs one image per thread
@@ -18,6 +18,7 @@
 //! `resnet18`) keep candle's path; [`FastModel::compile`] says which.
 
 mod kernels;
+mod separable;
 #[cfg(test)]
 mod tests;
 mod winograd;
@@ -29,8 +30,9 @@ use rayon::prelude::*;
 
 use crate::zoo::layers::{Bn, Conv, Linear, BN_EPS};
 use crate::zoo::{Model, ModelSpec, Net};
+use kernels::conv3x3;
 pub use kernels::Act;
-use kernels::{conv3x3, depthwise, pointwise};
+use separable::Separable;
 
 /// Why a model has no compiled form.
 #[derive(Debug, thiserror::Error)]
@@ -62,21 +64,8 @@ enum Layer {
         act: Act,
         pool: bool,
     },
-    /// Depthwise 3x3 with BatchNorm folded in, then `act`.
-    Depthwise {
-        c: usize,
-        w: Vec<[f32; 9]>,
-        b: Vec<f32>,
-        act: Act,
-    },
-    /// 1x1, weights `[oc, ic]`.
-    Pointwise {
-        ic: usize,
-        oc: usize,
-        w: Vec<f32>,
-        b: Vec<f32>,
-        pool: bool,
-    },
+    /// Depthwise 3x3 + BatchNorm + ReLU6, then pointwise 1x1 (+ 2x2 max pool), fused.
+    Separable(Box<Separable>),
 }
 
 #[derive(Debug, Clone)]
@@ -211,27 +200,17 @@ impl FastModel {
                         // group-conv: grouped 3x3, not depthwise
                         return Err(unsupported());
                     }
-                    let (w, b) = fold(&block.spatial, Some(&block.bn))?;
-                    layers.push(Layer::Depthwise {
-                        c,
-                        w: w.chunks_exact(9)
+                    let (dw_w, dw_b) = fold(&block.spatial, Some(&block.bn))?;
+                    let (pw_w, pw_b) = fold(&block.pointwise, None)?;
+                    layers.push(Layer::Separable(Box::new(Separable::new(
+                        dw_w.chunks_exact(9)
                             .map(|k| k.try_into().expect("9 taps"))
                             .collect(),
-                        b,
-                        act: Act::Relu6,
-                    });
-                    let (oc, ic) = (
-                        block.pointwise.weight().dim(0)?,
-                        block.pointwise.weight().dim(1)?,
-                    );
-                    let (w, b) = fold(&block.pointwise, None)?;
-                    layers.push(Layer::Pointwise {
-                        ic,
-                        oc,
-                        w,
-                        b,
-                        pool: block.pool,
-                    });
+                        dw_b,
+                        pw_w,
+                        pw_b,
+                        block.pool,
+                    ))));
                 }
                 let (w, b) = linear(net.fc())?;
                 Head::Gap { w, b }
@@ -264,16 +243,10 @@ impl FastModel {
         let mut out = vec![shape];
         for l in &self.layers {
             shape = match *l {
-                Layer::Conv3x3 { oc, pool, .. }
-                | Layer::Winograd { oc, pool, .. }
-                | Layer::Pointwise { oc, pool, .. } => {
-                    if pool {
-                        (oc, shape.1 / 2, shape.2 / 2)
-                    } else {
-                        (oc, shape.1, shape.2)
-                    }
+                Layer::Conv3x3 { oc, pool, .. } | Layer::Winograd { oc, pool, .. } => {
+                    pooled((oc, shape.1, shape.2), pool)
                 }
-                Layer::Depthwise { .. } => shape,
+                Layer::Separable(ref s) => pooled((s.oc, shape.1, shape.2), s.pool),
             };
             out.push(shape);
         }
@@ -305,6 +278,13 @@ impl FastModel {
     /// as batch 1 runs), best of `repeats`; for profiles in benchmarks.
     pub fn profile(&self, x: &[f32], split: bool, repeats: usize) -> Vec<(String, f64)> {
         let mut best: Vec<(String, f64)> = Vec::new();
+        // Warm-up: caches, page faults, the thread pool and the clock speed settle first (a
+        // cold profile reads up to 30% slower than the steady state).
+        let warm = std::time::Instant::now();
+        while warm.elapsed().as_secs_f64() < 0.5 {
+            let mut logits = vec![0f32; self.spec.num_classes];
+            self.run(x, &mut logits, split, false);
+        }
         for _ in 0..repeats.max(1) {
             let mut logits = vec![0f32; self.spec.num_classes];
             let times = self.run(x, &mut logits, split, true);
@@ -325,6 +305,12 @@ impl FastModel {
     }
 
     fn run(&self, x: &[f32], logits: &mut [f32], split: bool, timed: bool) -> Vec<(String, f64)> {
+        if split && rayon::current_thread_index().is_none() {
+            // From outside the pool every parallel layer would hand its work to the pool and
+            // block on a condition variable (tens of microseconds per layer); run the whole
+            // image on a worker instead, so each layer's split is a cheap join.
+            return rayon::scope(|_| self.run(x, logits, split, timed));
+        }
         let mut times = Vec::new();
         thread_local! {
             static ACTIVATIONS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -358,16 +344,7 @@ impl FastModel {
                         act,
                         pool,
                     } => winograd::conv3x3(input, (*ic, h, w), u, b, *oc, *act, *pool, dst, split),
-                    Layer::Depthwise { c, w: wt, b, act } => {
-                        depthwise(input, (*c, h, w), wt, b, *act, dst, split)
-                    }
-                    Layer::Pointwise {
-                        ic,
-                        oc,
-                        w: wt,
-                        b,
-                        pool,
-                    } => pointwise(input, (*ic, h, w), wt, b, *oc, *pool, dst, split),
+                    Layer::Separable(s) => s.run(input, (h, w), dst, split),
                 }
                 if let Some(t) = started {
                     let what = match l {
@@ -375,8 +352,9 @@ impl FastModel {
                         Layer::Winograd { ic, oc, .. } => {
                             format!("winograd 3x3 {ic}->{oc} @{h}x{w}")
                         }
-                        Layer::Depthwise { c, .. } => format!("depthwise {c} @{h}x{w}"),
-                        Layer::Pointwise { ic, oc, .. } => format!("pointwise {ic}->{oc} @{h}x{w}"),
+                        Layer::Separable(s) => {
+                            format!("separable {}->{} @{h}x{w}", s.ic, s.oc)
+                        }
                     };
                     times.push((what, t.elapsed().as_secs_f64() * 1e3));
                 }
@@ -397,6 +375,15 @@ impl FastModel {
             }
         });
         times
+    }
+}
+
+/// `shape` after an optional 2x2 max pool (floor).
+fn pooled((c, h, w): (usize, usize, usize), pool: bool) -> (usize, usize, usize) {
+    if pool {
+        (c, h / 2, w / 2)
+    } else {
+        (c, h, w)
     }
 }
 

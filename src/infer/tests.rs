@@ -5,7 +5,8 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::kernels::{conv3x3, depthwise, pointwise, Act};
+use super::kernels::{conv3x3, Act};
+use super::separable::{avx512, Separable};
 use super::{winograd, FastModel};
 use crate::zoo::{Arch, Model, ModelSpec};
 
@@ -192,53 +193,54 @@ fn conv3x3_kernel_matches_candle() {
     }
 }
 
+/// The separable block against candle's depthwise conv -> ReLU6 -> pointwise conv (-> pool),
+/// with the AVX-512 kernels (where the CPU has them) and the portable ones, whole and split.
 #[test]
-fn pointwise_kernel_matches_candle() {
+fn separable_kernel_matches_candle() {
     let mut rng = StdRng::seed_from_u64(4);
-    for (ic, h, w) in SHAPES {
-        for (oc, pool) in [(8, false), (5, true), (300, false)] {
+    let kernels: &[bool] = if avx512() { &[true, false] } else { &[false] };
+    for (ic, h, w) in SHAPES.into_iter().chain([(16, 16, 16), (40, 17, 33)]) {
+        for (oc, pool) in [(8, false), (5, true), (300, false), (19, true)] {
             if pool && h < 2 {
                 continue;
             }
             let x = rand_vec(&mut rng, ic * h * w, 1.0);
-            let wt = rand_vec(&mut rng, oc * ic, 0.5);
-            let b = rand_vec(&mut rng, oc, 0.5);
-            let want = reference(
+            let (dw, dw_b) = (rand_vec(&mut rng, ic * 9, 0.8), rand_vec(&mut rng, ic, 0.5));
+            let (pw, pw_b) = (
+                rand_vec(&mut rng, oc * ic, 0.5),
+                rand_vec(&mut rng, oc, 0.5),
+            );
+            let mid = reference(
                 &x,
                 (ic, h, w),
-                (&wt, (oc, ic, 1, 1)),
+                (&dw, (ic, 1, 3, 3)),
+                ic,
+                &dw_b,
+                Act::Relu6,
+                false,
+            );
+            let want = reference(
+                &mid,
+                (ic, h, w),
+                (&pw, (oc, ic, 1, 1)),
                 1,
-                &b,
+                &pw_b,
                 Act::None,
                 pool,
             );
-            for split in [false, true] {
-                let mut out = vec![f32::NAN; want.len()];
-                pointwise(&x, (ic, h, w), &wt, &b, oc, pool, &mut out, split);
-                let rel = max_rel(&out, &want);
-                assert!(
-                    rel < 1e-5,
-                    "pointwise {ic}x{h}x{w} -> {oc} pool {pool}: {rel:e}"
-                );
+            let taps = dw.chunks_exact(9).map(|k| k.try_into().unwrap()).collect();
+            let block = Separable::new(taps, dw_b, pw, pw_b, pool);
+            for &avx in kernels {
+                for split in [false, true] {
+                    let mut out = vec![f32::NAN; want.len()];
+                    block.run_with(&x, (h, w), &mut out, split, avx);
+                    let rel = max_rel(&out, &want);
+                    assert!(
+                        rel < 1e-5,
+                        "separable {ic}x{h}x{w} -> {oc} pool {pool} avx {avx} split {split}: {rel:e}"
+                    );
+                }
             }
-        }
-    }
-}
-
-#[test]
-fn depthwise_kernel_matches_candle() {
-    let mut rng = StdRng::seed_from_u64(5);
-    for (c, h, w) in SHAPES {
-        let x = rand_vec(&mut rng, c * h * w, 1.0);
-        let wt = rand_vec(&mut rng, c * 9, 0.8);
-        let b = rand_vec(&mut rng, c, 0.5);
-        let taps: Vec<[f32; 9]> = wt.chunks_exact(9).map(|k| k.try_into().unwrap()).collect();
-        let want = reference(&x, (c, h, w), (&wt, (c, 1, 3, 3)), c, &b, Act::Relu6, false);
-        for split in [false, true] {
-            let mut out = vec![f32::NAN; want.len()];
-            depthwise(&x, (c, h, w), &taps, &b, Act::Relu6, &mut out, split);
-            let rel = max_rel(&out, &want);
-            assert!(rel < 1e-5, "depthwise {c}x{h}x{w}: {rel:e}");
         }
     }
 }

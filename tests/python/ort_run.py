@@ -12,6 +12,12 @@
       threads, inter_op_num_threads = 1 and ORT_ENABLE_ALL graph optimisations; prints
       {"images_per_s": ..., ...} as JSON on stdout.
 
+  ort_run.py serve --model m.onnx --batch 8 --threads 1
+      As bench, but measures on request, so the caller can interleave its own runs with
+      ONNX Runtime's: after the warm-up prints {"ready": true}, then for each line on stdin
+      (a number of seconds) measures that long and prints one JSON line as bench does.
+      Exits at the end of stdin.
+
 Needs onnxruntime, onnx and numpy:
   python3 -m venv .venv && .venv/bin/pip install onnxruntime onnx numpy
 """
@@ -65,7 +71,8 @@ def cmd_run(args):
     )
 
 
-def cmd_bench(args):
+def bench_session(args):
+    """A session for args.model with a random input batch, warmed up."""
     sess = session(args.model, threads=args.threads)
     inp = sess.get_inputs()[0]
     _, c, h, w = inp.shape
@@ -79,32 +86,50 @@ def cmd_bench(args):
     while warm < 2 or time.perf_counter() < warm_end:
         sess.run([OUTPUT], feed)
         warm += 1
+    return sess, feed
 
+
+def measure(sess, feed, args, seconds=None, iterations=None):
     iters = 0
     start = time.perf_counter()
-    if args.iterations is not None:
-        for _ in range(args.iterations):
+    if iterations is not None:
+        for _ in range(iterations):
             sess.run([OUTPUT], feed)
-        iters = args.iterations
+        iters = iterations
     else:
-        end = start + args.seconds
+        end = start + seconds
         while iters == 0 or time.perf_counter() < end:
             sess.run([OUTPUT], feed)
             iters += 1
     elapsed = time.perf_counter() - start
-    print(
-        json.dumps(
-            {
-                "images_per_s": iters * args.batch / elapsed,
-                "batch": args.batch,
-                "threads": args.threads,
-                "iterations": iters,
-                "seconds": elapsed,
-                "ms_per_batch": 1e3 * elapsed / iters,
-                "onnxruntime": ort.__version__,
-            }
-        )
-    )
+    return {
+        "images_per_s": iters * args.batch / elapsed,
+        "batch": args.batch,
+        "threads": args.threads,
+        "iterations": iters,
+        "seconds": elapsed,
+        "ms_per_batch": 1e3 * elapsed / iters,
+        "onnxruntime": ort.__version__,
+    }
+
+
+def cmd_bench(args):
+    sess, feed = bench_session(args)
+    print(json.dumps(measure(sess, feed, args, seconds=args.seconds, iterations=args.iterations)))
+
+
+def cmd_serve(args):
+    sess, feed = bench_session(args)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            seconds = float(line)
+        except ValueError:
+            sys.exit(f"serve: expected a number of seconds per line, got {line!r}")
+        print(json.dumps(measure(sess, feed, args, seconds=seconds)), flush=True)
 
 
 def main():
@@ -128,6 +153,13 @@ def main():
     g.add_argument("--seconds", type=float, default=5.0, help="measure for this long (default)")
     g.add_argument("--iterations", type=int, help="measure exactly this many runs instead")
     b.set_defaults(func=cmd_bench)
+
+    v = sub.add_parser("serve", help="measure on request: one line of seconds in, one JSON line out")
+    v.add_argument("--model", required=True)
+    v.add_argument("--batch", type=int, default=1)
+    v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--warmup-seconds", type=float, default=1.0)
+    v.set_defaults(func=cmd_serve)
 
     args = p.parse_args()
     args.func(args)

@@ -5,9 +5,14 @@
 //!
 //! ONNX Runtime runs in a Python child process (`onnxruntime` from PyPI) on the model exported by
 //! `slimserve::formats::onnx`, so both sides compute the same function from the same weights.
+//! It stays loaded while the fused engine and ONNX Runtime take turns in short windows
+//! (`--rounds`), and each side reports its median window: on a shared machine whose speed
+//! drifts, back-to-back runs of a few seconds each gave ratios from 0.6 to 1.1 for the same
+//! code.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -40,6 +45,11 @@ pub struct Args {
     /// Seconds of measurement per (architecture, batch, runtime), after a warm-up run.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// The fused engine and ONNX Runtime are measured in this many alternating windows
+    /// (seconds / rounds each) and each reports its median window, so a slow phase of a
+    /// shared machine hits both sides alike.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Python with onnxruntime and numpy (default: $SLIMSERVE_PYTHON, ./.venv/bin/python, python3).
     #[arg(long, env = "SLIMSERVE_PYTHON")]
     python: Option<PathBuf>,
@@ -156,10 +166,10 @@ fn profile(archs: &[Arch], args: &Args) -> Result<()> {
         let x: Vec<f32> = (0..3 * args.input_size * args.input_size)
             .map(|i| (i % 251) as f32 / 251.0)
             .collect();
-        let split = fast.profile(&x, true, 20);
-        let single = fast.profile(&x, false, 20);
+        let split = fast.profile(&x, true, 100);
+        let single = fast.profile(&x, false, 100);
         println!(
-            "\n{arch} ({}x{}), ms per layer, best of 20:\n| layer | {} threads (batch 1) | 1 thread |\n|---|---|---|",
+            "\n{arch} ({}x{}), ms per layer, best of 100 after 0.5 s warm-up:\n| layer | {} threads (batch 1) | 1 thread |\n|---|---|---|",
             args.input_size, args.input_size, args.threads
         );
         for ((name, a), (_, b)) in split.iter().zip(&single) {
@@ -211,47 +221,107 @@ struct OrtResult {
     images_per_s: f64,
 }
 
-fn ort_images_per_s(
-    py: &Path,
-    script: &Path,
-    model: &Path,
+/// ONNX Runtime in a Python child (`ort_run.py serve`) with one model and batch loaded,
+/// measuring for as long as asked, whenever asked.
+struct Ort {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Ort {
+    fn start(py: &Path, script: &Path, model: &Path, batch: usize, threads: usize) -> Result<Self> {
+        let mut child = Command::new(py)
+            .arg(script)
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--batch", &batch.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "running {} (install onnxruntime: python3 -m venv .venv && .venv/bin/pip install onnxruntime onnx numpy)",
+                    py.display()
+                )
+            })?;
+        let stdin = child.stdin.take().context("child stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("child stdout")?).lines();
+        let mut ort = Self {
+            child,
+            stdin,
+            stdout,
+        };
+        ort.reply().context("starting ONNX Runtime")?;
+        Ok(ort)
+    }
+
+    fn reply(&mut self) -> Result<String> {
+        match self.stdout.next() {
+            Some(line) => Ok(line?),
+            None => {
+                let status = self.child.wait()?;
+                bail!("the ONNX Runtime child exited ({status}); its error is printed above")
+            }
+        }
+    }
+
+    fn images_per_s(&mut self, seconds: f64) -> Result<f64> {
+        writeln!(self.stdin, "{seconds}")?;
+        self.stdin.flush()?;
+        let line = self.reply()?;
+        let r: OrtResult = serde_json::from_str(&line)
+            .with_context(|| format!("unexpected output from ONNX Runtime: {line}"))?;
+        Ok(r.images_per_s)
+    }
+}
+
+impl Drop for Ort {
+    fn drop(&mut self) {
+        // Closing stdin ends the child's loop; kill covers a child stuck in a run.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Median images/s of the fused engine (when there is one) and of ONNX Runtime over
+/// `args.rounds` alternating windows.
+fn interleaved(
+    fast: Option<&FastModel>,
+    ort: &mut Ort,
     batch: usize,
     args: &Args,
-) -> Result<f64> {
-    let out = Command::new(py)
-        .arg(script)
-        .arg("bench")
-        .arg("--model")
-        .arg(model)
-        .args(["--batch", &batch.to_string()])
-        .args(["--threads", &args.threads.to_string()])
-        .args(["--seconds", &args.seconds.to_string()])
-        .output()
-        .with_context(|| {
-            format!(
-                "running {} (install onnxruntime: python3 -m venv .venv && .venv/bin/pip install onnxruntime onnx numpy)",
-                py.display()
-            )
-        })?;
-    if !out.status.success() {
-        bail!(
-            "ONNX Runtime bench failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+) -> Result<(Option<f64>, f64)> {
+    let window = args.seconds / args.rounds as f64;
+    let (mut f, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        if let Some(m) = fast {
+            f.push(fused_images_per_s(m, batch, args.input_size, window));
+        }
+        o.push(ort.images_per_s(window)?);
     }
-    let r: OrtResult = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "unexpected output: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })?;
-    Ok(r.images_per_s)
+    Ok((fast.map(|_| median(&mut f)), median(&mut o)))
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.threads == 0 || args.batch.contains(&0) {
-        bail!("--threads and --batch must be positive");
+    if args.threads == 0 || args.batch.contains(&0) || args.rounds == 0 {
+        bail!("--threads, --batch and --rounds must be positive");
+    }
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        bail!("--seconds must be a positive number, got {}", args.seconds);
     }
     // candle's GEMM reads RAYON_NUM_THREADS; the depthwise op uses rayon's global pool.
     std::env::set_var("RAYON_NUM_THREADS", args.threads.to_string());
@@ -291,10 +361,9 @@ pub fn run(args: Args) -> Result<()> {
             let fast = FastModel::compile(&model).ok();
             for &batch in &args.batch {
                 let c = candle_images_per_s(&model, batch, args.input_size, args.seconds)?;
-                let f = fast
-                    .as_ref()
-                    .map(|m| fused_images_per_s(m, batch, args.input_size, args.seconds));
-                let o = ort_images_per_s(&py, &script, &onnx_path, batch, &args)?;
+                let mut ort = Ort::start(&py, &script, &onnx_path, batch, args.threads)?;
+                let (f, o) = interleaved(fast.as_ref(), &mut ort, batch, &args)?;
+                drop(ort);
                 let best = f.unwrap_or(0.0).max(c);
                 let row = Row {
                     arch: arch.name(),

@@ -1,0 +1,458 @@
+//! The students' depthwise-separable block, fused per band of rows: depthwise 3x3 + bias +
+//! ReLU6 into a band buffer that stays in cache, then the pointwise 1x1 GEMM over that buffer,
+//! its bias and the optional 2x2 max pool into the layer's output. One pass per block instead of two layers
+//! keeps the depthwise result out of memory and halves the points where the threads of a
+//! batch-1 image wait for each other.
+//!
+//! With AVX-512 both halves are register-tiled kernels (the depthwise one runs 16-pixel
+//! columns down the rows with masked edges; the GEMM keeps 8-channel x 32-pixel tiles in
+//! registers over weights packed at load time, and pools them there); elsewhere the band runs through the portable row kernel and the `gemm`
+//! crate.
+
+use std::cell::RefCell;
+
+use gemm::Parallelism;
+
+use super::kernels::{depthwise_rows, epilogue, for_tasks, plane_offset, Act, OutPtr};
+
+/// Output channels per register tile of the AVX-512 GEMM.
+const MR: usize = 8;
+
+thread_local! {
+    /// The band's depthwise result, `[ic, rows * w]`.
+    static DW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The band's pointwise result before the pool, `[oc, rows * w]`.
+    static PW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One compiled block; BatchNorm is folded into the depthwise conv.
+#[derive(Debug, Clone)]
+pub struct Separable {
+    pub ic: usize,
+    pub oc: usize,
+    dw_w: Vec<[f32; 9]>,
+    dw_b: Vec<f32>,
+    /// Pointwise weights `[oc, ic]`.
+    pw_w: Vec<f32>,
+    /// The same, as `[oc / MR, ic, MR]` (zero rows pad the last tile).
+    packed: Vec<f32>,
+    /// Pointwise bias, zero-padded to whole tiles; `zeros` beside it for pooled bands, whose
+    /// bias is added after the max.
+    pw_b: Vec<f32>,
+    zeros: Vec<f32>,
+    pub pool: bool,
+}
+
+impl Separable {
+    /// `dw_w` / `dw_b`: depthwise taps and bias per input channel; `pw_w` is `[oc, ic]`.
+    pub fn new(
+        dw_w: Vec<[f32; 9]>,
+        dw_b: Vec<f32>,
+        pw_w: Vec<f32>,
+        pw_b: Vec<f32>,
+        pool: bool,
+    ) -> Self {
+        let (ic, oc) = (dw_w.len(), pw_b.len());
+        assert_eq!(dw_b.len(), ic);
+        assert_eq!(pw_w.len(), oc * ic);
+        let tiles = oc.div_ceil(MR);
+        let mut packed = vec![0f32; tiles * MR * ic];
+        for o in 0..oc {
+            let (t, j) = (o / MR, o % MR);
+            for i in 0..ic {
+                packed[(t * ic + i) * MR + j] = pw_w[o * ic + i];
+            }
+        }
+        let mut padded = pw_b;
+        padded.resize(tiles * MR, 0.0);
+        Self {
+            ic,
+            oc,
+            dw_w,
+            dw_b,
+            pw_w,
+            packed,
+            pw_b: padded,
+            zeros: vec![0.0; tiles * MR],
+            pool,
+        }
+    }
+
+    /// `x` is `[ic, h, w]`; `out` receives `[oc, h', w']`. `split` spreads the bands over the
+    /// thread pool.
+    pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
+        self.run_with(x, (h, w), out, split, avx512());
+    }
+
+    /// As [`Self::run`], `avx` choosing the AVX-512 kernels (the caller checked the CPU).
+    pub(super) fn run_with(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        out: &mut [f32],
+        split: bool,
+        avx: bool,
+    ) {
+        let (ic, oc, pool) = (self.ic, self.oc, self.pool);
+        assert!(x.len() >= ic * h * w, "input smaller than {ic}x{h}x{w}");
+        let oplane = if pool { (h / 2) * (w / 2) } else { h * w };
+        assert!(
+            out.len() >= oc * oplane,
+            "output smaller than {oc}x{oplane}"
+        );
+        let out = OutPtr(out.as_mut_ptr());
+        let tasks: Vec<_> = bands(h, w, ic.max(oc), pool, split)
+            .into_iter()
+            .map(|(y0, y1)| (y0, y1, 0, oc))
+            .collect();
+        for_tasks(&tasks, split, |(y0, y1), _| {
+            let n = (y1 - y0) * w;
+            DW.with(|dw| {
+                let mut dw = dw.borrow_mut();
+                dw.resize(ic * n, 0.0);
+                self.depthwise(x, (h, w), (y0, y1), &mut dw, avx);
+                if pool && avx {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX-512F checked by the caller; dw is [ic, n]; the band's pooled
+                    // rows y0/2.. of every output plane are written by this band only.
+                    unsafe {
+                        avx512::gemm_pool(
+                            &self.packed,
+                            &self.pw_b,
+                            (oc, ic),
+                            dw.as_ptr(),
+                            (y1 - y0, w),
+                            out.0,
+                            (h / 2, w / 2, y0 / 2),
+                        )
+                    };
+                } else if pool {
+                    PW.with(|pw| {
+                        let mut pw = pw.borrow_mut();
+                        pw.resize(oc * n, 0.0);
+                        self.pointwise(&dw, n, pw.as_mut_ptr(), n, false, avx);
+                        epilogue(
+                            &pw,
+                            (y0, y1, h, w),
+                            &self.pw_b[..oc],
+                            Act::None,
+                            true,
+                            plane_offset(out, 0, (h, w), true),
+                        );
+                    })
+                } else {
+                    // SAFETY: row y0 of plane 0; the GEMM writes rows y0..y1 of every plane,
+                    // which only this band does.
+                    let dst = unsafe { out.0.add(y0 * w) };
+                    self.pointwise(&dw, n, dst, h * w, true, avx);
+                }
+            })
+        });
+    }
+
+    /// Depthwise rows `y0..y1` of every channel into `dst` (`[ic, rows * w]`).
+    fn depthwise(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        (y0, y1): (usize, usize),
+        dst: &mut [f32],
+        avx: bool,
+    ) {
+        let (plane, n) = (h * w, (y1 - y0) * w);
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: the caller checked AVX-512F; x holds ic planes of h x w, dst ic x n.
+            unsafe { avx512::depthwise(x, (self.ic, h, w), (y0, y1), &self.dw_w, &self.dw_b, dst) };
+            return;
+        }
+        let _ = avx;
+        let zeros = vec![0f32; w];
+        for (ch, d) in dst.chunks_exact_mut(n).enumerate() {
+            depthwise_rows(
+                d,
+                &x[ch * plane..(ch + 1) * plane],
+                &self.dw_w[ch],
+                self.dw_b[ch],
+                (h, w),
+                (y0, y1),
+                Act::Relu6,
+                &zeros,
+            );
+        }
+    }
+
+    /// `c[o, p] = sum_i w[o, i] * dw[i, p]` (+ bias when `bias`), `c` with row stride `ldc`.
+    fn pointwise(&self, dw: &[f32], n: usize, c: *mut f32, ldc: usize, bias: bool, avx: bool) {
+        let (ic, oc) = (self.ic, self.oc);
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            let b = if bias { &self.pw_b } else { &self.zeros };
+            // SAFETY: AVX-512F checked by the caller; dw is [ic, n]; c addresses oc rows of
+            // n floats at stride ldc that only this band writes.
+            unsafe { avx512::gemm(&self.packed, b, (oc, ic), dw.as_ptr(), n, c, ldc) };
+            return;
+        }
+        let _ = avx;
+        // SAFETY: w is [oc, ic] and dw [ic, n], both dense row-major; c is oc rows of n at
+        // stride ldc (gemm takes column stride, then row stride).
+        unsafe {
+            gemm::gemm(
+                oc,
+                n,
+                ic,
+                c,
+                1,
+                ldc as isize,
+                false,
+                self.pw_w.as_ptr(),
+                1,
+                ic as isize,
+                dw.as_ptr(),
+                1,
+                n as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            );
+        }
+        if bias {
+            for (o, &b) in self.pw_b[..oc].iter().enumerate() {
+                // SAFETY: row o of c, n floats, written by this band only.
+                let row = unsafe { std::slice::from_raw_parts_mut(c.add(o * ldc), n) };
+                row.iter_mut().for_each(|v| *v += b);
+            }
+        }
+    }
+}
+
+/// Whether this CPU runs the AVX-512 kernels.
+pub(super) fn avx512() -> bool {
+    cfg!(target_arch = "x86_64") && crate::ops::simd_level() == 2
+}
+
+/// Bands of rows for one block: the band's depthwise and pointwise buffers (`channels` floats
+/// per pixel) within about 256 KiB, and, when `split`, at least two bands per thread.
+fn bands(h: usize, w: usize, channels: usize, pool: bool, split: bool) -> Vec<(usize, usize)> {
+    let rows = if pool { h / 2 * 2 } else { h };
+    let mut target = 65536 / channels.max(1);
+    if split {
+        target = target.min((rows * w).div_ceil(2 * rayon::current_num_threads()));
+    }
+    super::kernels::bands(h, w, pool, target)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::MR;
+
+    /// Lanes `0..n` of a 16-lane mask (all of them from 16 on).
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// Depthwise 3x3 (pad 1) + bias + ReLU6 of rows `y0..y1` of every channel of `x`
+    /// (`[c, h, w]`) into `dst` (`[c, rows * w]`), 16 pixels per vector: the left and right
+    /// taps are masked loads one float before and after, with the lanes that fall outside the
+    /// row switched off. Each 16-pixel column runs down the rows with the three source rows'
+    /// shifted vectors in registers (three loads per output vector), and each output is three
+    /// short FMA chains, one per kernel row, so consecutive rows overlap in the pipeline.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn depthwise(
+        x: &[f32],
+        (c, h, w): (usize, usize, usize),
+        (y0, y1): (usize, usize),
+        taps: &[[f32; 9]],
+        bias: &[f32],
+        dst: &mut [f32],
+    ) {
+        let n = (y1 - y0) * w;
+        assert!(x.len() >= c * h * w && dst.len() >= c * n && taps.len() >= c && bias.len() >= c);
+        assert!(y0 < y1 && y1 <= h);
+        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+        for ch in 0..c {
+            let k = taps[ch].map(|t| _mm512_set1_ps(t));
+            let b = _mm512_set1_ps(bias[ch]);
+            let plane = x.as_ptr().add(ch * h * w);
+            let out = dst.as_mut_ptr().add(ch * n);
+            for xs in (0..w).step_by(16) {
+                let mid = lanes(w - xs);
+                let left = if xs == 0 { mid & !1 } else { mid };
+                let right = lanes(w - xs - 1);
+                // Row y's (left, centre, right) neighbours of the 16 pixels; zeros outside.
+                // Masked-off lanes are never read, so the pointers one float before the row
+                // (or past it) are not dereferenced there.
+                let load = |y: usize| -> [__m512; 3] {
+                    if y >= h {
+                        return [zero; 3];
+                    }
+                    let p = plane.add(y * w + xs);
+                    [
+                        _mm512_maskz_loadu_ps(left, p.wrapping_sub(1)),
+                        _mm512_maskz_loadu_ps(mid, p),
+                        _mm512_maskz_loadu_ps(right, p.wrapping_add(1)),
+                    ]
+                };
+                let mut above = if y0 == 0 { [zero; 3] } else { load(y0 - 1) };
+                let mut cur = load(y0);
+                for y in y0..y1 {
+                    let below = load(y + 1);
+                    let s0 = _mm512_fmadd_ps(
+                        k[2],
+                        above[2],
+                        _mm512_fmadd_ps(k[1], above[1], _mm512_fmadd_ps(k[0], above[0], b)),
+                    );
+                    let s1 = _mm512_fmadd_ps(
+                        k[5],
+                        cur[2],
+                        _mm512_fmadd_ps(k[4], cur[1], _mm512_mul_ps(k[3], cur[0])),
+                    );
+                    let s2 = _mm512_fmadd_ps(
+                        k[8],
+                        below[2],
+                        _mm512_fmadd_ps(k[7], below[1], _mm512_mul_ps(k[6], below[0])),
+                    );
+                    let v = _mm512_add_ps(_mm512_add_ps(s0, s1), s2);
+                    let v = _mm512_min_ps(_mm512_max_ps(v, zero), six);
+                    _mm512_mask_storeu_ps(out.add((y - y0) * w + xs), mid, v);
+                    above = cur;
+                    cur = below;
+                }
+            }
+        }
+    }
+
+    /// `c[o, p] = bias[o] + sum_i w[o, i] * x[i, p]` for `o < oc`, `p < n`: `packed` is
+    /// `[oc / MR, ic, MR]`, `bias` padded to whole tiles, `x` is `[ic, n]`, `c` has row stride
+    /// `ldc`. Tiles of 8 channels x 32 pixels accumulate in 16 registers over all of `ic`; a
+    /// strip of `x` (`ic x 32`) stays in L1 while every channel tile passes over it.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `x` must address `ic * n` floats and `c` `oc` rows of `n`
+    /// floats at stride `ldc`, written by no other thread.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm(
+        packed: &[f32],
+        bias: &[f32],
+        (oc, ic): (usize, usize),
+        x: *const f32,
+        n: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let tiles = oc.div_ceil(MR);
+        assert!(packed.len() >= tiles * MR * ic && bias.len() >= tiles * MR);
+        for p0 in (0..n).step_by(32) {
+            let (m0, m1) = (lanes(n - p0), lanes((n - p0).saturating_sub(16)));
+            for t in 0..tiles {
+                let rows = MR.min(oc - t * MR);
+                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let v = _mm512_set1_ps(bias[t * MR + j]);
+                    *a = [v, v];
+                }
+                let mut wp = packed.as_ptr().add(t * ic * MR);
+                let mut xp = x.wrapping_add(p0);
+                for _ in 0..ic {
+                    let b0 = _mm512_maskz_loadu_ps(m0, xp);
+                    let b1 = _mm512_maskz_loadu_ps(m1, xp.wrapping_add(16));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let wv = _mm512_set1_ps(*wp.add(j));
+                        a[0] = _mm512_fmadd_ps(wv, b0, a[0]);
+                        a[1] = _mm512_fmadd_ps(wv, b1, a[1]);
+                    }
+                    wp = wp.add(MR);
+                    xp = xp.wrapping_add(n);
+                }
+                for (j, a) in acc.iter().enumerate() {
+                    if j < rows {
+                        let dst = c.add((t * MR + j) * ldc + p0);
+                        _mm512_mask_storeu_ps(dst, m0, a[0]);
+                        _mm512_mask_storeu_ps(dst.wrapping_add(16), m1, a[1]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// As [`gemm`] followed by a 2x2 max pool, then the bias: `x` is a band of `rows` (even)
+    /// rows of width `w` (`[ic, rows * w]`) whose first row is row `2 * yo` of the layer. A
+    /// tile is 8 channels x (16 pixels of a row and the 16 below them), so the pool is a
+    /// vertical max and a max of lane pairs in registers; it writes rows `yo..yo + rows / 2`
+    /// of every output plane (`[oh, ow]` each, from `out`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `x` must address `ic * rows * w` floats, `out` `oc` planes
+    /// of `oh * ow` floats whose rows `yo..yo + rows / 2` no other thread writes.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn gemm_pool(
+        packed: &[f32],
+        bias: &[f32],
+        (oc, ic): (usize, usize),
+        x: *const f32,
+        (rows, w): (usize, usize),
+        out: *mut f32,
+        (oh, ow, yo): (usize, usize, usize),
+    ) {
+        let tiles = oc.div_ceil(MR);
+        assert!(packed.len() >= tiles * MR * ic && bias.len() >= tiles * MR);
+        assert!(rows % 2 == 0 && yo + rows / 2 <= oh && ow == w / 2);
+        let n = rows * w;
+        // Lanes 0..8 <- the max of lane pairs (0, 1), (2, 3), ...
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+        for r in (0..rows).step_by(2) {
+            for xs in (0..w).step_by(16) {
+                let m = lanes(w - xs);
+                let keep = lanes((ow - xs / 2).min(8));
+                for t in 0..tiles {
+                    let ch = MR.min(oc - t * MR);
+                    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+                    let mut wp = packed.as_ptr().add(t * ic * MR);
+                    let mut xp = x.add(r * w + xs);
+                    for _ in 0..ic {
+                        let b0 = _mm512_maskz_loadu_ps(m, xp);
+                        let b1 = _mm512_maskz_loadu_ps(m, xp.add(w));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let wv = _mm512_set1_ps(*wp.add(j));
+                            a[0] = _mm512_fmadd_ps(wv, b0, a[0]);
+                            a[1] = _mm512_fmadd_ps(wv, b1, a[1]);
+                        }
+                        wp = wp.add(MR);
+                        xp = xp.wrapping_add(n);
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        if j < ch {
+                            let v = _mm512_max_ps(a[0], a[1]);
+                            let v = _mm512_max_ps(
+                                _mm512_permutexvar_ps(evens, v),
+                                _mm512_permutexvar_ps(odds, v),
+                            );
+                            let v = _mm512_add_ps(v, _mm512_set1_ps(bias[t * MR + j]));
+                            let o = t * MR + j;
+                            _mm512_mask_storeu_ps(
+                                out.add(o * oh * ow + (yo + r / 2) * ow + xs / 2),
+                                keep,
+                                v,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
