@@ -76,7 +76,8 @@ pub(super) fn tasks(
     } else {
         want.div_ceil(bands.len().max(1)).min(oc / 16).max(1)
     };
-    let per = oc.div_ceil(chunks);
+    // Whole tiles of the packed GEMM (8 channels) per slice.
+    let per = oc.div_ceil(chunks).next_multiple_of(8);
     bands
         .iter()
         .flat_map(|&(y0, y1)| {

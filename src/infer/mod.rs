@@ -18,6 +18,7 @@
 //! `resnet18`) keep candle's path; [`FastModel::compile`] says which.
 
 mod kernels;
+mod packed;
 mod separable;
 #[cfg(test)]
 mod tests;
@@ -55,11 +56,11 @@ enum Layer {
         act: Act,
         pool: bool,
     },
-    /// As `Conv3x3`, by Winograd F(2x2, 3x3); `u` is `[16, oc, ic]`.
+    /// As `Conv3x3`, by Winograd F(2x2, 3x3).
     Winograd {
         ic: usize,
         oc: usize,
-        u: Vec<f32>,
+        u: winograd::Weights,
         b: Vec<f32>,
         act: Act,
         pool: bool,
@@ -146,7 +147,7 @@ fn conv_layer(ic: usize, oc: usize, w: Vec<f32>, b: Vec<f32>, act: Act, pool: bo
         Layer::Winograd {
             ic,
             oc,
-            u: winograd::transform_weights(&w, oc, ic),
+            u: winograd::Weights::new(&w, oc, ic),
             b,
             act,
             pool,

@@ -14,9 +14,7 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 
 use super::kernels::{depthwise_rows, epilogue, for_tasks, plane_offset, Act, OutPtr};
-
-/// Output channels per register tile of the AVX-512 GEMM.
-const MR: usize = 8;
+use super::packed::{self, pack, MR};
 
 thread_local! {
     /// The band's depthwise result, `[ic, rows * w]`.
@@ -36,10 +34,8 @@ pub struct Separable {
     pw_w: Vec<f32>,
     /// The same, as `[oc / MR, ic, MR]` (zero rows pad the last tile).
     packed: Vec<f32>,
-    /// Pointwise bias, zero-padded to whole tiles; `zeros` beside it for pooled bands, whose
-    /// bias is added after the max.
+    /// Pointwise bias, zero-padded to whole tiles.
     pw_b: Vec<f32>,
-    zeros: Vec<f32>,
     pub pool: bool,
 }
 
@@ -56,13 +52,7 @@ impl Separable {
         assert_eq!(dw_b.len(), ic);
         assert_eq!(pw_w.len(), oc * ic);
         let tiles = oc.div_ceil(MR);
-        let mut packed = vec![0f32; tiles * MR * ic];
-        for o in 0..oc {
-            let (t, j) = (o / MR, o % MR);
-            for i in 0..ic {
-                packed[(t * ic + i) * MR + j] = pw_w[o * ic + i];
-            }
-        }
+        let packed = pack(&pw_w, oc, ic);
         let mut padded = pw_b;
         padded.resize(tiles * MR, 0.0);
         Self {
@@ -73,7 +63,6 @@ impl Separable {
             pw_w,
             packed,
             pw_b: padded,
-            zeros: vec![0.0; tiles * MR],
             pool,
         }
     }
@@ -187,10 +176,10 @@ impl Separable {
         let (ic, oc) = (self.ic, self.oc);
         #[cfg(target_arch = "x86_64")]
         if avx {
-            let b = if bias { &self.pw_b } else { &self.zeros };
+            let b = bias.then_some(&self.pw_b[..]);
             // SAFETY: AVX-512F checked by the caller; dw is [ic, n]; c addresses oc rows of
             // n floats at stride ldc that only this band writes.
-            unsafe { avx512::gemm(&self.packed, b, (oc, ic), dw.as_ptr(), n, c, ldc) };
+            unsafe { packed::avx512::gemm(&self.packed, b, (oc, ic), dw.as_ptr(), n, c, ldc) };
             return;
         }
         let _ = avx;
@@ -250,16 +239,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::MR;
-
-    /// Lanes `0..n` of a 16-lane mask (all of them from 16 on).
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
+    use crate::infer::packed::avx512::lanes;
 
     /// Depthwise 3x3 (pad 1) + bias + ReLU6 of rows `y0..y1` of every channel of `x`
     /// (`[c, h, w]`) into `dst` (`[c, rows * w]`), 16 pixels per vector: the left and right
@@ -335,60 +315,7 @@ mod avx512 {
         }
     }
 
-    /// `c[o, p] = bias[o] + sum_i w[o, i] * x[i, p]` for `o < oc`, `p < n`: `packed` is
-    /// `[oc / MR, ic, MR]`, `bias` padded to whole tiles, `x` is `[ic, n]`, `c` has row stride
-    /// `ldc`. Tiles of 8 channels x 32 pixels accumulate in 16 registers over all of `ic`; a
-    /// strip of `x` (`ic x 32`) stays in L1 while every channel tile passes over it.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `x` must address `ic * n` floats and `c` `oc` rows of `n`
-    /// floats at stride `ldc`, written by no other thread.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm(
-        packed: &[f32],
-        bias: &[f32],
-        (oc, ic): (usize, usize),
-        x: *const f32,
-        n: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        let tiles = oc.div_ceil(MR);
-        assert!(packed.len() >= tiles * MR * ic && bias.len() >= tiles * MR);
-        for p0 in (0..n).step_by(32) {
-            let (m0, m1) = (lanes(n - p0), lanes((n - p0).saturating_sub(16)));
-            for t in 0..tiles {
-                let rows = MR.min(oc - t * MR);
-                let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let v = _mm512_set1_ps(bias[t * MR + j]);
-                    *a = [v, v];
-                }
-                let mut wp = packed.as_ptr().add(t * ic * MR);
-                let mut xp = x.wrapping_add(p0);
-                for _ in 0..ic {
-                    let b0 = _mm512_maskz_loadu_ps(m0, xp);
-                    let b1 = _mm512_maskz_loadu_ps(m1, xp.wrapping_add(16));
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*wp.add(j));
-                        a[0] = _mm512_fmadd_ps(wv, b0, a[0]);
-                        a[1] = _mm512_fmadd_ps(wv, b1, a[1]);
-                    }
-                    wp = wp.add(MR);
-                    xp = xp.wrapping_add(n);
-                }
-                for (j, a) in acc.iter().enumerate() {
-                    if j < rows {
-                        let dst = c.add((t * MR + j) * ldc + p0);
-                        _mm512_mask_storeu_ps(dst, m0, a[0]);
-                        _mm512_mask_storeu_ps(dst.wrapping_add(16), m1, a[1]);
-                    }
-                }
-            }
-        }
-    }
-
-    /// As [`gemm`] followed by a 2x2 max pool, then the bias: `x` is a band of `rows` (even)
+    /// As [`crate::infer::packed::avx512::gemm`] followed by a 2x2 max pool, then the bias: `x` is a band of `rows` (even)
     /// rows of width `w` (`[ic, rows * w]`) whose first row is row `2 * yo` of the layer. A
     /// tile is 8 channels x (16 pixels of a row and the 16 below them), so the pool is a
     /// vertical max and a max of lane pairs in registers; it writes rows `yo..yo + rows / 2`

@@ -248,7 +248,10 @@ fn separable_kernel_matches_candle() {
 #[test]
 fn winograd_kernel_matches_candle() {
     let mut rng = StdRng::seed_from_u64(6);
-    for (ic, h, w) in SHAPES.into_iter().chain([(16, 8, 8), (32, 17, 6)]) {
+    for (ic, h, w) in SHAPES
+        .into_iter()
+        .chain([(16, 8, 8), (32, 17, 6), (16, 40, 70)])
+    {
         for (oc, act, pool) in [
             (6, Act::Relu, true),
             (3, Act::Relu6, false),
@@ -261,15 +264,19 @@ fn winograd_kernel_matches_candle() {
             let x = rand_vec(&mut rng, ic * h * w, 1.0);
             let wt = rand_vec(&mut rng, oc * ic * 9, 0.5);
             let b = rand_vec(&mut rng, oc, 0.5);
-            let u = winograd::transform_weights(&wt, oc, ic);
+            let u = winograd::Weights::new(&wt, oc, ic);
             let want = reference(&x, (ic, h, w), (&wt, (oc, ic, 3, 3)), 1, &b, act, pool);
-            for split in [false, true] {
+            for (split, avx) in [(false, false), (true, false), (false, true), (true, true)] {
+                if avx && !avx512() {
+                    continue; // the portable transforms only
+                }
                 let mut out = vec![f32::NAN; want.len()];
-                winograd::conv3x3(&x, (ic, h, w), &u, &b, oc, act, pool, &mut out, split);
+                let layer = (act, pool);
+                winograd::conv3x3_with(&x, (ic, h, w), &u, &b, oc, layer, &mut out, split, avx);
                 let rel = max_rel(&out, &want);
                 assert!(
                     rel < 1e-5,
-                    "winograd {ic}x{h}x{w} -> {oc} {act:?} pool {pool}: {rel:e}"
+                    "winograd {ic}x{h}x{w} -> {oc} {act:?} pool {pool} split {split} avx {avx}: {rel:e}"
                 );
             }
         }

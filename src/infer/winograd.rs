@@ -14,11 +14,32 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 
 use super::kernels::{for_tasks, plane_offset, tasks, Act, OutPtr};
+use super::packed::{self, packed_len, MR};
 use crate::ops::conv2d::matmul;
 use crate::ops::multiversion;
 
+/// A layer's transformed weights: `u` is `U[xi, o, i]` (16 x oc x ic); `packed` the same 16
+/// matrices packed for the AVX-512 GEMM ([`super::packed::pack`]).
+#[derive(Debug, Clone)]
+pub struct Weights {
+    pub u: Vec<f32>,
+    pub packed: Vec<f32>,
+}
+
+impl Weights {
+    /// From PyTorch-layout weights `[oc, ic, 3, 3]`.
+    pub fn new(w: &[f32], oc: usize, ic: usize) -> Self {
+        let u = transform_weights(w, oc, ic);
+        let packed = u
+            .chunks_exact(oc * ic)
+            .flat_map(|m| packed::pack(m, oc, ic))
+            .collect();
+        Self { u, packed }
+    }
+}
+
 /// `U[xi, o, i]` (16 x oc x ic) from PyTorch-layout weights `[oc, ic, 3, 3]`.
-pub fn transform_weights(w: &[f32], oc: usize, ic: usize) -> Vec<f32> {
+fn transform_weights(w: &[f32], oc: usize, ic: usize) -> Vec<f32> {
     let mut u = vec![0f32; 16 * oc * ic];
     for o in 0..oc {
         for i in 0..ic {
@@ -179,14 +200,31 @@ fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, usize),
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(
     x: &[f32],
-    (ic, h, w): (usize, usize, usize),
-    u: &[f32],
+    shape: (usize, usize, usize),
+    u: &Weights,
     b: &[f32],
     oc: usize,
     act: Act,
     pool: bool,
     out: &mut [f32],
     split: bool,
+) {
+    let avx = super::separable::avx512();
+    conv3x3_with(x, shape, u, b, oc, (act, pool), out, split, avx);
+}
+
+/// As [`conv3x3`]; `avx` picks the AVX-512 transforms (the caller checked the CPU).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv3x3_with(
+    x: &[f32],
+    (ic, h, w): (usize, usize, usize),
+    weights: &Weights,
+    b: &[f32],
+    oc: usize,
+    (act, pool): (Act, bool),
+    out: &mut [f32],
+    split: bool,
+    avx: bool,
 ) {
     // Tiles that produce needed outputs (a pool drops an odd last row / column).
     let (th, tw) = if pool {
@@ -217,25 +255,239 @@ pub fn conv3x3(
                         (v.borrow_mut(), m.borrow_mut(), rows.borrow_mut());
                     v.resize(16 * ic * n, 0.0);
                     m.resize(16 * mo * n, 0.0);
+                    #[cfg(target_arch = "x86_64")]
+                    if avx {
+                        // SAFETY: AVX-512F checked by the caller.
+                        unsafe {
+                            avx512::input_transform(x, (ic, h, w), (t0, t1, tw), &mut v, &mut rows)
+                        };
+                    } else {
+                        input_transform(x, (ic, h, w), (t0, t1, tw), &mut v, &mut rows);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
                     input_transform(x, (ic, h, w), (t0, t1, tw), &mut v, &mut rows);
                     for xi in 0..16 {
+                        let (vx, mx) = (
+                            v.as_ptr().wrapping_add(xi * ic * n),
+                            m.as_mut_ptr().wrapping_add(xi * mo * n),
+                        );
+                        #[cfg(target_arch = "x86_64")]
+                        if avx {
+                            assert_eq!(o0 % MR, 0, "channel slices start on a packed tile");
+                            let per = packed_len(oc, ic);
+                            let u = &weights.packed[xi * per + o0 * ic..(xi + 1) * per];
+                            // SAFETY: AVX-512F checked by the caller; u holds the tiles of
+                            // channels o0..o1 of U[xi], V[xi] is [ic, n], M[xi] is [mo, n].
+                            unsafe { packed::avx512::gemm(u, None, (mo, ic), vx, n, mx, n) };
+                            continue;
+                        }
                         // SAFETY: U[xi] rows o0..o1 ([oc, ic]), V[xi] is [ic, n], M[xi] is
                         // [mo, n], all dense row-major.
                         unsafe {
                             matmul(
                                 (mo, n, ic),
-                                m.as_mut_ptr().add(xi * mo * n),
+                                mx,
                                 false,
-                                (u.as_ptr().add((xi * oc + o0) * ic), ic, 1),
-                                (v.as_ptr().add(xi * ic * n), n, 1),
+                                (weights.u.as_ptr().add((xi * oc + o0) * ic), ic, 1),
+                                (vx, n, 1),
                                 Parallelism::None,
                             );
                         }
                     }
                     let dst = plane_offset(out, o0, (h, w), pool);
-                    output_transform(&m, (mo, n, t0, t1, h, w), &b[o0..o1], act, pool, dst);
+                    let geom = (mo, n, t0, t1, h, w);
+                    #[cfg(target_arch = "x86_64")]
+                    if avx {
+                        // SAFETY: AVX-512F checked by the caller; dst is plane o0 of the
+                        // output, whose rows of this band's tiles only this task writes.
+                        unsafe {
+                            avx512::output_transform(&m, geom, &b[o0..o1], (act, pool), dst.0)
+                        };
+                    } else {
+                        output_transform(&m, geom, &b[o0..o1], act, pool, dst);
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    output_transform(&m, geom, &b[o0..o1], act, pool, dst);
                 })
             })
         })
     });
+}
+
+/// The transforms with AVX-512, 16 tiles per vector: the input's stride-2 tile columns come
+/// from even/odd lane permutes of two loads, the outputs' column pairs are interleaved back
+/// the same way, so neither transform touches a scalar.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Act;
+
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// As the portable `input_transform`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn input_transform(
+        x: &[f32],
+        (ic, h, w): (usize, usize, usize),
+        (ty0, ty1, tw): (usize, usize, usize),
+        v: &mut [f32],
+        rows: &mut Vec<f32>,
+    ) {
+        let n = (ty1 - ty0) * tw;
+        assert!(x.len() >= ic * h * w && v.len() >= 16 * ic * n && 2 * tw <= w + 1);
+        let groups = tw.div_ceil(16);
+        // Padded rows: column -1 first, zeros after the row up to the last group's loads
+        // (columns 2 * t0 ..= 2 * t0 + 33 of its first tile t0).
+        let pw = 32 * groups + 2;
+        rows.clear();
+        rows.resize(4 * pw, 0.0);
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let vp = v.as_mut_ptr();
+        for i in 0..ic {
+            let plane = &x[i * h * w..(i + 1) * h * w];
+            for ty in ty0..ty1 {
+                for r in 0..4 {
+                    let dst = &mut rows[r * pw + 1..r * pw + 1 + w];
+                    let y = (2 * ty + r) as isize - 1;
+                    if y >= 0 && (y as usize) < h {
+                        dst.copy_from_slice(&plane[y as usize * w..(y as usize + 1) * w]);
+                    } else {
+                        dst.fill(0.0);
+                    }
+                }
+                let base = (ty - ty0) * tw;
+                for g in 0..groups {
+                    let t0 = 16 * g;
+                    let mask = lanes(tw - t0);
+                    // d[r][c][t] = padded row r, column 2 t + c.
+                    let mut d = [[_mm512_setzero_ps(); 4]; 4];
+                    for (r, dr) in d.iter_mut().enumerate() {
+                        let p = rows.as_ptr().add(r * pw + 2 * t0);
+                        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+                        let (a2, b2) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(18)));
+                        dr[0] = _mm512_permutex2var_ps(a, evens, b);
+                        dr[1] = _mm512_permutex2var_ps(a, odds, b);
+                        dr[2] = _mm512_permutex2var_ps(a2, evens, b2);
+                        dr[3] = _mm512_permutex2var_ps(a2, odds, b2);
+                    }
+                    // B^T d over rows, then (.) B over columns.
+                    let mut t = [[_mm512_setzero_ps(); 4]; 4];
+                    for c in 0..4 {
+                        t[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
+                        t[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
+                        t[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
+                        t[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
+                    }
+                    for (ri, tr) in t.iter().enumerate() {
+                        let out = [
+                            _mm512_sub_ps(tr[0], tr[2]),
+                            _mm512_add_ps(tr[1], tr[2]),
+                            _mm512_sub_ps(tr[2], tr[1]),
+                            _mm512_sub_ps(tr[1], tr[3]),
+                        ];
+                        for (cj, o) in out.into_iter().enumerate() {
+                            let at = ((ri * 4 + cj) * ic + i) * n + base + t0;
+                            _mm512_mask_storeu_ps(vp.add(at), mask, o);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// As the portable `output_transform`, writing from `out` (plane of the first channel).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `out` must address `b.len()` output planes whose rows of
+    /// tile rows `ty0..ty1` no other thread writes.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn output_transform(
+        m: &[f32],
+        (mo, n, ty0, ty1, h, w): (usize, usize, usize, usize, usize, usize),
+        b: &[f32],
+        (act, pool): (Act, bool),
+        out: *mut f32,
+    ) {
+        let tw = n / (ty1 - ty0);
+        assert!(m.len() >= 16 * mo * n && b.len() >= mo);
+        let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+        let (lo, hi) = match act {
+            Act::None => (f32::NEG_INFINITY, f32::INFINITY),
+            Act::Relu => (0.0, f32::INFINITY),
+            Act::Relu6 => (0.0, 6.0),
+        };
+        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+        // Interleave two rows of 16 into 32 consecutive outputs.
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second =
+            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let mp = m.as_ptr();
+        for (o, &bias) in b.iter().enumerate().take(mo) {
+            let bias = _mm512_set1_ps(bias);
+            let dst = out.add(o * oh * ow);
+            for ty in ty0..ty1 {
+                let row = (ty - ty0) * tw;
+                for t0 in (0..tw).step_by(16) {
+                    let mask = lanes(tw - t0);
+                    let mut mm = [_mm512_setzero_ps(); 16];
+                    for (xi, v) in mm.iter_mut().enumerate() {
+                        *v = _mm512_maskz_loadu_ps(mask, mp.add((xi * mo + o) * n + row + t0));
+                    }
+                    // A^T M: rows 0 and 1 of 4 columns, then (.) A: 2 columns each.
+                    let mut r = [[_mm512_setzero_ps(); 4]; 2];
+                    for c in 0..4 {
+                        r[0][c] = _mm512_add_ps(_mm512_add_ps(mm[c], mm[4 + c]), mm[8 + c]);
+                        r[1][c] = _mm512_sub_ps(_mm512_sub_ps(mm[4 + c], mm[8 + c]), mm[12 + c]);
+                    }
+                    let y = |row: &[__m512; 4]| {
+                        (
+                            _mm512_add_ps(_mm512_add_ps(row[0], row[1]), row[2]),
+                            _mm512_sub_ps(_mm512_sub_ps(row[1], row[2]), row[3]),
+                        )
+                    };
+                    let finish =
+                        |v: __m512| _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, bias), lo), hi);
+                    let (y00, y01) = y(&r[0]);
+                    let (y10, y11) = y(&r[1]);
+                    if pool {
+                        let v = _mm512_max_ps(_mm512_max_ps(y00, y01), _mm512_max_ps(y10, y11));
+                        _mm512_mask_storeu_ps(dst.add(ty * ow + t0), mask, finish(v));
+                    } else {
+                        for (dy, (a, c)) in [(y00, y01), (y10, y11)].into_iter().enumerate() {
+                            let yy = 2 * ty + dy;
+                            if yy >= h {
+                                continue;
+                            }
+                            let (a, c) = (finish(a), finish(c));
+                            let x0 = 2 * t0;
+                            let p = dst.add(yy * w + x0);
+                            _mm512_mask_storeu_ps(
+                                p,
+                                lanes(w - x0),
+                                _mm512_permutex2var_ps(a, first, c),
+                            );
+                            let rest = lanes(w.saturating_sub(x0 + 16));
+                            _mm512_mask_storeu_ps(
+                                p.wrapping_add(16),
+                                rest,
+                                _mm512_permutex2var_ps(a, second, c),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
