@@ -362,15 +362,9 @@ mod direct {
                 let step = if pool { 2 } else { 1 };
                 for y in (y0..y1).step_by(step) {
                     for xs in (0..w).step_by(L) {
-                        tile(&pad, (y - y0) * pw + xs, (nr * pw, pw), &wv, &mut top);
                         if pool {
-                            tile(
-                                &pad,
-                                (y + 1 - y0) * pw + xs,
-                                (nr * pw, pw),
-                                &wv,
-                                &mut bottom,
-                            );
+                            let base = (y - y0) * pw + xs;
+                            tile_pair(&pad, base, (nr * pw, pw), &wv, &mut top, &mut bottom);
                             let n = (ow - xs / 2).min(L / 2);
                             let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
                             for j in 0..mo {
@@ -385,6 +379,7 @@ mod direct {
                                 _mm512_mask_storeu_ps(dst, mask, v);
                             }
                         } else {
+                            tile(&pad, (y - y0) * pw + xs, (nr * pw, pw), &wv, &mut top);
                             let n = (w - xs).min(L);
                             let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
                             for j in 0..mo {
@@ -398,6 +393,39 @@ mod direct {
                 }
             }
         })
+    }
+
+    /// Two tiles, one above the other (the rows of a 2x2 pool window): each weight broadcast
+    /// feeds both, 16 accumulators in flight.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_pair(
+        pad: &[f32],
+        base: usize,
+        (cs, pw): (usize, usize),
+        wv: &[[f32; OB]],
+        top: &mut [__m512; OB],
+        bottom: &mut [__m512; OB],
+    ) {
+        let mut t = [_mm512_setzero_ps(); OB];
+        let mut b = [_mm512_setzero_ps(); OB];
+        for (ci, taps) in wv.chunks_exact(9).enumerate() {
+            for ky in 0..3 {
+                let row = base + ci * cs + ky * pw;
+                assert!(row + pw + 2 + L <= pad.len());
+                for kx in 0..3 {
+                    let s0 = _mm512_loadu_ps(pad.as_ptr().add(row + kx));
+                    let s1 = _mm512_loadu_ps(pad.as_ptr().add(row + pw + kx));
+                    let wj = &taps[ky * 3 + kx];
+                    for j in 0..OB {
+                        let wv = _mm512_set1_ps(wj[j]);
+                        t[j] = _mm512_fmadd_ps(wv, s0, t[j]);
+                        b[j] = _mm512_fmadd_ps(wv, s1, b[j]);
+                    }
+                }
+            }
+        }
+        *top = t;
+        *bottom = b;
     }
 
     /// One tile: `acc[j][l] = sum over (ci, ky, kx) of w[j][tap] * pad[ci][row + ky][x + l + kx]`.

@@ -324,10 +324,10 @@ impl FastModel {
             let shapes = self.shapes();
             let mut src: &mut Vec<f32> = a;
             let mut dst: &mut Vec<f32> = b;
-            src[..x.len()].copy_from_slice(x);
-            for (l, &(c, h, w)) in self.layers.iter().zip(&shapes) {
+            for (i, (l, &(c, h, w))) in self.layers.iter().zip(&shapes).enumerate() {
                 let started = timed.then(std::time::Instant::now);
-                let input = &src[..c * h * w];
+                // The first layer reads the request's buffer in place.
+                let input = if i == 0 { x } else { &src[..c * h * w] };
                 match l {
                     Layer::Conv3x3 {
                         ic,
@@ -362,7 +362,11 @@ impl FastModel {
                 std::mem::swap(&mut src, &mut dst);
             }
             let &(c, h, w) = shapes.last().expect("input shape");
-            let features = &src[..c * h * w];
+            let features = if self.layers.is_empty() {
+                x
+            } else {
+                &src[..c * h * w]
+            };
             match &self.head {
                 Head::Flatten { w: wt, b } => dense(features, wt, b, logits),
                 Head::Gap { w: wt, b } => {
