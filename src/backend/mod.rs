@@ -74,16 +74,26 @@ impl Executor {
                     if !compute_delay.is_zero() {
                         thread::sleep(compute_delay);
                     }
-                    let logits = match &fast {
-                        Some(f) => Ok(f.forward(&job.input, job.batch)),
-                        None => forward(&model, &device, job.input, job.batch, s),
-                    };
-                    let result = logits
-                        .map(|logits| BatchOutput {
-                            logits,
-                            compute: started.elapsed(),
-                        })
-                        .map_err(|e| e.to_string());
+                    // A panic fails this batch (INTERNAL to its requests), not the model:
+                    // the executor lives on for the next one.
+                    let run =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &fast {
+                            Some(f) => Ok(f.forward(&job.input, job.batch)),
+                            None => forward(&model, &device, job.input, job.batch, s)
+                                .map_err(|e| e.to_string()),
+                        }));
+                    let logits = run.unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(format!("the forward pass panicked: {what}"))
+                    });
+                    let result = logits.map(|logits| BatchOutput {
+                        logits,
+                        compute: started.elapsed(),
+                    });
                     // The batcher may have gone away (shutdown); nothing to answer then.
                     let _ = job.reply.send(result);
                 }
@@ -195,12 +205,31 @@ mod tests {
         let fused = FastModel::compile(&model).unwrap().forward(&input, 2);
         let exec = Executor::spawn("t", model, Device::Cpu, Duration::ZERO).unwrap();
         assert_eq!(exec.engine(), "fused");
-        let out = exec.run(input, 2).await.unwrap();
+        let out = exec.run(input.clone(), 2).await.unwrap();
         assert_eq!(out.logits.len(), 2 * 4);
         assert_eq!(out.logits, fused);
         let scale = candle.iter().fold(0f32, |m, v| m.max(v.abs()));
         for (a, b) in out.logits.iter().zip(&candle) {
             assert!((a - b).abs() <= 1e-4 * scale, "{a} vs candle {b}");
         }
+
+        // A batch whose forward pass panics (here: fewer floats than its batch size says)
+        // fails alone; the executor answers the next batch.
+        let (reply, rx) = oneshot::channel();
+        let short = input[..3 * 32 * 32].to_vec();
+        exec.jobs
+            .send(Job {
+                input: short,
+                batch: 2,
+                reply,
+            })
+            .unwrap();
+        let err = rx.await.unwrap().unwrap_err();
+        assert!(
+            err.contains("panicked") && err.contains("not 2 images"),
+            "{err}"
+        );
+        let again = exec.run(input, 2).await.unwrap();
+        assert_eq!(again.logits, fused);
     }
 }

@@ -314,11 +314,17 @@ impl FastModel {
         }
         let mut times = Vec::new();
         thread_local! {
-            static ACTIVATIONS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+            /// Free activation buffer pairs of this thread. A pair is taken for the whole
+            /// image and returned after it, never borrowed across the layers: while a split
+            /// layer waits for its other half, rayon may run another image (of this or another
+            /// model) on the same thread, which then takes a pair of its own.
+            static ACTIVATIONS: RefCell<Vec<(Vec<f32>, Vec<f32>)>> = const { RefCell::new(Vec::new()) };
         }
-        ACTIVATIONS.with(|cell| {
-            let mut bufs = cell.borrow_mut();
-            let (a, b) = &mut *bufs;
+        let mut bufs = ACTIVATIONS
+            .with(|free| free.borrow_mut().pop())
+            .unwrap_or_default();
+        {
+            let (a, b) = &mut bufs;
             a.resize(self.max_activation, 0.0);
             b.resize(self.max_activation, 0.0);
             let shapes = self.shapes();
@@ -378,7 +384,8 @@ impl FastModel {
                     dense(&pooled, wt, b, logits)
                 }
             }
-        });
+        }
+        ACTIVATIONS.with(|free| free.borrow_mut().push(bufs));
         times
     }
 }

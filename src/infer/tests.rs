@@ -282,3 +282,49 @@ fn winograd_kernel_matches_candle() {
         }
     }
 }
+
+/// Many callers share one rayon pool, as the server's executors (one per model) do: while a
+/// split layer of one image waits for its other half, rayon runs another image on the same
+/// worker. Every answer must still be the model's own (no buffer shared between them).
+#[test]
+fn concurrent_images_on_one_pool_get_their_own_answers() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let models = [
+        FastModel::compile(&model(Arch::StudentDeeper, 48, 1)).unwrap(),
+        FastModel::compile(&model(Arch::Big, 64, 2)).unwrap(),
+    ];
+    let mut rng = StdRng::seed_from_u64(12);
+    let inputs: Vec<Vec<f32>> = models
+        .iter()
+        .map(|m| {
+            let s = m.spec().input_size;
+            rand_vec(&mut rng, 3 * 3 * s * s, 1.0)
+        })
+        .collect();
+    // References: one image at a time, nothing else on the pool.
+    let want: Vec<Vec<f32>> = models
+        .iter()
+        .zip(&inputs)
+        .map(|(m, x)| pool.install(|| m.forward(x, 3)))
+        .collect();
+    std::thread::scope(|scope| {
+        for t in 0..6 {
+            let (m, x, want, pool) = (&models[t % 2], &inputs[t % 2], &want[t % 2], &pool);
+            scope.spawn(move || {
+                for i in 0..40 {
+                    // Batch 1 splits every layer across the pool; batch 3 runs one image
+                    // per worker.
+                    let n = if i % 4 == 3 { 3 } else { 1 };
+                    let per = x.len() / 3;
+                    let got = pool.install(|| m.forward(&x[..n * per], n));
+                    let classes = got.len() / n;
+                    let rel = max_rel(&got, &want[..n * classes]);
+                    assert!(rel < 1e-5, "caller {t} run {i}: relative error {rel:e}");
+                }
+            });
+        }
+    });
+}

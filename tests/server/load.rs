@@ -129,6 +129,10 @@ async fn load_counts_every_request_by_status_and_writes_json() {
     );
     let m = s.metrics_text();
     for model in ["load-a", "load-b"] {
+        let counted: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("slimserve_requests_total") && l.contains(model))
+            .collect();
         assert_eq!(
             sample(
                 &m,
@@ -137,7 +141,8 @@ async fn load_counts_every_request_by_status_and_writes_json() {
                 )
             ),
             Some(5.0),
-            "{model}"
+            "{model}: the load run printed\n{}\nthe server counted {counted:#?}",
+            String::from_utf8_lossy(&out.stdout)
         );
     }
 

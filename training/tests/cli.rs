@@ -287,3 +287,71 @@ fn quantize_then_export_onnx() {
     ]));
     assert!(err.contains("/nonexistent/model/config.json"), "{err}");
 }
+
+/// `bench` end to end at a tiny size: ONNX Runtime in its child and the fused engine take
+/// turns; the JSON rows carry both rates and their ratio, and bad settings are refused.
+#[test]
+fn bench_compares_the_fused_engine_with_onnx_runtime() {
+    let py = python();
+    let py = py.to_str().unwrap();
+    let out = slimtrain(&[
+        "bench",
+        "--arch",
+        "student-deeper,group-conv",
+        "--input-size",
+        "32",
+        "--batch",
+        "1,2",
+        "--threads",
+        "1",
+        "--seconds",
+        "0.2",
+        "--rounds",
+        "2",
+        "--python",
+        py,
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&out)).expect("bench --json output");
+    assert!(json["sgemm_peak_gflops"].as_f64().unwrap() > 0.0);
+    let rows = json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for row in rows {
+        let ort = row["ort_images_per_s"].as_f64().unwrap();
+        let candle = row["candle_images_per_s"].as_f64().unwrap();
+        assert!(ort > 0.0 && candle > 0.0, "{row}");
+        let best = match row["arch"].as_str().unwrap() {
+            // group-conv has no fused form: candle's path is the best there is.
+            "group-conv" => {
+                assert!(row["fused_images_per_s"].is_null(), "{row}");
+                candle
+            }
+            _ => row["fused_images_per_s"].as_f64().unwrap().max(candle),
+        };
+        let ratio = row["ratio"].as_f64().unwrap();
+        assert!((ratio - best / ort).abs() < 1e-9 * ratio.max(1.0), "{row}");
+    }
+
+    for (flag, value, want) in [
+        ("--rounds", "0", "--rounds"),
+        ("--seconds", "0", "--seconds"),
+        ("--seconds", "nan", "--seconds"),
+    ] {
+        let out = slimtrain(&["bench", "--arch", "student", flag, value, "--python", py]);
+        let err = failed(&out);
+        assert!(err.contains(want), "{flag} {value}: {err}");
+    }
+    let out = slimtrain(&[
+        "bench",
+        "--arch",
+        "student",
+        "--input-size",
+        "32",
+        "--seconds",
+        "0.1",
+        "--python",
+        "/nonexistent/python3",
+    ]);
+    let err = failed(&out);
+    assert!(err.contains("/nonexistent/python3"), "{err}");
+}
