@@ -19,6 +19,15 @@ pub enum Act {
 }
 
 impl Act {
+    /// The clamp `[lo, hi]` the activation is (for vector kernels: `min(max(v, lo), hi)`).
+    pub(super) fn bounds(self) -> (f32, f32) {
+        match self {
+            Act::None => (f32::NEG_INFINITY, f32::INFINITY),
+            Act::Relu => (0.0, f32::INFINITY),
+            Act::Relu6 => (0.0, 6.0),
+        }
+    }
+
     #[inline(always)]
     fn apply(self, v: f32) -> f32 {
         match self {
@@ -343,11 +352,7 @@ mod direct {
             let mut wv = vec![[0f32; OB]; k];
             let mut top = [_mm512_setzero_ps(); OB];
             let mut bottom = [_mm512_setzero_ps(); OB];
-            let (lo, hi) = match act {
-                Act::None => (f32::NEG_INFINITY, f32::INFINITY),
-                Act::Relu => (0.0, f32::INFINITY),
-                Act::Relu6 => (0.0, 6.0),
-            };
+            let (lo, hi) = act.bounds();
             let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
             // Lanes 0..8 <- the max of lane pairs (0,1), (2,3), ...
             let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);

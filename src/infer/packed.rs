@@ -44,6 +44,38 @@ pub mod avx512 {
         }
     }
 
+    /// One register tile over all of `ic`: `acc[j][v] += sum_i w[i][j] * x_v[i * stride ..][..16]`
+    /// for the tile's packed weights `w` (`[ic, MR]`) and two 16-float vectors per input row,
+    /// at `x.0` and `x.1` (masked by `masks`; masked-off lanes are not read).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `w` must hold `ic * MR` floats and the unmasked lanes of
+    /// `x.v + i * stride` must be readable for every `i < ic`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn accumulate(
+        acc: &mut [[__m512; 2]; MR],
+        w: *const f32,
+        ic: usize,
+        x: (*const f32, *const f32),
+        masks: (__mmask16, __mmask16),
+        stride: usize,
+    ) {
+        let (mut wp, mut x0, mut x1) = (w, x.0, x.1);
+        for _ in 0..ic {
+            let b0 = _mm512_maskz_loadu_ps(masks.0, x0);
+            let b1 = _mm512_maskz_loadu_ps(masks.1, x1);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*wp.add(j));
+                a[0] = _mm512_fmadd_ps(wv, b0, a[0]);
+                a[1] = _mm512_fmadd_ps(wv, b1, a[1]);
+            }
+            wp = wp.add(MR);
+            x0 = x0.wrapping_add(stride);
+            x1 = x1.wrapping_add(stride);
+        }
+    }
+
     /// `c[o, p] = bias[o] + sum_i w[o, i] * x[i, p]` for `o < oc`, `p < n`: `packed` is
     /// `[oc / MR, ic, MR]` (see [`super::pack`]), `bias` (none: zero) padded to whole tiles,
     /// `x` is `[ic, n]`, `c` has row stride `ldc`. Tiles of 8 channels x 32 pixels accumulate in 16 registers over all of `ic`; a
@@ -76,19 +108,9 @@ pub mod avx512 {
                         *a = [v, v];
                     }
                 }
-                let mut wp = packed.as_ptr().add(t * ic * MR);
-                let mut xp = x.wrapping_add(p0);
-                for _ in 0..ic {
-                    let b0 = _mm512_maskz_loadu_ps(m0, xp);
-                    let b1 = _mm512_maskz_loadu_ps(m1, xp.wrapping_add(16));
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let wv = _mm512_set1_ps(*wp.add(j));
-                        a[0] = _mm512_fmadd_ps(wv, b0, a[0]);
-                        a[1] = _mm512_fmadd_ps(wv, b1, a[1]);
-                    }
-                    wp = wp.add(MR);
-                    xp = xp.wrapping_add(n);
-                }
+                let w = packed.as_ptr().add(t * ic * MR);
+                let x0 = x.wrapping_add(p0);
+                accumulate(&mut acc, w, ic, (x0, x0.wrapping_add(16)), (m0, m1), n);
                 for (j, a) in acc.iter().enumerate() {
                     if j < rows {
                         let dst = c.add((t * MR + j) * ldc + p0);

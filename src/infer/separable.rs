@@ -239,7 +239,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::MR;
-    use crate::infer::packed::avx512::lanes;
+    use crate::infer::packed::avx512::{accumulate, lanes};
 
     /// Depthwise 3x3 (pad 1) + bias + ReLU6 of rows `y0..y1` of every channel of `x`
     /// (`[c, h, w]`) into `dst` (`[c, rows * w]`), 16 pixels per vector: the left and right
@@ -349,19 +349,9 @@ mod avx512 {
                 for t in 0..tiles {
                     let ch = MR.min(oc - t * MR);
                     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-                    let mut wp = packed.as_ptr().add(t * ic * MR);
-                    let mut xp = x.add(r * w + xs);
-                    for _ in 0..ic {
-                        let b0 = _mm512_maskz_loadu_ps(m, xp);
-                        let b1 = _mm512_maskz_loadu_ps(m, xp.add(w));
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            let wv = _mm512_set1_ps(*wp.add(j));
-                            a[0] = _mm512_fmadd_ps(wv, b0, a[0]);
-                            a[1] = _mm512_fmadd_ps(wv, b1, a[1]);
-                        }
-                        wp = wp.add(MR);
-                        xp = xp.wrapping_add(n);
-                    }
+                    let wp = packed.as_ptr().add(t * ic * MR);
+                    let top = x.add(r * w + xs);
+                    accumulate(&mut acc, wp, ic, (top, top.add(w)), (m, m), n);
                     for (j, a) in acc.iter().enumerate() {
                         if j < ch {
                             let v = _mm512_max_ps(a[0], a[1]);

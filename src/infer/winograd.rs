@@ -322,15 +322,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::Act;
-
-    #[inline(always)]
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xffff
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
+    use crate::infer::packed::avx512::lanes;
 
     /// As the portable `input_transform`.
     ///
@@ -423,11 +415,7 @@ mod avx512 {
         let tw = n / (ty1 - ty0);
         assert!(m.len() >= 16 * mo * n && b.len() >= mo);
         let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
-        let (lo, hi) = match act {
-            Act::None => (f32::NEG_INFINITY, f32::INFINITY),
-            Act::Relu => (0.0, f32::INFINITY),
-            Act::Relu6 => (0.0, 6.0),
-        };
+        let (lo, hi) = act.bounds();
         let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
         // Interleave two rows of 16 into 32 consecutive outputs.
         let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
