@@ -19,7 +19,7 @@
 //! | ResNet's 3x3/2 max pool, zero pad 1  | `MaxPool` (kernel 3, stride 2, pads 1). ONNX pads with -inf, candle with 0; they agree because the pool follows a ReLU |
 //! | global average pool -> [N, C]        | `GlobalAveragePool` then `Flatten` (axis 1)              |
 //! | NCHW flatten before `fc` (PlainCnn)  | `Flatten` (axis 1), same row-major order                 |
-//! | [`Linear`]                           | `Gemm` (`transB` = 1, weight [out, in], bias [out])      |
+//! | [`Linear`]                           | `Gemm` (`transB` = 1, weight `[out, in]`, bias `[out]`) |
 //! | residual sum                         | `Add`                                                    |
 //!
 //! Node names are the layer keys (`cnn.0.0`, `layer1.0.conv1`, ...); intermediate values
@@ -60,7 +60,7 @@ pub enum OnnxError {
     Unsupported(String),
 }
 
-/// Serialises the model's eval-mode graph as ONNX: opset 17, input "input" [N,3,S,S] f32 with
+/// Serialises the model's eval-mode graph as ONNX: opset 17, input "input" `[N,3,S,S]` f32 with
 /// symbolic batch dim "N", output "logits" [N, classes].
 pub fn export(model: &Model) -> Result<Vec<u8>, OnnxError> {
     Ok(build(model)?.encode_to_vec())

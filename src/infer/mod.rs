@@ -3,19 +3,23 @@
 //!
 //! Load-time rewrites: every eval-mode BatchNorm is folded into the convolution before it (the
 //! students': into the depthwise conv), so a layer is one pass `conv + bias -> activation
-//! (-> 2x2 max pool)`. Kernels:
-//! - 3x3 convolution (`big`, `std-conv`, the students' stem): im2col over a band of output rows
-//!   sized to stay in cache, one GEMM per band, and bias, activation and max pool applied to
-//!   the band while it is hot;
+//! (-> 2x2 max pool)`; weights are packed for the kernels. Kernels (AVX-512 where the CPU has
+//! it, portable ones with the same structure elsewhere):
+//! - 3x3 convolutions with 16 or more input channels (`big`, `std-conv`): Winograd F(2x2, 3x3)
+//!   over bands of tile rows (`winograd.rs`); the RGB input layer: a direct convolution with
+//!   bias, activation and pool in registers (im2col + GEMM per band without AVX-512 or for 5 to
+//!   15 input channels);
 //! - the students' depthwise-separable block in one pass per band of rows: depthwise 3x3 with
 //!   its bias and ReLU6 into a buffer that stays in cache, then the pointwise 1x1 GEMM over it
-//!   with bias and pool ([`separable`]);
+//!   with bias and pool (`separable.rs`);
+//! - the GEMMs of both: weights packed into 8-channel tiles at load (`packed.rs`);
 //! - global average pool + linear, or flatten + linear.
 //!
 //! Parallelism: a batch with at least as many images as threads runs one image per thread
-//! (each image's activations stay in that core's caches); a smaller batch splits each layer's
-//! bands or channels across the threads. Architectures without a compiled form (`group-conv`,
-//! `resnet18`) keep candle's path; [`FastModel::compile`] says which.
+//! (each image's activations stay in that core's caches); a smaller batch runs each image on a
+//! pool worker and splits each layer's bands or channels across the threads. Architectures
+//! without a compiled form (`group-conv`, `resnet18`) keep candle's path;
+//! [`FastModel::compile`] says which.
 
 mod kernels;
 mod packed;
