@@ -302,6 +302,7 @@ mod direct {
     use std::cell::RefCell;
 
     use super::Act;
+    use crate::infer::packed::avx512::{lanes, pool2x2};
 
     /// Up to this many input channels the direct kernel is used.
     pub const MAX_INPUT_CHANNELS: usize = 4;
@@ -354,9 +355,6 @@ mod direct {
             let mut bottom = [_mm512_setzero_ps(); OB];
             let (lo, hi) = act.bounds();
             let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-            // Lanes 0..8 <- the max of lane pairs (0,1), (2,3), ...
-            let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-            let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
             for o in (0..m).step_by(OB) {
                 let mo = OB.min(m - o);
                 for (tap, v) in wv.iter_mut().enumerate() {
@@ -370,14 +368,9 @@ mod direct {
                         if pool {
                             let base = (y - y0) * pw + xs;
                             tile_pair(&pad, base, (nr * pw, pw), &wv, &mut top, &mut bottom);
-                            let n = (ow - xs / 2).min(L / 2);
-                            let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+                            let mask = lanes((ow - xs / 2).min(L / 2));
                             for j in 0..mo {
-                                let v = _mm512_max_ps(top[j], bottom[j]);
-                                let v = _mm512_max_ps(
-                                    _mm512_permutexvar_ps(evens, v),
-                                    _mm512_permutexvar_ps(odds, v),
-                                );
+                                let v = pool2x2(top[j], bottom[j]);
                                 let v = _mm512_add_ps(v, _mm512_set1_ps(b[o + j]));
                                 let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
                                 let dst = out.add((o + j) * oh * ow + (y / 2) * ow + xs / 2);
@@ -385,8 +378,7 @@ mod direct {
                             }
                         } else {
                             tile(&pad, (y - y0) * pw + xs, (nr * pw, pw), &wv, &mut top);
-                            let n = (w - xs).min(L);
-                            let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+                            let mask = lanes(w - xs);
                             for j in 0..mo {
                                 let v = _mm512_add_ps(top[j], _mm512_set1_ps(b[o + j]));
                                 let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);

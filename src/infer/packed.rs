@@ -44,6 +44,20 @@ pub mod avx512 {
         }
     }
 
+    /// The 2x2 max pool of two 16-pixel rows (a row and the one below it): lanes 0..8 hold
+    /// the max of each 2x2 window (lane pairs (0, 1), (2, 3), ... of both rows).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub fn pool2x2(top: __m512, bottom: __m512) -> __m512 {
+        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
+        let v = _mm512_max_ps(top, bottom);
+        _mm512_max_ps(
+            _mm512_permutexvar_ps(evens, v),
+            _mm512_permutexvar_ps(odds, v),
+        )
+    }
+
     /// One register tile over all of `ic`: `acc[j][v] += sum_i w[i][j] * x_v[i * stride ..][..16]`
     /// for the tile's packed weights `w` (`[ic, MR]`) and two 16-float vectors per input row,
     /// at `x.0` and `x.1` (masked by `masks`; masked-off lanes are not read).

@@ -239,7 +239,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::MR;
-    use crate::infer::packed::avx512::{accumulate, lanes};
+    use crate::infer::packed::avx512::{accumulate, lanes, pool2x2};
 
     /// Depthwise 3x3 (pad 1) + bias + ReLU6 of rows `y0..y1` of every channel of `x`
     /// (`[c, h, w]`) into `dst` (`[c, rows * w]`), 16 pixels per vector: the left and right
@@ -339,9 +339,6 @@ mod avx512 {
         assert!(packed.len() >= tiles * MR * ic && bias.len() >= tiles * MR);
         assert!(rows % 2 == 0 && yo + rows / 2 <= oh && ow == w / 2);
         let n = rows * w;
-        // Lanes 0..8 <- the max of lane pairs (0, 1), (2, 3), ...
-        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 0, 0, 0, 0, 0, 0, 0, 0);
         for r in (0..rows).step_by(2) {
             for xs in (0..w).step_by(16) {
                 let m = lanes(w - xs);
@@ -354,11 +351,7 @@ mod avx512 {
                     accumulate(&mut acc, wp, ic, (top, top.add(w)), (m, m), n);
                     for (j, a) in acc.iter().enumerate() {
                         if j < ch {
-                            let v = _mm512_max_ps(a[0], a[1]);
-                            let v = _mm512_max_ps(
-                                _mm512_permutexvar_ps(evens, v),
-                                _mm512_permutexvar_ps(odds, v),
-                            );
+                            let v = pool2x2(a[0], a[1]);
                             let v = _mm512_add_ps(v, _mm512_set1_ps(bias[t * MR + j]));
                             let o = t * MR + j;
                             _mm512_mask_storeu_ps(

@@ -196,7 +196,46 @@ fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, usize),
 }
 }
 
-/// 3x3 conv + bias + `act` (+ 2x2 max pool) with transformed weights `u` (16 x oc x ic).
+/// The input transform: the AVX-512 one when `avx` (the caller checked the CPU), else the
+/// portable one.
+fn transform_input(
+    x: &[f32],
+    shape: (usize, usize, usize),
+    tiles: (usize, usize, usize),
+    (v, rows): (&mut [f32], &mut Vec<f32>),
+    avx: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        // SAFETY: AVX-512F checked by the caller.
+        unsafe { avx512::input_transform(x, shape, tiles, v, rows) };
+        return;
+    }
+    let _ = avx;
+    input_transform(x, shape, tiles, v, rows);
+}
+
+/// The output transform: the AVX-512 one when `avx` (the caller checked the CPU), else the
+/// portable one. `out` is plane `o0` of the output; only this task writes its tiles' rows.
+fn transform_output(
+    m: &[f32],
+    geom: (usize, usize, usize, usize, usize, usize),
+    b: &[f32],
+    (act, pool): (Act, bool),
+    out: OutPtr,
+    avx: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx {
+        // SAFETY: AVX-512F checked by the caller; see above for `out`.
+        unsafe { avx512::output_transform(m, geom, b, (act, pool), out.0) };
+        return;
+    }
+    let _ = avx;
+    output_transform(m, geom, b, act, pool, out);
+}
+
+/// 3x3 conv + bias + `act` (+ 2x2 max pool) with transformed weights `u` ([`Weights`]).
 #[allow(clippy::too_many_arguments)]
 pub fn conv3x3(
     x: &[f32],
@@ -255,17 +294,7 @@ pub(super) fn conv3x3_with(
                         (v.borrow_mut(), m.borrow_mut(), rows.borrow_mut());
                     v.resize(16 * ic * n, 0.0);
                     m.resize(16 * mo * n, 0.0);
-                    #[cfg(target_arch = "x86_64")]
-                    if avx {
-                        // SAFETY: AVX-512F checked by the caller.
-                        unsafe {
-                            avx512::input_transform(x, (ic, h, w), (t0, t1, tw), &mut v, &mut rows)
-                        };
-                    } else {
-                        input_transform(x, (ic, h, w), (t0, t1, tw), &mut v, &mut rows);
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    input_transform(x, (ic, h, w), (t0, t1, tw), &mut v, &mut rows);
+                    transform_input(x, (ic, h, w), (t0, t1, tw), (&mut v, &mut rows), avx);
                     for xi in 0..16 {
                         let (vx, mx) = (
                             v.as_ptr().wrapping_add(xi * ic * n),
@@ -296,18 +325,7 @@ pub(super) fn conv3x3_with(
                     }
                     let dst = plane_offset(out, o0, (h, w), pool);
                     let geom = (mo, n, t0, t1, h, w);
-                    #[cfg(target_arch = "x86_64")]
-                    if avx {
-                        // SAFETY: AVX-512F checked by the caller; dst is plane o0 of the
-                        // output, whose rows of this band's tiles only this task writes.
-                        unsafe {
-                            avx512::output_transform(&m, geom, &b[o0..o1], (act, pool), dst.0)
-                        };
-                    } else {
-                        output_transform(&m, geom, &b[o0..o1], act, pool, dst);
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    output_transform(&m, geom, &b[o0..o1], act, pool, dst);
+                    transform_output(&m, geom, &b[o0..o1], (act, pool), dst, avx);
                 })
             })
         })
