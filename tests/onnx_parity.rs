@@ -127,7 +127,20 @@ fn ort_run(py: &Path, model: &Path, input: &Tensor, check: bool) -> (Vec<f32>, S
 
 fn parity(arch: Arch) {
     let py = python();
-    let size = arch.min_input_size();
+    // MobileNetV2 reaches 1x1 at its minimum size, where BatchNorm statistics calibrated on a
+    // few images make the comparison ill-conditioned; 96 leaves 3x3 at the end.
+    let size = match arch {
+        Arch::MobileNetV2 => 96,
+        _ => arch.min_input_size(),
+    };
+    // MobileNetV2's 52 randomised BatchNorms (gamma up to 2, variances scaled by up to 1.5)
+    // amplify float rounding (a different summation order in onnxruntime) to ~4e-4; with
+    // real ImageNet-pretrained weights the same export agrees to ~1e-6. A wrong layer would
+    // be off by O(1), far above either bound.
+    let tolerance = match arch {
+        Arch::MobileNetV2 => 1e-3,
+        _ => TOLERANCE,
+    };
     let spec = ModelSpec::new(arch, CLASSES, size);
     let (varmap, model) = Model::init(&spec, &Device::Cpu).unwrap();
     randomise_batch_norms(&varmap, &model);
@@ -193,8 +206,8 @@ fn parity(arch: Arch) {
             "{arch}: degenerate logits"
         );
         assert!(
-            rel <= TOLERANCE,
-            "{arch} batch {batch}: relative error {rel:.3e} > {TOLERANCE:e}"
+            rel <= tolerance,
+            "{arch} batch {batch}: relative error {rel:.3e} > {tolerance:e}"
         );
         // The server's rewritten model (BatchNorm folded, fused kernels) against the same
         // onnxruntime output.
@@ -208,8 +221,8 @@ fn parity(arch: Arch) {
             let rel = diff / scale;
             println!("{arch} batch {batch}: max |ort - fused| / max |candle| = {rel:.3e}");
             assert!(
-                rel <= TOLERANCE,
-                "{arch} batch {batch}: fused model vs onnxruntime: relative error {rel:.3e} > {TOLERANCE:e}"
+                rel <= tolerance,
+                "{arch} batch {batch}: fused model vs onnxruntime: relative error {rel:.3e} > {tolerance:e}"
             );
         }
     }
@@ -246,6 +259,11 @@ fn resnet18() {
 }
 
 #[test]
+fn mobilenet_v2() {
+    parity(Arch::MobileNetV2);
+}
+
+#[test]
 fn covers_every_architecture() {
     // A new architecture fails to compile here until it gets a parity test above.
     for arch in Arch::ALL {
@@ -255,7 +273,8 @@ fn covers_every_architecture() {
             | Arch::StudentDeeper
             | Arch::StdConv
             | Arch::GroupConv
-            | Arch::Resnet18 => {}
+            | Arch::Resnet18
+            | Arch::MobileNetV2 => {}
         }
     }
 }

@@ -127,6 +127,47 @@ fn build(model: &Model) -> Result<pb::ModelProto, OnnxError> {
             let x = g.global_avg_pool(&x, "avgpool");
             g.gemm(&x, net.fc(), "fc")?
         }
+        Net::MobileV2(net) => {
+            let (conv, bn) = net.stem();
+            let mut x = g.conv(&x, conv, "features.0.0")?;
+            x = g.bn(&x, bn, "features.0.1")?;
+            x = g.relu6(&x, "features.0.2");
+            for (i, b) in net.blocks().iter().enumerate() {
+                let p = format!("features.{}.conv", i + 1);
+                // torchvision's key of each layer: t = 1 blocks have no expansion.
+                let (dw, project) = if b.expand.is_some() { (1, 2) } else { (0, 1) };
+                let mut y = x.clone();
+                if let Some((conv, bn)) = &b.expand {
+                    y = g.conv(&y, conv, &format!("{p}.0.0"))?;
+                    y = g.bn(&y, bn, &format!("{p}.0.1"))?;
+                    y = g.relu6(&y, &format!("{p}.0.2"));
+                }
+                let (conv, bn) = &b.depthwise;
+                y = g.conv(&y, conv, &format!("{p}.{dw}.0"))?;
+                y = g.bn(&y, bn, &format!("{p}.{dw}.1"))?;
+                y = g.relu6(&y, &format!("{p}.{dw}.2"));
+                let (conv, bn) = &b.project;
+                y = g.conv(&y, conv, &format!("{p}.{project}"))?;
+                y = g.bn(&y, bn, &format!("{p}.{}", project + 1))?;
+                x = if b.residual {
+                    g.node(
+                        "Add",
+                        &format!("features.{}.add", i + 1),
+                        vec![y, x],
+                        vec![],
+                    )
+                } else {
+                    y
+                };
+            }
+            let last = format!("features.{}", net.blocks().len() + 1);
+            let (conv, bn) = net.head();
+            x = g.conv(&x, conv, &format!("{last}.0"))?;
+            x = g.bn(&x, bn, &format!("{last}.1"))?;
+            x = g.relu6(&x, &format!("{last}.2"));
+            let x = g.global_avg_pool(&x, "avgpool");
+            g.gemm(&x, net.classifier(), "classifier.1")?
+        }
     };
     // Give the last node's output the public name.
     let last = g.nodes.last_mut().expect("every net has a head");

@@ -220,7 +220,7 @@ impl FastModel {
                 let (w, b) = linear(net.fc())?;
                 Head::Gap { w, b }
             }
-            Net::Resnet(_) => return Err(unsupported()),
+            Net::Resnet(_) | Net::MobileV2(_) => return Err(unsupported()),
         };
         let mut fast = Self {
             spec,

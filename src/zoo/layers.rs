@@ -99,38 +99,54 @@ impl Conv {
         self.groups
     }
 
-    fn is_depthwise3x3(&self) -> bool {
-        let (out_c, in_per_group, kh, kw) = match self.weight.dims4() {
-            Ok(d) => d,
-            Err(_) => return false,
-        };
-        in_per_group == 1
-            && out_c == self.groups
-            && kh == 3
-            && kw == 3
-            && self.stride == 1
-            && self.padding == 1
+    /// The stride of a depthwise 3x3 convolution with padding 1, which the custom op
+    /// computes (stride 2 as stride 1 and every other row and column); `None` otherwise.
+    fn depthwise3x3_stride(&self) -> Option<usize> {
+        let (out_c, in_per_group, kh, kw) = self.weight.dims4().ok()?;
+        (in_per_group == 1 && out_c == self.groups && kh == 3 && kw == 3 && self.padding == 1)
+            .then_some(self.stride)
     }
+}
+
+/// Rows and columns 0, s, 2s, ... of `y` [N, C, H, W]: a stride-`s` convolution's output from
+/// the stride-1 one (same padding, so `ceil(H / s)` rows).
+fn subsample(y: &Tensor, s: usize) -> Result<Tensor> {
+    let (n, c, h, w) = y.dims4()?;
+    let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+    y.pad_with_zeros(2, 0, oh * s - h)?
+        .pad_with_zeros(3, 0, ow * s - w)?
+        .reshape((n, c, oh, s, ow, s))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((n, c, oh, ow))
 }
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let depthwise = self.depthwise3x3_stride();
         if fast_ops_enabled() {
             // Custom ops with the bias fused in.
-            return match (&self.bias, self.is_depthwise3x3()) {
-                (Some(b), true) => depthwise_conv3x3_bias(x, &self.weight, b),
-                (None, true) => depthwise_conv3x3(x, &self.weight),
-                (b, false) => conv2d(
-                    x,
-                    &self.weight,
-                    b.as_ref(),
-                    self.stride,
-                    self.padding,
-                    self.groups,
-                ),
-            };
+            if let Some(stride) = depthwise {
+                let y = match &self.bias {
+                    Some(b) => depthwise_conv3x3_bias(x, &self.weight, b)?,
+                    None => depthwise_conv3x3(x, &self.weight)?,
+                };
+                return if stride == 1 {
+                    Ok(y)
+                } else {
+                    subsample(&y, stride)
+                };
+            }
+            return conv2d(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                self.stride,
+                self.padding,
+                self.groups,
+            );
         }
-        let y = if self.is_depthwise3x3() {
+        let y = if depthwise == Some(1) {
             depthwise_conv3x3(x, &self.weight)?
         } else {
             x.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?

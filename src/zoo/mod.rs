@@ -1,4 +1,4 @@
-//! The model zoo: the study's six architectures, built by name.
+//! The model zoo: the study's six architectures and the pretrained MobileNetV2 teacher, built by name.
 //!
 //! A [`ModelSpec`] (architecture, class count, square input size, channel widths) fully
 //! determines the weight keys and shapes, so the same spec drives training, import, export and
@@ -7,6 +7,7 @@
 mod init;
 pub mod layers;
 mod mobile;
+pub mod mobilenet_v2;
 mod plain;
 mod resnet;
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 pub use layers::{relu, relu6, Bn, Conv, Linear, BN_EPS, BN_MOMENTUM};
 pub use mobile::{MobileNet, SeparableBlock};
+pub use mobilenet_v2::{InvertedResidual, MobileNetV2};
 pub use plain::PlainCnn;
 pub use resnet::{BasicBlock, ResNet18};
 
@@ -36,16 +38,20 @@ pub enum Arch {
     GroupConv,
     #[serde(rename = "resnet18")]
     Resnet18,
+    /// torchvision's MobileNetV2: the ImageNet-pretrained teacher.
+    #[serde(rename = "mobilenet-v2")]
+    MobileNetV2,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 6] = [
+    pub const ALL: [Arch; 7] = [
         Arch::Big,
         Arch::Student,
         Arch::StudentDeeper,
         Arch::StdConv,
         Arch::GroupConv,
         Arch::Resnet18,
+        Arch::MobileNetV2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +62,7 @@ impl Arch {
             Arch::StdConv => "std-conv",
             Arch::GroupConv => "group-conv",
             Arch::Resnet18 => "resnet18",
+            Arch::MobileNetV2 => "mobilenet-v2",
         }
     }
 
@@ -76,6 +83,12 @@ impl Arch {
             Arch::StudentDeeper => base(&[1, 2, 4, 8, 8, 8, 16, 16, 16]),
             Arch::GroupConv => vec![16, 32, 64, 128, 128, 256],
             Arch::Resnet18 => vec![64, 128, 256, 512],
+            Arch::MobileNetV2 => {
+                let mut w = vec![mobilenet_v2::STEM_CHANNELS];
+                w.extend(mobilenet_v2::STAGES.iter().map(|s| s.1));
+                w.push(mobilenet_v2::LAST_CHANNELS);
+                w
+            }
         }
     }
 
@@ -95,6 +108,15 @@ impl Arch {
         match self {
             Arch::Big | Arch::StdConv => 64,
             _ => 32,
+        }
+    }
+
+    /// Key prefix of the classifier head (replaced when fine-tuning on new classes).
+    pub fn head_prefix(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "fc.",
+            Arch::MobileNetV2 => "classifier.",
+            _ => "fc.0.",
         }
     }
 
@@ -119,7 +141,7 @@ impl std::str::FromStr for Arch {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZooError {
-    #[error("unknown architecture `{0}` (known: big, student, student-deeper, std-conv, group-conv, resnet18)")]
+    #[error("unknown architecture `{0}` (known: big, student, student-deeper, std-conv, group-conv, resnet18, mobilenet-v2)")]
     UnknownArch(String),
     #[error("invalid model spec: {0}")]
     InvalidSpec(String),
@@ -175,8 +197,12 @@ impl ModelSpec {
             return bad("channel widths must be positive".into());
         }
         match self.arch {
-            Arch::Resnet18 if self.widths != self.arch.default_widths() => {
-                bad("resnet18 widths are fixed at [64, 128, 256, 512]".into())
+            Arch::Resnet18 | Arch::MobileNetV2 if self.widths != self.arch.default_widths() => {
+                bad(format!(
+                    "{} widths are fixed at {:?}",
+                    self.arch,
+                    self.arch.default_widths()
+                ))
             }
             Arch::GroupConv if self.widths.iter().any(|w| w % 2 != 0) => {
                 bad("group-conv widths must be even (groups = 2)".into())
@@ -209,6 +235,7 @@ pub enum Net {
     Plain(PlainCnn),
     Mobile(MobileNet),
     Resnet(ResNet18),
+    MobileV2(MobileNetV2),
 }
 
 /// A built model: its spec and its layers.
@@ -234,6 +261,7 @@ impl Model {
                 Net::Mobile(MobileNet::new(w, spec.arch.pools(), Some(2), s, c, vb)?)
             }
             Arch::Resnet18 => Net::Resnet(ResNet18::new(s, c, vb)?),
+            Arch::MobileNetV2 => Net::MobileV2(MobileNetV2::new(s, c, vb)?),
         };
         Ok(Self {
             spec: spec.clone(),
@@ -294,6 +322,7 @@ impl Model {
             Net::Plain(n) => n.cost(),
             Net::Mobile(n) => n.cost(),
             Net::Resnet(n) => n.cost(),
+            Net::MobileV2(n) => n.cost(),
         }
         .macs
     }
@@ -305,6 +334,7 @@ impl ModuleT for Model {
             Net::Plain(n) => n.forward_t(x, train),
             Net::Mobile(n) => n.forward_t(x, train),
             Net::Resnet(n) => n.forward_t(x, train),
+            Net::MobileV2(n) => n.forward_t(x, train),
         }
     }
 }

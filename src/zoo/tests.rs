@@ -15,11 +15,91 @@ fn parameter_counts_match_the_study() {
         (Arch::StdConv, 277_611),
         (Arch::GroupConv, 236_571),
         (Arch::Resnet18, 11_182_155),
+        // SPEC.md: a 2,223,872-parameter feature extractor plus 1,281 per class.
+        (Arch::MobileNetV2, 2_223_872 + 1_281 * 11),
     ];
     for (arch, count) in expected {
         let shapes = weight_shapes(&spec(arch, 256)).unwrap();
         assert_eq!(param_count(&shapes), count, "{arch}");
     }
+    // torchvision's mobilenet_v2() (1000 classes) and SPEC's 9-class count.
+    for (classes, count) in [(1000, 3_504_872), (9, 2_235_401)] {
+        let s = ModelSpec::new(Arch::MobileNetV2, classes, 224);
+        assert_eq!(param_count(&weight_shapes(&s).unwrap()), count);
+    }
+}
+
+#[test]
+fn mobilenet_v2_layout_and_cost() {
+    let s = weight_shapes(&ModelSpec::new(Arch::MobileNetV2, 1000, 224)).unwrap();
+    assert_eq!(s["features.0.0.weight"], vec![32, 3, 3, 3]);
+    assert_eq!(s["features.1.conv.0.0.weight"], vec![32, 1, 3, 3]);
+    assert_eq!(s["features.1.conv.1.weight"], vec![16, 32, 1, 1]);
+    assert_eq!(s["features.1.conv.2.running_var"], vec![16]);
+    assert_eq!(s["features.2.conv.0.0.weight"], vec![96, 16, 1, 1]);
+    assert_eq!(s["features.2.conv.1.0.weight"], vec![96, 1, 3, 3]);
+    assert_eq!(s["features.2.conv.2.weight"], vec![24, 96, 1, 1]);
+    assert_eq!(s["features.17.conv.3.bias"], vec![320]);
+    assert_eq!(s["features.18.0.weight"], vec![1280, 320, 1, 1]);
+    assert_eq!(s["classifier.1.weight"], vec![1000, 1280]);
+    // Convolutions have no bias (a BatchNorm follows each).
+    for (k, shape) in &s {
+        if shape.len() == 4 {
+            let bias = k.replace(".weight", ".bias");
+            assert!(!s.contains_key(&bias), "{bias}");
+        }
+    }
+    // Strides 2 on features.{0,2,4,7,14}: 224 -> 7; residual adds where shapes allow.
+    let (_, m) = Model::init(&ModelSpec::new(Arch::MobileNetV2, 1000, 224), &Device::Cpu).unwrap();
+    let Net::MobileV2(net) = m.net() else {
+        panic!()
+    };
+    let strides: Vec<usize> = net.blocks().iter().map(|b| b.stride()).collect();
+    assert_eq!(strides, [1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1]);
+    let residual = net.blocks().iter().filter(|b| b.residual).count();
+    assert_eq!(residual, 10);
+    // About 300 M MACs at 224 (SPEC), about 393 M at 256.
+    let macs = m.macs() as f64 / 1e6;
+    assert!((299.0..302.0).contains(&macs), "{macs} M MACs at 224");
+}
+
+#[test]
+fn mobilenet_v2_flat_keys_map_to_torchvision() {
+    use super::mobilenet_v2::torchvision_keys;
+    let torchvision = weight_shapes(&ModelSpec::new(Arch::MobileNetV2, 9, 224)).unwrap();
+    // The flat layout: block 1 `conv.{0,1,3,4}`, the others `conv.{0,1,3,4,6,7}`.
+    let flat_key = |k: &str| -> String {
+        let Some((block, rest)) = k
+            .strip_prefix("features.")
+            .and_then(|r| r.split_once(".conv."))
+        else {
+            return k.to_string();
+        };
+        let t1 = block == "1";
+        let (layer, param) = [
+            ("0.0.", "0."),
+            ("0.1.", "1."),
+            ("1.0.", "3."),
+            ("1.1.", "4."),
+            ("1.", if t1 { "3." } else { "" }),
+            ("2.", if t1 { "4." } else { "6." }),
+            ("3.", "7."),
+        ]
+        .into_iter()
+        .find(|(from, to)| !to.is_empty() && rest.starts_with(from))
+        .map(|(from, to)| (to, &rest[from.len()..]))
+        .unwrap();
+        format!("features.{block}.conv.{layer}{param}")
+    };
+    let flat: std::collections::BTreeMap<String, Vec<usize>> = torchvision
+        .iter()
+        .map(|(k, v)| (flat_key(k), v.clone()))
+        .collect();
+    assert!(flat.contains_key("features.1.conv.3.weight"));
+    assert!(flat.contains_key("features.5.conv.7.running_mean"));
+    assert_ne!(flat, torchvision);
+    assert_eq!(torchvision_keys(flat), torchvision);
+    assert_eq!(torchvision_keys(torchvision.clone()), torchvision);
 }
 
 #[test]
@@ -352,7 +432,48 @@ fn train_step_matches_generic_ops() {
                 None => rel_err(gf, &gg),
             };
             // Gradients flow through up to a dozen layers, so allow f32 accumulation drift.
+            // (MobileNetV2's 52 layers drift further; its one new op, the stride-2 depthwise
+            // conv, is checked on its own in `strided_depthwise_matches_grouped_conv`.)
             assert!(err <= 1e-3, "{arch} {key}: grad rel err {err}");
+        }
+    }
+}
+
+/// The stride-2 depthwise convolution (stride-1 custom op, then every other row and column)
+/// equals candle's grouped convolution, forward and backward, on even and odd sizes.
+#[test]
+fn strided_depthwise_matches_grouped_conv() {
+    use crate::ops::with_generic_ops;
+    use candle_core::Module;
+    use candle_nn::VarBuilder;
+    for (c, h, w) in [(8, 16, 16), (5, 7, 9), (3, 3, 5)] {
+        for bias in [false, true] {
+            let varmap = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let conv = Conv::new(c, c, 3, 2, 1, c, bias, vb).unwrap();
+            let x = candle_core::Var::from_tensor(&seeded_input(7, &[2, c, h, w])).unwrap();
+            let run = || {
+                let y = conv.forward(x.as_tensor()).unwrap();
+                let loss = (&y * &seeded_input(8, y.dims()))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = loss.backward().unwrap();
+                let params: Vec<Tensor> = varmap
+                    .all_vars()
+                    .iter()
+                    .map(|v| g.get(v.as_tensor()).unwrap().clone())
+                    .collect();
+                (y, g.get(x.as_tensor()).unwrap().clone(), params)
+            };
+            let (y, dx, dp) = run();
+            let (y_ref, dx_ref, dp_ref) = with_generic_ops(run);
+            assert_eq!(y.dims(), &[2, c, h.div_ceil(2), w.div_ceil(2)]);
+            assert!(rel_err(&y, &y_ref) <= 1e-6, "{c}x{h}x{w} forward");
+            assert!(rel_err(&dx, &dx_ref) <= 1e-6, "{c}x{h}x{w} dx");
+            for (a, b) in dp.iter().zip(&dp_ref) {
+                assert!(rel_err(a, b) <= 1e-5, "{c}x{h}x{w} dw/db");
+            }
         }
     }
 }

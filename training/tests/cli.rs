@@ -139,6 +139,40 @@ fn import_reads_a_pytorch_zip_checkpoint_exactly() {
     }
 }
 
+/// The legacy (pre-1.6) format and strided, offset storage views give the same weights.
+#[test]
+fn import_reads_legacy_and_strided_checkpoints_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let (_, tensors) = make_model(&src);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    for (name, extra) in [
+        ("legacy.pth", vec!["--legacy"]),
+        ("strided.pth", vec!["--strided"]),
+        ("legacy-strided.pth", vec!["--legacy", "--strided"]),
+    ] {
+        let ckpt = tmp.path().join(name);
+        make_checkpoint(&src.join("model.safetensors"), &ckpt, &extra);
+        let out = tmp.path().join(format!("{name}.model"));
+        ok(&slimtrain(&[
+            "import",
+            "--checkpoint",
+            &s(&ckpt),
+            "--arch",
+            "student-deeper",
+            "--input-size",
+            "32",
+            "--out",
+            &s(&out),
+        ]));
+        let loaded = model_dir::load(&out).unwrap();
+        assert_eq!(loaded.tensors.len(), tensors.len(), "{name}");
+        for (k, t) in &tensors {
+            assert_eq!(max_abs_diff(t, &loaded.tensors[k]), 0.0, "{name} {k}");
+        }
+    }
+}
+
 #[test]
 fn import_errors_name_the_file_and_the_problem() {
     let tmp = tempfile::tempdir().unwrap();
@@ -184,19 +218,25 @@ fn import_errors_name_the_file_and_the_problem() {
     ]));
     assert!(err.contains("good.pth") && err.contains("student"), "{err}");
 
-    let legacy = tmp.path().join("legacy.pth");
-    make_checkpoint(&src.join("model.safetensors"), &legacy, &["--legacy"]);
+    // A file that names a global outside the allow-list (what `pickle` writes for an object
+    // whose __reduce__ calls os.system) is refused by name; nothing is run.
+    let evil = tmp.path().join("evil.pth");
+    std::fs::write(
+        &evil,
+        b"\x80\x02cposix\nsystem\nq\x00X\x07\x00\x00\x00echo hiq\x01\x85q\x02Rq\x03.",
+    )
+    .unwrap();
     let err = failed(&slimtrain(&[
         "import",
         "--checkpoint",
-        &s(&legacy),
+        &s(&evil),
         "--arch",
         "student-deeper",
         "--out",
         &out,
     ]));
     assert!(
-        err.contains("legacy") && err.contains("torch.save"),
+        err.contains("evil.pth") && err.contains("refused global `posix.system`"),
         "{err}"
     );
 

@@ -1,16 +1,18 @@
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use slimserve::formats::model_dir::{self, ModelConfig};
-use slimserve::formats::weights::{self, WeightFormat};
-use slimserve::zoo::{Arch, Model, ModelSpec};
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use slimserve::formats::model_dir;
+use slimserve::formats::weights::WeightFormat;
+use slimserve::zoo::Arch;
+use slimtrain::checkpoint::{self, to_model, IMAGENET_MEAN, IMAGENET_STD};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// PyTorch checkpoint: zip-format `.pth`/`.bin` (torch.save since PyTorch 1.6) or `.safetensors`.
+    /// PyTorch checkpoint: `.pth`/`.pt`/`.bin` as torch.save writes it (zip, or the legacy
+    /// pre-1.6 format), or `.safetensors`. Read with a restricted unpickler: only tensors,
+    /// storages and OrderedDicts are built, nothing in the file is ever run.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Architecture the checkpoint holds.
@@ -33,6 +35,14 @@ pub struct Args {
     /// Weight encoding of the written model.
     #[arg(long, default_value = "f32", value_parser = |s: &str| WeightFormat::parse(s).ok_or(format!("unknown format `{s}`")))]
     format: WeightFormat,
+    /// Fold an input normalisation into the first layer, so the model takes the [0, 1] RGB
+    /// this project feeds every model: `imagenet` (mean 0.485,0.456,0.406, std
+    /// 0.229,0.224,0.225, what ImageNet-pretrained torchvision models expect) or `none`.
+    #[arg(long, default_value = "none", value_parser = ["none", "imagenet"])]
+    input_normalization: String,
+    /// Licence of the checkpoint's weights, recorded in config.json (e.g. MIT).
+    #[arg(long)]
+    license: Option<String>,
     /// Validation accuracy to record in config.json, if known (0..1).
     #[arg(long)]
     val_accuracy: Option<f64>,
@@ -41,148 +51,34 @@ pub struct Args {
     dataset: Option<String>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum FileKind {
-    Zip,
-    LegacyPickle,
-    Safetensors,
-    Unknown,
-}
-
-fn sniff(path: &Path) -> Result<FileKind> {
-    let mut head = [0u8; 9];
-    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
-    let n = f
-        .read(&mut head)
-        .with_context(|| format!("{}", path.display()))?;
-    let head = &head[..n];
-    Ok(if head.starts_with(b"PK\x03\x04") {
-        FileKind::Zip
-    } else if head.first() == Some(&0x80) {
-        FileKind::LegacyPickle
-    } else if n == 9 && head[8] == b'{' {
-        FileKind::Safetensors
-    } else {
-        FileKind::Unknown
-    })
-}
-
-const LEGACY_HELP: &str = "this is a legacy (pre-1.6, non-zip) PyTorch pickle, which is not read \
-here because unpickling can run arbitrary code. Convert it in Python with \
-`sd = torch.load(path, map_location='cpu'); torch.save(sd, 'model.pth')` (zip format) or \
-`from safetensors.torch import save_file; save_file(sd, 'model.safetensors')`";
-
-/// Reads every tensor of a checkpoint as f32 under PyTorch keys (`module.` prefixes stripped,
-/// `num_batches_tracked` dropped).
+/// Reads every tensor of a checkpoint as f32 under PyTorch keys; see [`checkpoint::read`].
 pub fn read_checkpoint(path: &Path, key: Option<&str>) -> Result<BTreeMap<String, Tensor>> {
-    let raw: Vec<(String, Tensor)> = match sniff(path)? {
-        FileKind::Zip => {
-            let keys: Vec<Option<&str>> = match key {
-                Some(k) => vec![Some(k)],
-                None => vec![None, Some("state_dict"), Some("model_state_dict")],
-            };
-            let mut found = Vec::new();
-            let mut last_err = None;
-            for k in keys {
-                match candle_core::pickle::read_all_with_key(path, k) {
-                    Ok(t) if !t.is_empty() => {
-                        found = t;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) => last_err = Some(e),
-                }
-            }
-            if found.is_empty() {
-                match last_err {
-                    Some(e) => bail!("{}: cannot read PyTorch checkpoint: {e}", path.display()),
-                    None => bail!(
-                        "{}: no tensors found (try --key with the state dict's key)",
-                        path.display()
-                    ),
-                }
-            }
-            found
-        }
-        FileKind::Safetensors => {
-            let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
-            let (_, t) = weights::decode(&bytes).with_context(|| format!("{}", path.display()))?;
-            t.into_iter().collect()
-        }
-        FileKind::LegacyPickle => bail!("{}: {LEGACY_HELP}", path.display()),
-        FileKind::Unknown => bail!(
-            "{}: not a PyTorch zip checkpoint or safetensors file",
-            path.display()
-        ),
-    };
-    let strip = raw.iter().all(|(k, _)| k.starts_with("module."));
-    let mut out = BTreeMap::new();
-    for (k, t) in raw {
-        if k.ends_with("num_batches_tracked") {
-            continue;
-        }
-        let k = if strip {
-            k["module.".len()..].to_string()
-        } else {
-            k
-        };
-        let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        out.insert(k, t);
-    }
-    Ok(out)
-}
-
-/// Reads widths and class count off the tensors, so pruned students import too.
-fn infer_spec(arch: Arch, input_size: usize, t: &BTreeMap<String, Tensor>) -> Result<ModelSpec> {
-    let dim0 = |k: &str| -> Result<usize> {
-        t.get(k)
-            .map(|x| x.dims().first().copied().unwrap_or(0))
-            .with_context(|| format!("missing `{k}` (is --arch {arch} right?)"))
-    };
-    let mut spec = ModelSpec::new(arch, 1, input_size);
-    let n = spec.widths.len();
-    match arch {
-        Arch::Big | Arch::StdConv => {
-            spec.num_classes = dim0("fc.0.weight")?;
-            for (k, w) in spec.widths.iter_mut().enumerate() {
-                *w = dim0(&format!("cnn.{}.weight", 4 * k))?;
-            }
-        }
-        Arch::Student | Arch::StudentDeeper | Arch::GroupConv => {
-            spec.num_classes = dim0("fc.0.weight")?;
-            spec.widths[0] = dim0("cnn.0.0.weight")?;
-            for i in 1..n {
-                spec.widths[i] = dim0(&format!("cnn.{i}.3.weight"))?;
-            }
-        }
-        Arch::Resnet18 => spec.num_classes = dim0("fc.weight")?,
-    }
-    Ok(spec)
+    checkpoint::read(path, key).with_context(|| format!("{}", path.display()))
 }
 
 pub fn run(args: Args) -> Result<()> {
     let tensors = read_checkpoint(&args.checkpoint, args.key.as_deref())?;
-    let spec = infer_spec(args.arch, args.input_size, &tensors)
-        .with_context(|| format!("{}", args.checkpoint.display()))?;
-    let labels = match &args.labels {
-        Some(l) => super::parse_labels(l)?,
-        None => model_dir::default_labels(spec.num_classes),
+    let labels = args
+        .labels
+        .as_deref()
+        .map(super::parse_labels)
+        .transpose()?;
+    let normalization = match args.input_normalization.as_str() {
+        "imagenet" => Some((IMAGENET_MEAN, IMAGENET_STD)),
+        _ => None,
     };
-    if labels.len() != spec.num_classes {
-        bail!(
-            "--labels gives {} labels but the checkpoint's classifier has {} classes",
-            labels.len(),
-            spec.num_classes
-        );
+    let (mut config, tensors) =
+        to_model(tensors, args.arch, args.input_size, labels, normalization)
+            .with_context(|| format!("{}", args.checkpoint.display()))?;
+    if let Some(notes) = &config.provenance.notes {
+        eprintln!("note: {notes}");
     }
-    Model::from_tensors(&spec, &tensors, &Device::Cpu)
-        .with_context(|| format!("{}", args.checkpoint.display()))?;
-    let mut config = ModelConfig::new(spec, labels);
     config.weights.format = args.format;
     config.provenance.source = Some(args.checkpoint.display().to_string());
     config.provenance.command = Some(super::command_line());
     config.provenance.val_accuracy = args.val_accuracy;
     config.provenance.dataset = args.dataset.clone();
+    config.provenance.license = args.license.clone();
     let bytes = model_dir::save(&args.out, &config, &tensors)?;
     println!(
         "imported {} ({} tensors) as {} -> {} ({} weights, {bytes} bytes)",

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use slimserve::formats::model_dir::Provenance;
+use slimserve::formats::model_dir::{self, Provenance};
 use slimserve::zoo::{Arch, ModelSpec};
 
 use slimtrain::data;
@@ -49,6 +49,16 @@ pub struct FitArgs {
     /// cpu, or cuda[:N] with a CUDA build.
     #[arg(long, default_value = "cpu", env = "SLIMTRAIN_DEVICE")]
     pub device: String,
+    /// Learning-rate multiplier for everything but the classifier head, e.g. 0.1 to fine-tune
+    /// a pretrained backbone ten times slower than its new head.
+    #[arg(long, default_value_t = 1.0)]
+    pub backbone_lr_scale: f64,
+    /// Train only the head for the first N epochs (backbone frozen), then everything.
+    #[arg(long, default_value_t = 0)]
+    pub freeze_backbone_epochs: usize,
+    /// Cosine learning-rate decay from --lr to 0 over --epochs (default: constant).
+    #[arg(long)]
+    pub cosine: bool,
 }
 
 impl FitArgs {
@@ -64,22 +74,48 @@ impl FitArgs {
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             max_steps_per_epoch: self.max_steps_per_epoch,
+            backbone_lr_scale: self.backbone_lr_scale,
+            freeze_backbone_epochs: self.freeze_backbone_epochs,
+            cosine: self.cosine,
         }
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(self.backbone_lr_scale >= 0.0 && self.backbone_lr_scale.is_finite()) {
+            bail!(
+                "--backbone-lr-scale must be a finite number >= 0, got {}",
+                self.backbone_lr_scale
+            );
+        }
+        if self.freeze_backbone_epochs > self.epochs {
+            bail!(
+                "--freeze-backbone-epochs {} is more than --epochs {}",
+                self.freeze_backbone_epochs,
+                self.epochs
+            );
+        }
+        Ok(())
     }
 }
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// Architecture to train from scratch.
+    /// Architecture to train (from scratch, or from --init's weights).
     #[arg(long)]
     arch: Arch,
+    /// Transfer learning: start from this model directory's weights (same architecture, e.g.
+    /// `slimtrain data fetch mobilenet-v2-imagenet`'s), with a new classifier head for the
+    /// dataset's classes unless the labels are the same.
+    #[arg(long)]
+    init: Option<PathBuf>,
     #[command(flatten)]
     fit: FitArgs,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct DistillArgs {
-    /// Teacher model directory (any architecture or weight format, e.g. an imported PyTorch model).
+    /// Teacher model directory (any architecture, input size or weight format, e.g. a
+    /// fine-tuned pretrained MobileNetV2; batches are resized when its input size differs).
     #[arg(long)]
     teacher: PathBuf,
     /// Student architecture.
@@ -109,13 +145,41 @@ fn report(summary: &train::FitSummary) {
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
     let fit = &args.fit;
+    fit.check()?;
     let device = train::parse_device(&fit.device)?;
     let data = data::open(&fit.data, fit.seed)?;
     let spec = ModelSpec::new(args.arch, data.num_classes(), fit.input_size);
     spec.validate()?;
-    let provenance = Provenance {
+    let mut provenance = Provenance {
         command: Some(super::command_line()),
         ..Default::default()
+    };
+    let init = match &args.init {
+        None => None,
+        Some(dir) => {
+            let loaded = model_dir::load(dir)?;
+            let from = &loaded.config;
+            if from.spec.arch != spec.arch {
+                bail!(
+                    "--init {} holds a {}, not a {} (--arch)",
+                    dir.display(),
+                    from.spec.arch,
+                    spec.arch
+                );
+            }
+            let new_head = from.labels != data.classes;
+            if new_head {
+                eprintln!(
+                    "--init {}: new {}-class head for {}",
+                    dir.display(),
+                    data.num_classes(),
+                    data.name
+                );
+            }
+            provenance.source = Some(dir.display().to_string());
+            provenance.license = from.provenance.license.clone();
+            Some(train::init_weights(&spec, &loaded.tensors, new_head)?)
+        }
     };
     let summary = train::fit(
         &fit.out,
@@ -124,7 +188,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         &Objective::CrossEntropy,
         &fit.config(),
         fit.resume,
-        None,
+        init.as_ref(),
         provenance,
         &device,
     )?;
@@ -134,6 +198,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
 
 pub fn run_distill(args: DistillArgs) -> Result<()> {
     let fit = &args.fit;
+    fit.check()?;
     if !(0.0..=1.0).contains(&args.alpha) {
         bail!("--alpha must be in [0, 1], got {}", args.alpha);
     }
@@ -153,12 +218,13 @@ pub fn run_distill(args: DistillArgs) -> Result<()> {
         );
     }
     if t.spec.input_size != fit.input_size {
-        bail!(
-            "teacher {} takes {}x{} inputs; pass --input-size {}",
+        eprintln!(
+            "teacher {} takes {}x{} inputs: each {}x{} batch is resized for it (bilinear)",
             args.teacher.display(),
             t.spec.input_size,
             t.spec.input_size,
-            t.spec.input_size
+            fit.input_size,
+            fit.input_size
         );
     }
     let spec = ModelSpec::new(args.arch, data.num_classes(), fit.input_size);

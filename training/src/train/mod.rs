@@ -16,6 +16,7 @@
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod resize;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -46,6 +47,43 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Stop each epoch after this many steps (quick experiments and tests); None = full epochs.
     pub max_steps_per_epoch: Option<usize>,
+    /// Learning-rate multiplier of every parameter outside the classifier head (fine-tuning a
+    /// pretrained backbone slower than its new head); 1 = one rate for all.
+    #[serde(default = "one")]
+    pub backbone_lr_scale: f64,
+    /// Epochs at the start during which only the head learns (the backbone is frozen).
+    #[serde(default)]
+    pub freeze_backbone_epochs: usize,
+    /// Cosine learning-rate decay from `lr` at the first epoch to 0 after the last
+    /// (`lr * (1 + cos(pi * epoch / epochs)) / 2`); off = constant.
+    #[serde(default)]
+    pub cosine: bool,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl TrainConfig {
+    /// The learning rate of `epoch` (0-based) for the head; the backbone's is scaled.
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        let lr = self.optimizer.lr;
+        if self.cosine {
+            let t = epoch as f64 / self.epochs.max(1) as f64;
+            lr * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        } else {
+            lr
+        }
+    }
+
+    /// The backbone's learning-rate multiplier during `epoch`.
+    pub fn backbone_scale_at(&self, epoch: usize) -> f64 {
+        if epoch < self.freeze_backbone_epochs {
+            0.0
+        } else {
+            self.backbone_lr_scale
+        }
+    }
 }
 
 /// What the student learns from.
@@ -153,6 +191,36 @@ fn set_vars(varmap: &VarMap, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         var.set(&t.to_device(var.device())?)?;
     }
     Ok(())
+}
+
+/// Initial weights for fine-tuning: every tensor of `init` except the head's (which keeps
+/// its fresh initialisation for the new classes) when `new_head`; all of them otherwise.
+/// The rest must match the spec's keys and shapes exactly.
+pub fn init_weights(
+    spec: &ModelSpec,
+    init: &BTreeMap<String, Tensor>,
+    new_head: bool,
+) -> Result<BTreeMap<String, Tensor>> {
+    let head = spec.arch.head_prefix();
+    let expected = slimserve::zoo::weight_shapes(spec)?;
+    let mut out = BTreeMap::new();
+    for (k, shape) in &expected {
+        if new_head && k.starts_with(head) {
+            continue;
+        }
+        let t = init
+            .get(k)
+            .with_context(|| format!("--init: the model lacks `{k}` (is it a {}?)", spec.arch))?;
+        if t.dims() != shape.as_slice() {
+            bail!(
+                "--init: `{k}` has shape {:?}, the {} being trained needs {shape:?}",
+                t.dims(),
+                spec.arch
+            );
+        }
+        out.insert(k.clone(), t.clone());
+    }
+    Ok(out)
 }
 
 fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
@@ -317,7 +385,13 @@ pub fn fit(
 
     let (varmap, model) = Model::init_seeded(spec, device, cfg.seed)?;
     if let Some(t) = init {
-        set_vars(&varmap, t)?;
+        // Keys absent from `init` (a new head) keep their seeded initialisation.
+        let data = varmap.data().lock().expect("varmap lock");
+        for (k, var) in data.iter() {
+            if let Some(t) = t.get(k) {
+                var.set(&t.to_device(var.device())?)?;
+            }
+        }
     }
     let mut opt = AdamW::new(&varmap, cfg.optimizer)?;
     let mut state = State::default();
@@ -372,6 +446,10 @@ pub fn fit(
 
     while state.epoch < cfg.epochs {
         let epoch = state.epoch;
+        opt.set_lr(cfg.lr_at(epoch));
+        let backbone = cfg.backbone_scale_at(epoch);
+        let head = spec.arch.head_prefix();
+        opt.set_scales(|k| if k.starts_with(head) { 1.0 } else { backbone });
         let bar = ProgressBar::new(steps as u64).with_position(state.batch as u64);
         bar.set_style(
             ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
@@ -397,7 +475,9 @@ pub fn fit(
                     alpha,
                     ..
                 } => {
-                    let t = teacher.forward_t(&x, false)?.detach();
+                    // A teacher trained at another size sees the same crops resized to it.
+                    let xt = resize::resize_bilinear(&x, teacher.spec().input_size)?;
+                    let t = teacher.forward_t(&xt, false)?.detach();
                     loss::distillation(&logits, &t, &y, *temperature, *alpha)?
                 }
             };

@@ -38,6 +38,9 @@ impl Default for AdamWConfig {
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<(String, Var)>,
+    /// Per-parameter learning-rate multipliers (fine-tuning: a lower rate for a pretrained
+    /// backbone, 0 to freeze it); 1 by default.
+    scales: Vec<f64>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: u64,
@@ -61,6 +64,7 @@ impl AdamW {
         let v = m.clone();
         Ok(Self {
             cfg,
+            scales: vec![1.0; params.len()],
             params,
             m,
             v,
@@ -76,6 +80,14 @@ impl AdamW {
         self.cfg.lr = lr;
     }
 
+    /// Sets each parameter's learning-rate multiplier from its key; 0 freezes it (no update,
+    /// no weight decay, moments left as they are).
+    pub fn set_scales(&mut self, scale: impl Fn(&str) -> f64) {
+        for (s, (name, _)) in self.scales.iter_mut().zip(&self.params) {
+            *s = scale(name);
+        }
+    }
+
     pub fn lr(&self) -> f64 {
         self.cfg.lr
     }
@@ -89,14 +101,15 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(p.as_tensor()) else {
+            let lr = c.lr * self.scales[i];
+            let Some(g) = grads.get(p.as_tensor()).filter(|_| lr > 0.0) else {
                 continue;
             };
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
-            let decayed = (p.as_tensor() * (1.0 - c.lr * c.weight_decay))?;
-            p.set(&(decayed - (update * c.lr)?)?)?;
+            let decayed = (p.as_tensor() * (1.0 - lr * c.weight_decay))?;
+            p.set(&(decayed - (update * lr)?)?)?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -167,6 +180,40 @@ mod tests {
         assert!((w[0] - (1.0 * 0.999 - 0.1)).abs() < 1e-5, "{w:?}");
         assert!((w[1] - (-2.0 * 0.999 + 0.1)).abs() < 1e-5, "{w:?}");
         assert_eq!(opt.step_count(), 1);
+    }
+
+    #[test]
+    fn scales_freeze_and_slow_parameters() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let a = vb
+            .get_with_hints(1, "backbone.w", Init::Const(1.0))
+            .unwrap();
+        let b = vb.get_with_hints(1, "head.w", Init::Const(1.0)).unwrap();
+        let c = vb.get_with_hints(1, "frozen.w", Init::Const(1.0)).unwrap();
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(&varmap, cfg).unwrap();
+        opt.set_scales(|k| match k {
+            "head.w" => 1.0,
+            "backbone.w" => 0.1,
+            _ => 0.0,
+        });
+        let loss = ((&a + &b).unwrap() + &c).unwrap().sum_all().unwrap();
+        opt.backward_step(&loss).unwrap();
+        let get = |k: &str| {
+            varmap.data().lock().unwrap()[k]
+                .as_tensor()
+                .to_vec1::<f32>()
+                .unwrap()[0]
+        };
+        // The first Adam step moves a parameter by lr * sign(g).
+        assert!((get("head.w") - 0.9).abs() < 1e-5);
+        assert!((get("backbone.w") - 0.99).abs() < 1e-5);
+        assert_eq!(get("frozen.w"), 1.0);
     }
 
     #[test]
