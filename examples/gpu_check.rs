@@ -13,7 +13,7 @@ use candle_core::{Device, ModuleT, Tensor};
 use clap::Parser;
 use slimserve::backend::DeviceSpec;
 use slimserve::formats::model_dir;
-use slimserve::server::models::discover;
+use slimserve::pipeline::models::discover;
 use slimserve::zoo::{Arch, Model, ModelSpec};
 
 #[derive(Debug, Parser)]

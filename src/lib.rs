@@ -3,13 +3,14 @@
 //! The library is shared by the server binary (`slimserve`) and the training crate
 //! (`slimtrain`), so that architectures, weight formats and preprocessing are defined once.
 //!
-//! Serving, in request order: [`grpc`] (both APIs, status codes) -> [`batcher`] (per-model
-//! queue, dynamic batching, overload) -> [`backend`] (executor threads running [`zoo`] models).
-//! [`server`] wires them together with health, reflection, TLS and graceful shutdown;
-//! [`telemetry`] defines every metric.
+//! Serving, in request order: [`grpc`] (both APIs: protocol messages and status codes) ->
+//! [`pipeline`] (admission, preprocessing, submission, waiting, shadow traffic: written once
+//! for both APIs) -> [`scheduler`] (per-model queues, one compute thread shared by every
+//! model, dynamic batching) -> [`backend`] (one batch of a [`zoo`] model on its device).
+//! [`server`] wires them together with the transport, health, reflection, TLS and graceful
+//! shutdown; [`telemetry`] defines every metric.
 
 pub mod backend;
-pub mod batcher;
 pub mod client;
 pub mod error;
 pub mod formats;
@@ -17,10 +18,19 @@ pub mod grpc;
 pub mod infer;
 pub mod load;
 pub mod ops;
+pub mod pipeline;
 pub mod preprocess;
+pub mod scheduler;
 pub mod server;
 pub mod telemetry;
 pub mod zoo;
+
+/// FNV-1a, 64 bit: a stable, dependency-free content hash (model versions, seeded weights).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
 /// `1234567` -> `1,234,567`, for tables people read.
 pub fn thousands(n: u64) -> String {

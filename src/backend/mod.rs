@@ -1,24 +1,23 @@
-//! Model execution: one executor thread per model and device, off the async runtime.
+//! Model execution: a [`Backend`] runs one batch of a model on its device, called from the
+//! scheduler's compute thread.
 //!
-//! The batcher hands the executor a batch as one `[N, 3, S, S]` f32 buffer; on the CPU the
-//! executor runs the model compiled by [`crate::infer::FastModel`] (BatchNorm folded, fused
-//! kernels) when its architecture has a compiled form, else candle's eval-mode forward
-//! (`forward_t(x, false)`: BatchNorm uses its running statistics), and answers the `[N, C]`
-//! logits through a oneshot channel. Compute never blocks a runtime
-//! thread, and one thread per model keeps a slow model from stalling the others.
+//! The batch's inputs (decoded images, raw FP32 tensors, UINT8 pixels) are written into one
+//! `[N, 3, S, S]` f32 buffer, then on the CPU the model compiled by [`crate::infer::FastModel`]
+//! (BatchNorm folded, fused kernels) runs when its architecture has a compiled form, else
+//! candle's eval-mode forward (`forward_t(x, false)`: BatchNorm uses its running statistics).
+//! A panicking forward pass fails its batch, not the model.
 
 mod device;
 
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{Device, ModuleT, Tensor};
-use tokio::sync::oneshot;
 
 pub use device::{DeviceError, DeviceSpec};
 
 use crate::infer::FastModel;
+use crate::preprocess::Preprocessing;
+use crate::scheduler::Input;
 use crate::zoo::Model;
 
 /// The logits of one executed batch.
@@ -26,89 +25,53 @@ use crate::zoo::Model;
 pub struct BatchOutput {
     /// Row-major `[N, C]`.
     pub logits: Vec<f32>,
-    /// Forward pass time on the executor (device synchronised by the copy back).
-    pub compute: Duration,
 }
 
-struct Job {
-    input: Vec<f32>,
-    batch: usize,
-    reply: oneshot::Sender<Result<BatchOutput, String>>,
-}
-
-/// Handle to a model's executor thread; the thread ends when the last handle is dropped.
-#[derive(Debug, Clone)]
-pub struct Executor {
-    /// Unbounded because the batcher waits for each batch before sending the next.
-    jobs: mpsc::Sender<Job>,
+/// A model built on its device, ready to run batches.
+#[derive(Debug)]
+pub struct Backend {
+    model: Model,
+    /// The compiled CPU form, when the architecture has one and the device is the CPU.
+    fast: Option<FastModel>,
+    device: Device,
     input_size: usize,
     num_classes: usize,
-    engine: &'static str,
+    /// UINT8 pixel value -> normalised input, per channel: exactly what the image path
+    /// computes, `(v / 255 - mean) / std`.
+    pixel_lut: [[f32; 256]; 3],
 }
 
-impl Executor {
-    /// Starts the executor thread for `model` (already built on `device`).
-    ///
-    /// `compute_delay` is added to every batch: fault injection for overload drills and
-    /// tests (`--inject-compute-delay`); zero in production.
-    pub fn spawn(
-        name: &str,
-        model: Model,
-        device: Device,
-        compute_delay: Duration,
-    ) -> std::io::Result<Self> {
+impl Backend {
+    pub fn new(model: Model, device: Device, preprocessing: &Preprocessing) -> Self {
         let spec = model.spec().clone();
         let fast = if device.is_cpu() {
             FastModel::compile(&model).ok()
         } else {
             None
         };
-        let engine = if fast.is_some() { "fused" } else { "candle" };
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (s, c) = (spec.input_size, spec.num_classes);
-        thread::Builder::new()
-            .name(format!("executor-{name}"))
-            .spawn(move || {
-                for job in rx {
-                    let started = Instant::now();
-                    if !compute_delay.is_zero() {
-                        thread::sleep(compute_delay);
-                    }
-                    // A panic fails this batch (INTERNAL to its requests), not the model:
-                    // the executor lives on for the next one.
-                    let run =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &fast {
-                            Some(f) => Ok(f.forward(&job.input, job.batch)),
-                            None => forward(&model, &device, job.input, job.batch, s)
-                                .map_err(|e| e.to_string()),
-                        }));
-                    let logits = run.unwrap_or_else(|panic| {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Err(format!("the forward pass panicked: {what}"))
-                    });
-                    let result = logits.map(|logits| BatchOutput {
-                        logits,
-                        compute: started.elapsed(),
-                    });
-                    // The batcher may have gone away (shutdown); nothing to answer then.
-                    let _ = job.reply.send(result);
-                }
-            })?;
-        Ok(Self {
-            jobs,
-            input_size: s,
-            num_classes: c,
-            engine,
-        })
+        let mut pixel_lut = [[0f32; 256]; 3];
+        for (c, lut) in pixel_lut.iter_mut().enumerate() {
+            for (v, out) in lut.iter_mut().enumerate() {
+                *out = (v as f32 / 255.0 - preprocessing.mean[c]) / preprocessing.std[c];
+            }
+        }
+        Self {
+            model,
+            fast,
+            device,
+            input_size: spec.input_size,
+            num_classes: spec.num_classes,
+            pixel_lut,
+        }
     }
 
     /// `fused` (the compiled CPU engine) or `candle`.
     pub fn engine(&self) -> &'static str {
-        self.engine
+        if self.fast.is_some() {
+            "fused"
+        } else {
+            "candle"
+        }
     }
 
     pub fn input_size(&self) -> usize {
@@ -119,41 +82,96 @@ impl Executor {
         self.num_classes
     }
 
-    /// Runs one batch: `input` holds `batch` CHW images back to back.
-    pub async fn run(&self, input: Vec<f32>, batch: usize) -> Result<BatchOutput, ExecError> {
-        debug_assert_eq!(input.len(), batch * 3 * self.input_size * self.input_size);
-        let (reply, rx) = oneshot::channel();
-        self.jobs
-            .send(Job {
-                input,
-                batch,
-                reply,
-            })
-            .map_err(|_| ExecError::Stopped)?;
-        match rx.await {
-            Ok(Ok(out)) => Ok(out),
-            Ok(Err(message)) => Err(ExecError::Failed(message)),
-            Err(_) => Err(ExecError::Stopped),
+    /// Floats in one CHW input.
+    fn input_len(&self) -> usize {
+        3 * self.input_size * self.input_size
+    }
+
+    /// Runs one batch. `buffer` is scratch space reused across batches.
+    pub fn run(&self, inputs: &[&Input], buffer: &mut Vec<f32>) -> Result<BatchOutput, String> {
+        // A panic fails this batch (INTERNAL to its requests), not the model.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.assemble(inputs, buffer)?;
+            self.forward(&buffer[..inputs.len() * self.input_len()], inputs.len())
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(format!("the forward pass panicked: {what}"))
+        })
+        .map(|logits| BatchOutput { logits })
+    }
+
+    /// Writes every input into `buffer` as CHW f32, back to back.
+    fn assemble(&self, inputs: &[&Input], buffer: &mut Vec<f32>) -> Result<(), String> {
+        let per = self.input_len();
+        buffer.resize(inputs.len() * per, 0.0);
+        let plane = self.input_size * self.input_size;
+        for (input, dst) in inputs.iter().zip(buffer.chunks_exact_mut(per)) {
+            let len = match input {
+                Input::Chw(v) => v.len(),
+                Input::ChwBytes(b) => b.len() / 4,
+                Input::Hwc(b) => b.len() / 3,
+            };
+            let expected = match input {
+                Input::Hwc(_) => plane,
+                _ => per,
+            };
+            if len != expected {
+                return Err(format!("an input holds {len} values, not {expected}"));
+            }
+            match input {
+                Input::Chw(v) => dst.copy_from_slice(v),
+                Input::ChwBytes(b) => {
+                    for (d, c) in dst.iter_mut().zip(b.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    }
+                }
+                Input::Hwc(b) => {
+                    let (r, rest) = dst.split_at_mut(plane);
+                    let (g, bl) = rest.split_at_mut(plane);
+                    let lut = &self.pixel_lut;
+                    for (p, px) in b.chunks_exact(3).enumerate() {
+                        r[p] = lut[0][px[0] as usize];
+                        g[p] = lut[1][px[1] as usize];
+                        bl[p] = lut[2][px[2] as usize];
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The logits `[n, C]` of `n` CHW images back to back.
+    pub fn forward(&self, input: &[f32], n: usize) -> Result<Vec<f32>, String> {
+        match &self.fast {
+            Some(f) => Ok(f.forward(input, n)),
+            None => candle_forward(&self.model, &self.device, input, n, self.input_size)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// One forward pass of `batch` zero images: checks the model runs on its device and pays
+    /// first-use costs before any request does. Returns how long it took.
+    pub fn warm_up(&self, batch: usize) -> Result<Duration, String> {
+        let started = std::time::Instant::now();
+        let zeros = vec![0f32; batch * self.input_len()];
+        self.forward(&zeros, batch)?;
+        Ok(started.elapsed())
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ExecError {
-    #[error("{0}")]
-    Failed(String),
-    #[error("executor thread stopped")]
-    Stopped,
-}
-
-fn forward(
+fn candle_forward(
     model: &Model,
     device: &Device,
-    input: Vec<f32>,
+    input: &[f32],
     batch: usize,
     size: usize,
 ) -> candle_core::Result<Vec<f32>> {
-    let x = Tensor::from_vec(input, (batch, 3, size, size), device)?;
+    let x = Tensor::from_slice(input, (batch, 3, size, size), device)?;
     let logits = model.forward_t(&x, false)?;
     logits
         .to_device(&Device::Cpu)?
@@ -181,6 +199,7 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
 mod tests {
     use super::*;
     use crate::zoo::{Arch, ModelSpec};
+    use prost::bytes::Bytes;
 
     #[test]
     fn softmax_sums_to_one_and_keeps_order() {
@@ -192,44 +211,80 @@ mod tests {
         assert_eq!(top_k(&[0.5, 0.5, 0.1], 3), vec![0, 1, 2]);
     }
 
-    #[tokio::test]
-    async fn executor_matches_a_direct_forward() {
+    /// Every input form gives exactly the logits of the same pixels as preprocessed floats,
+    /// batch rows are not mixed up, and a bad batch fails alone.
+    #[test]
+    fn input_forms_and_batch_rows() {
         let spec = ModelSpec::new(Arch::Student, 4, 32);
-        let (_, model) = Model::init(&spec, &Device::Cpu).unwrap();
-        let input: Vec<f32> = (0..2 * 3 * 32 * 32)
-            .map(|i| (i % 97) as f32 / 97.0)
-            .collect();
-        let candle = forward(&model, &Device::Cpu, input.clone(), 2, 32).unwrap();
-        // On the CPU a student runs on the compiled engine: exactly its answer, and candle's
-        // to float rounding.
-        let fused = FastModel::compile(&model).unwrap().forward(&input, 2);
-        let exec = Executor::spawn("t", model, Device::Cpu, Duration::ZERO).unwrap();
-        assert_eq!(exec.engine(), "fused");
-        let out = exec.run(input.clone(), 2).await.unwrap();
-        assert_eq!(out.logits.len(), 2 * 4);
-        assert_eq!(out.logits, fused);
-        let scale = candle.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (a, b) in out.logits.iter().zip(&candle) {
-            assert!((a - b).abs() <= 1e-4 * scale, "{a} vs candle {b}");
-        }
-
-        // A batch whose forward pass panics (here: fewer floats than its batch size says)
-        // fails alone; the executor answers the next batch.
-        let (reply, rx) = oneshot::channel();
-        let short = input[..3 * 32 * 32].to_vec();
-        exec.jobs
-            .send(Job {
-                input: short,
-                batch: 2,
-                reply,
+        let (_, model) = crate::zoo::test_models::input_dependent(&spec, 3);
+        let pp = Preprocessing {
+            resize: 32,
+            crop: 32,
+            mean: [0.5, 0.4, 0.3],
+            std: [0.2, 0.25, 0.3],
+        };
+        let candle = candle_forward(&model, &Device::Cpu, &[0.0; 3 * 32 * 32], 1, 32).unwrap();
+        let backend = Backend::new(model, Device::Cpu, &pp);
+        assert_eq!(backend.engine(), "fused");
+        // Two images as HWC pixels, and the same as normalised CHW floats.
+        let pixels: Vec<Vec<u8>> = (0..2)
+            .map(|k| {
+                (0..32 * 32 * 3)
+                    .map(|i| ((i * 7 + k * 91) % 256) as u8)
+                    .collect()
             })
-            .unwrap();
-        let err = rx.await.unwrap().unwrap_err();
-        assert!(
-            err.contains("panicked") && err.contains("not 2 images"),
-            "{err}"
+            .collect();
+        let chw: Vec<Vec<f32>> = pixels
+            .iter()
+            .map(|hwc| {
+                let mut out = vec![0f32; 3 * 1024];
+                for (p, px) in hwc.chunks_exact(3).enumerate() {
+                    for c in 0..3 {
+                        out[c * 1024 + p] = (px[c] as f32 / 255.0 - pp.mean[c]) / pp.std[c];
+                    }
+                }
+                out
+            })
+            .collect();
+        let as_bytes =
+            |v: &[f32]| Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        let mut buf = Vec::new();
+        let want: Vec<Vec<f32>> = chw
+            .iter()
+            .map(|x| {
+                backend
+                    .run(&[&Input::Chw(x.clone())], &mut buf)
+                    .unwrap()
+                    .logits
+            })
+            .collect();
+        assert_ne!(
+            want[0], want[1],
+            "the test model's logits depend on its input"
         );
-        let again = exec.run(input, 2).await.unwrap();
-        assert_eq!(again.logits, fused);
+        let inputs = [
+            Input::Hwc(Bytes::from(pixels[1].clone())),
+            Input::ChwBytes(as_bytes(&chw[0])),
+            Input::Chw(chw[1].clone()),
+            Input::Hwc(Bytes::from(pixels[0].clone())),
+        ];
+        let refs: Vec<&Input> = inputs.iter().collect();
+        let out = backend.run(&refs, &mut buf).unwrap().logits;
+        for (row, k) in out.chunks(4).zip([1, 0, 1, 0]) {
+            assert_eq!(row, want[k].as_slice());
+        }
+        // candle's forward of zeros matches the engine's to float rounding.
+        let zeros = backend.forward(&[0.0; 3 * 32 * 32], 1).unwrap();
+        for (a, b) in zeros.iter().zip(&candle) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        }
+        // A wrongly sized input fails its batch with a message; the next batch runs.
+        let short = Input::Chw(vec![0.0; 10]);
+        let err = backend.run(&[&short], &mut buf).unwrap_err();
+        assert!(err.contains("holds 10 values"), "{err}");
+        assert_eq!(
+            backend.run(&[&inputs[2]], &mut buf).unwrap().logits,
+            want[1]
+        );
     }
 }

@@ -171,6 +171,8 @@ pub struct LoadedModel {
     pub tensors: BTreeMap<String, Tensor>,
     /// Size of the weight file as stored (what quantization saves).
     pub file_bytes: u64,
+    /// Content hash of the weight file (FNV-1a 64, hex): changes whenever the weights do.
+    pub version: String,
 }
 
 impl LoadedModel {
@@ -220,6 +222,15 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelDirError> {
 
 /// Reads and validates a model directory; quantized weights are dequantized here, once.
 pub fn load(dir: &Path) -> Result<LoadedModel, ModelDirError> {
+    let loaded = read(dir)?;
+    // Building checks every key and shape against the architecture before anyone uses it.
+    loaded.build(&Device::Cpu)?;
+    Ok(loaded)
+}
+
+/// Reads a model directory (config and weights, dequantized) without building the model:
+/// for callers that build it themselves, once, on their device.
+pub fn read(dir: &Path) -> Result<LoadedModel, ModelDirError> {
     let config = read_config(dir)?;
     let path = dir.join(&config.weights.file);
     let bytes = std::fs::read(&path).map_err(io_err(&path))?;
@@ -237,15 +248,13 @@ pub fn load(dir: &Path) -> Result<LoadedModel, ModelDirError> {
             ),
         });
     }
-    let loaded = LoadedModel {
+    Ok(LoadedModel {
         dir: dir.to_path_buf(),
         config,
         tensors,
         file_bytes: bytes.len() as u64,
-    };
-    // Building checks every key and shape against the architecture before anyone serves it.
-    loaded.build(&Device::Cpu)?;
-    Ok(loaded)
+        version: format!("{:016x}", crate::fnv1a64(&bytes)),
+    })
 }
 
 /// Encodes `tensors` in `config.weights.format` and writes the directory atomically.

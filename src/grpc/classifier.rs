@@ -8,37 +8,25 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::input::{self, Layout};
 use super::pb::slimserve::v1 as pb;
 use super::{deadline_of, finish};
-use crate::backend::{softmax, top_k};
-use crate::batcher::Inference;
+use crate::backend::{softmax, top_k as top_k_indices};
 use crate::error::Error;
-use crate::server::shadow::Submitted;
-use crate::server::{ServedModel, State};
+use crate::pipeline::{self, Layout, Payload, Pipeline, RawTensor, ServedModel};
+use crate::scheduler::Inference;
 
 /// Ranked labels returned when a request leaves `top_k` at 0.
 pub const DEFAULT_TOP_K: usize = 5;
 
 #[derive(Debug, Clone)]
 pub struct ClassifierService {
-    state: Arc<State>,
+    pipeline: Arc<Pipeline>,
 }
 
 impl ClassifierService {
-    pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        Self { pipeline }
     }
-}
-
-/// A request resolved to its model, validated and preprocessed, ready to queue.
-struct Prepared {
-    model: Arc<ServedModel>,
-    top_k: usize,
-    id: String,
-    include_logits: bool,
-    input: Vec<f32>,
-    preprocess: Duration,
 }
 
 fn check_top_k(requested: u32, model: &ServedModel) -> Result<usize, Error> {
@@ -54,23 +42,18 @@ fn check_top_k(requested: u32, model: &ServedModel) -> Result<usize, Error> {
     }
 }
 
-/// Validates and preprocesses one request (decode on the blocking pool).
-async fn prepare(
-    max_pixels: u64,
-    model: Arc<ServedModel>,
+/// The own API's request as the pipeline's.
+fn to_request(
     req: pb::ClassifyRequest,
-) -> Result<Prepared, Error> {
-    let top_k = check_top_k(req.top_k, &model)?;
-    let m = model.clone();
-    let (input, preprocess) = match req.input {
+    deadline: Option<Instant>,
+) -> Result<pipeline::Request, Error> {
+    let payload = match req.input {
         None => {
             return Err(Error::invalid(
                 "the request has no input: set `image` (encoded bytes) or `tensor`",
             ))
         }
-        Some(pb::classify_request::Input::Image(bytes)) => {
-            input::blocking(move || input::image(&bytes, &m, max_pixels)).await?
-        }
+        Some(pb::classify_request::Input::Image(bytes)) => Payload::Image(bytes),
         Some(pb::classify_request::Input::Tensor(t)) => {
             let layout = match pb::DataType::try_from(t.dtype) {
                 Ok(pb::DataType::Float32) => Layout::Nchw,
@@ -84,31 +67,33 @@ async fn prepare(
                     )))
                 }
             };
-            input::blocking(move || {
-                input::tensor("tensor", layout, &t.shape, &t.data, &m, false, 1)
-                    .map(|mut items| items.remove(0))
+            Payload::Tensor(RawTensor {
+                what: "tensor".into(),
+                layout,
+                shape: t.shape,
+                data: t.data,
+                batched: false,
             })
-            .await?
         }
     };
-    model
-        .metrics
-        .preprocess_duration
-        .record(preprocess.as_secs_f64());
-    Ok(Prepared {
-        model,
-        top_k,
-        id: req.id,
-        include_logits: req.include_logits,
-        input,
-        preprocess,
+    Ok(pipeline::Request {
+        model: req.model,
+        version: String::new(),
+        payload,
+        deadline,
     })
 }
 
-fn respond(p: &Prepared, inference: Inference) -> pb::ClassifyResponse {
-    let model = &p.model;
+fn respond(
+    model: &ServedModel,
+    id: String,
+    top_k: usize,
+    include_logits: bool,
+    preprocess: Duration,
+    inference: Inference,
+) -> pb::ClassifyResponse {
     let probs = softmax(&inference.logits);
-    let predictions = top_k(&probs, p.top_k)
+    let predictions = top_k_indices(&probs, top_k)
         .into_iter()
         .map(|i| pb::Prediction {
             index: i as u32,
@@ -122,13 +107,13 @@ fn respond(p: &Prepared, inference: Inference) -> pb::ClassifyResponse {
         model_version: model.version.clone(),
         predictions,
         timings: Some(pb::Timings {
-            preprocess_us: p.preprocess.as_micros() as u64,
+            preprocess_us: preprocess.as_micros() as u64,
             queue_us: inference.queue.as_micros() as u64,
             compute_us: inference.compute.as_micros() as u64,
             batch_size: inference.batch_size as u32,
         }),
-        id: p.id.clone(),
-        logits: if p.include_logits {
+        id,
+        logits: if include_logits {
             inference.logits
         } else {
             Vec::new()
@@ -138,93 +123,95 @@ fn respond(p: &Prepared, inference: Inference) -> pb::ClassifyResponse {
 
 /// One request end to end; returns the model it resolved to (for metrics) and the answer.
 async fn classify_one(
-    state: &State,
+    pipeline: &Arc<Pipeline>,
     req: pb::ClassifyRequest,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<Instant>,
 ) -> (
     Option<Arc<ServedModel>>,
     Result<pb::ClassifyResponse, Error>,
 ) {
-    let (_guard, models) = match state.begin() {
-        Ok(admitted) => admitted,
+    // top_k is checked against the model before anything is decoded or computed.
+    let top_k = match pipeline
+        .models()
+        .and_then(|m| m.get(&req.model))
+        .and_then(|m| check_top_k(req.top_k, m))
+    {
+        Ok(k) => k,
         Err(e) => return (None, Err(e)),
     };
-    let model = match models.get(&req.model) {
-        Ok(m) => m.clone(),
+    let (id, include_logits) = (req.id.clone(), req.include_logits);
+    let request = match to_request(req, deadline) {
+        Ok(r) => r,
         Err(e) => return (None, Err(e)),
     };
-    let result = async {
-        // Admit before decoding so the in-flight limit also bounds decoded-image memory.
-        let ticket = model.batcher.admit(1)?;
-        let mut prepared = prepare(state.max_image_pixels, model.clone(), req).await?;
-        let input = std::mem::take(&mut prepared.input);
-        let pending = model.submit(ticket, input, deadline)?;
-        Ok(respond(&prepared, pending.wait().await?))
-    }
-    .await;
-    (Some(model), result)
+    let (model, result) = pipeline.infer(request).await;
+    let answer = match (&model, result) {
+        (Some(m), Ok(mut r)) => match r.outputs.pop() {
+            Some(inference) => Ok(respond(
+                m,
+                id,
+                top_k,
+                include_logits,
+                r.preprocess,
+                inference,
+            )),
+            None => Err(Error::Internal("no answer for the input".into())),
+        },
+        (_, Err(e)) => Err(e),
+        (None, Ok(_)) => Err(Error::Internal("answer without a model".into())),
+    };
+    (model, answer)
 }
 
-/// Every item of a batch request, preprocessed in parallel and queued together.
+/// Every item of a batch request, run concurrently; the first failing item fails the batch
+/// (with its index).
 async fn classify_batch(
-    state: &State,
+    pipeline: &Arc<Pipeline>,
     requests: Vec<pb::ClassifyRequest>,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<Instant>,
 ) -> (
     Option<Arc<ServedModel>>,
     Result<pb::ClassifyBatchResponse, Error>,
 ) {
-    let (_guard, models) = match state.begin() {
-        Ok(admitted) => admitted,
-        Err(e) => return (None, Err(e)),
-    };
-    let item = |index: usize| {
-        move |e: Error| Error::Item {
-            index,
-            source: Box::new(e),
+    if requests.is_empty() {
+        return (None, Err(Error::invalid("`requests` is empty")));
+    }
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|req| {
+            let pipeline = pipeline.clone();
+            tokio::spawn(async move { classify_one(&pipeline, req, deadline).await })
+        })
+        .collect();
+    let mut first = None;
+    let mut responses = Vec::with_capacity(tasks.len());
+    let mut failure = None;
+    for (index, task) in tasks.into_iter().enumerate() {
+        let (model, result) = match task.await {
+            Ok(done) => done,
+            Err(e) => (
+                None,
+                Err(Error::Internal(format!("request task failed: {e}"))),
+            ),
+        };
+        if first.is_none() {
+            first = model;
         }
-    };
-    let mut resolved = Vec::with_capacity(requests.len());
-    for (i, req) in requests.into_iter().enumerate() {
-        match models.get(&req.model) {
-            Ok(m) => resolved.push((m.clone(), req)),
-            Err(e) => return (None, Err(item(i)(e))),
+        match result {
+            Ok(r) => responses.push(r),
+            Err(e) if failure.is_none() => {
+                failure = Some(Error::Item {
+                    index,
+                    source: Box::new(e),
+                })
+            }
+            Err(_) => {}
         }
     }
-    let first = resolved.first().map(|(m, _)| m.clone());
-    let result = async {
-        if resolved.is_empty() {
-            return Err(Error::invalid("`requests` is empty"));
-        }
-        let mut tickets = Vec::with_capacity(resolved.len());
-        for (i, (model, _)) in resolved.iter().enumerate() {
-            tickets.push(model.batcher.admit(1).map_err(item(i))?);
-        }
-        let tasks: Vec<_> = resolved
-            .into_iter()
-            .map(|(model, req)| tokio::spawn(prepare(state.max_image_pixels, model, req)))
-            .collect();
-        let mut prepared = Vec::with_capacity(tasks.len());
-        for (i, task) in tasks.into_iter().enumerate() {
-            let p = task
-                .await
-                .map_err(|e| Error::Internal(format!("preprocessing failed: {e}")))
-                .and_then(|r| r)
-                .map_err(item(i))?;
-            prepared.push(p);
-        }
-        let mut pending: Vec<Submitted> = Vec::with_capacity(prepared.len());
-        for (i, (p, ticket)) in prepared.iter_mut().zip(tickets).enumerate() {
-            let input = std::mem::take(&mut p.input);
-            pending.push(p.model.submit(ticket, input, deadline).map_err(item(i))?);
-        }
-        let mut responses = Vec::with_capacity(pending.len());
-        for (i, (p, pend)) in prepared.iter().zip(pending).enumerate() {
-            responses.push(respond(p, pend.wait().await.map_err(item(i))?));
-        }
-        Ok(pb::ClassifyBatchResponse { responses })
-    }
-    .await;
+    let result = match failure {
+        Some(e) => Err(e),
+        None => Ok(pb::ClassifyBatchResponse { responses }),
+    };
     (first, result)
 }
 
@@ -236,7 +223,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
     ) -> Result<Response<pb::ClassifyResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline_of(&request);
-        let (model, result) = classify_one(&self.state, request.into_inner(), deadline).await;
+        let (model, result) = classify_one(&self.pipeline, request.into_inner(), deadline).await;
         finish("Classify", started, model.as_deref(), result).map(Response::new)
     }
 
@@ -247,7 +234,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
         let started = Instant::now();
         let deadline = deadline_of(&request);
         let requests = request.into_inner().requests;
-        let (model, result) = classify_batch(&self.state, requests, deadline).await;
+        let (model, result) = classify_batch(&self.pipeline, requests, deadline).await;
         finish("ClassifyBatch", started, model.as_deref(), result).map(Response::new)
     }
 
@@ -261,9 +248,9 @@ impl pb::classifier_server::Classifier for ClassifierService {
         let mut inbound = request.into_inner();
         // Bounded: a client that stops reading stops getting its requests read.
         let (tx, rx) = mpsc::channel(64);
-        let state = self.state.clone();
+        let pipeline = self.pipeline.clone();
         tokio::spawn(async move {
-            let drain = state.drain.clone();
+            let drain = pipeline.drain.clone();
             loop {
                 let next = tokio::select! {
                     biased;
@@ -274,16 +261,17 @@ impl pb::classifier_server::Classifier for ClassifierService {
                     Ok(Some(req)) => req,
                     Ok(None) => break,
                     Err(status) => {
-                        let status = super::status::oversize(status, state.max_message_bytes);
+                        let status =
+                            super::status::oversize(status, pipeline.limits.max_message_bytes);
                         let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
-                let (tx, state) = (tx.clone(), state.clone());
+                let (tx, pipeline) = (tx.clone(), pipeline.clone());
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let id = req.id.clone();
-                    let (model, result) = classify_one(&state, req, deadline).await;
+                    let (model, result) = classify_one(&pipeline, req, deadline).await;
                     let result = match finish("ClassifyStream", started, model.as_deref(), result) {
                         Ok(r) => pb::classify_stream_response::Result::Response(r),
                         Err(status) => pb::classify_stream_response::Result::Error(pb::Error {
@@ -307,7 +295,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
         &self,
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.state.models().ok_or(Error::Starting)?;
+        let models = self.pipeline.models()?;
         let default = models.default_name().unwrap_or_default().to_string();
         let infos = models
             .iter()

@@ -4,8 +4,10 @@
 //! Each model has one output, `logits` (FP32 `[-1, C]`, answered in `raw_output_contents`),
 //! and takes one of two inputs per request: `input`, FP32 NCHW `[-1, 3, S, S]` already
 //! preprocessed, or `image`, UINT8 NHWC `[-1, S, S, 3]` RGB pixels that the server scales and
-//! normalises. Every item of the request's batch dimension is queued on its own, so it shares
-//! forward passes with other clients' requests.
+//! normalises. ModelMetadata and ModelConfig declare one of them (`--kserve-input`, default
+//! `input`), because perf_analyzer sends every declared input; ModelInfer accepts either.
+//! Every item of the request's batch dimension is queued on its own, so it shares forward
+//! passes with other clients' requests.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,30 +15,55 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
-use super::input::{self, Layout};
 use super::pb::inference as pb;
 use super::{deadline_of, finish};
 use crate::error::Error;
-use crate::server::shadow::Submitted;
-use crate::server::{ServedModel, State};
+use crate::pipeline::{self, Layout, Payload, Pipeline, RawTensor, ServedModel};
 
 pub const INPUT_NCHW: &str = "input";
 pub const INPUT_IMAGE: &str = "image";
 pub const OUTPUT_LOGITS: &str = "logits";
 const PLATFORM: &str = "slimserve_candle";
 
+/// The input ModelMetadata and ModelConfig declare (`--kserve-input`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KServeInput {
+    /// `input`: FP32 `[-1, 3, S, S]`, preprocessed.
+    #[default]
+    Input,
+    /// `image`: UINT8 `[-1, S, S, 3]` RGB pixels.
+    Image,
+}
+
+impl KServeInput {
+    fn layout(self) -> Layout {
+        match self {
+            KServeInput::Input => Layout::Nchw,
+            KServeInput::Image => Layout::Nhwc,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            KServeInput::Input => INPUT_NCHW,
+            KServeInput::Image => INPUT_IMAGE,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KServeService {
-    state: Arc<State>,
+    pipeline: Arc<Pipeline>,
+    declared: KServeInput,
 }
 
 impl KServeService {
-    pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+    pub fn new(pipeline: Arc<Pipeline>, declared: KServeInput) -> Self {
+        Self { pipeline, declared }
     }
 
     fn model(&self, name: &str, version: &str) -> Result<&Arc<ServedModel>, Error> {
-        let models = self.state.models().ok_or(Error::Starting)?;
+        let models = self.pipeline.models()?;
         if name.is_empty() {
             return Err(Error::invalid("the request names no model"));
         }
@@ -115,12 +142,11 @@ fn input_bytes(
     })
 }
 
-async fn infer(
-    model: Arc<ServedModel>,
+/// Checks the request's one input and output names and returns it as the pipeline's.
+fn to_request(
     mut req: pb::ModelInferRequest,
-    deadline: Option<tokio::time::Instant>,
-) -> Result<pb::ModelInferResponse, Error> {
-    model.check_version(&req.model_version)?;
+    deadline: Option<Instant>,
+) -> Result<(pipeline::Request, String), Error> {
     if req.inputs.len() != 1 {
         let names: Vec<String> = req.inputs.iter().map(|t| format!("`{}`", t.name)).collect();
         return Err(Error::invalid(format!(
@@ -133,7 +159,7 @@ async fn infer(
         if out.name != OUTPUT_LOGITS {
             return Err(Error::invalid(format!(
                 "unknown output `{}`: model `{}` has one output, `{OUTPUT_LOGITS}`",
-                out.name, model.name
+                out.name, req.model_name
             )));
         }
     }
@@ -141,7 +167,7 @@ async fn infer(
     let layout = layout_of(&tensor.name).ok_or_else(|| {
         Error::invalid(format!(
             "unknown input `{}`: model `{}` takes `{INPUT_NCHW}` (FP32 [-1, 3, S, S]) or `{INPUT_IMAGE}` (UINT8 [-1, S, S, 3])",
-            tensor.name, model.name
+            tensor.name, req.model_name
         ))
     })?;
     if tensor.datatype != layout.datatype() {
@@ -156,53 +182,48 @@ async fn infer(
             layout.datatype()
         )));
     }
-    let shape = tensor.shape.clone();
     let what = format!("input `{}`", tensor.name);
-    let max_batch = model.max_batch_size();
-    let n = match shape.first() {
-        Some(&n) if shape.len() == 4 && n >= 1 && n as usize <= max_batch => n as usize,
-        _ => 1,
-    };
-    // Admit before converting, so the in-flight limit also bounds conversion memory.
-    let mut ticket = model.batcher.admit(n)?;
+    let shape = tensor.shape.clone();
     let data = input_bytes(&mut req, layout)?;
-    let m = model.clone();
-    let (items, preprocess) =
-        input::blocking(move || input::tensor(&what, layout, &shape, &data, &m, true, max_batch))
-            .await?;
-    model
-        .metrics
-        .preprocess_duration
-        .record(preprocess.as_secs_f64());
-    let mut pending: Vec<Submitted> = Vec::with_capacity(items.len());
-    for item in items {
-        let one = ticket
-            .split_one()
-            .ok_or_else(|| Error::Internal("admission ticket too small".into()))?;
-        pending.push(model.submit(one, item, deadline)?);
-    }
+    Ok((
+        pipeline::Request {
+            model: req.model_name,
+            version: req.model_version,
+            payload: Payload::Tensor(RawTensor {
+                what,
+                layout,
+                shape,
+                data,
+                batched: true,
+            }),
+            deadline,
+        },
+        req.id,
+    ))
+}
+
+fn respond(model: &ServedModel, id: String, answer: pipeline::Response) -> pb::ModelInferResponse {
     let classes = model.num_classes();
-    let mut raw = Vec::with_capacity(pending.len() * classes * 4);
-    for p in pending {
-        for v in p.wait().await?.logits {
+    let mut raw = Vec::with_capacity(answer.outputs.len() * classes * 4);
+    for out in &answer.outputs {
+        for v in &out.logits {
             raw.extend_from_slice(&v.to_le_bytes());
         }
     }
-    let batch = (raw.len() / (classes * 4)) as i64;
-    Ok(pb::ModelInferResponse {
+    pb::ModelInferResponse {
         model_name: model.name.clone(),
         model_version: model.version.clone(),
-        id: req.id,
+        id,
         parameters: Default::default(),
         outputs: vec![pb::model_infer_response::InferOutputTensor {
             name: OUTPUT_LOGITS.into(),
             datatype: "FP32".into(),
-            shape: vec![batch, classes as i64],
+            shape: vec![answer.outputs.len() as i64, classes as i64],
             parameters: Default::default(),
             contents: None,
         }],
         raw_output_contents: vec![raw.into()],
-    })
+    }
 }
 
 fn duration(stat: &crate::telemetry::DurationStat) -> Option<pb::StatisticDuration> {
@@ -224,7 +245,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
         _: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
         Ok(Response::new(pb::ServerReadyResponse {
-            ready: self.state.is_ready(),
+            ready: self.pipeline.is_ready(),
         }))
     }
 
@@ -233,7 +254,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let req = request.into_inner();
-        let ready = self.state.is_ready() && self.model(&req.name, &req.version).is_ok();
+        let ready = self.pipeline.is_ready() && self.model(&req.name, &req.version).is_ok();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -259,10 +280,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
             name: m.name.clone(),
             versions: vec![m.version.clone()],
             platform: PLATFORM.into(),
-            inputs: vec![
-                tensor_meta(INPUT_NCHW, Layout::Nchw, s),
-                tensor_meta(INPUT_IMAGE, Layout::Nhwc, s),
-            ],
+            inputs: vec![tensor_meta(self.declared.name(), self.declared.layout(), s)],
             outputs: vec![pb::model_metadata_response::TensorMetadata {
                 name: OUTPUT_LOGITS.into(),
                 datatype: "FP32".into(),
@@ -277,17 +295,17 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let started = Instant::now();
         let deadline = deadline_of(&request);
-        let req = request.into_inner();
-        let admitted = self
-            .state
-            .begin()
-            .and_then(|(guard, models)| Ok((guard, models.get(&req.model_name)?.clone())));
-        let (_guard, model) = match admitted {
-            Ok(ok) => ok,
+        let (req, id) = match to_request(request.into_inner(), deadline) {
+            Ok(r) => r,
             Err(e) => return finish("ModelInfer", started, None, Err(e)),
         };
-        let result = infer(model.clone(), req, deadline).await;
-        finish("ModelInfer", started, Some(&model), result).map(Response::new)
+        let (model, result) = self.pipeline.infer(req).await;
+        let result = match (&model, result) {
+            (Some(m), Ok(answer)) => Ok(respond(m, id, answer)),
+            (_, Err(e)) => Err(e),
+            (None, Ok(_)) => Err(Error::Internal("answer without a model".into())),
+        };
+        finish("ModelInfer", started, model.as_deref(), result).map(Response::new)
     }
 
     async fn model_config(
@@ -297,28 +315,28 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
         let req = request.into_inner();
         let m = self.model(&req.name, &req.version)?;
         let s = m.input_size() as i64;
-        let batching = m.batcher.config();
+        let batching = m.queue.config();
         let config = pb::ModelConfig {
             name: m.name.clone(),
             platform: PLATFORM.into(),
             backend: "slimserve".into(),
             max_batch_size: batching.max_batch_size as i32,
-            input: vec![
-                pb::ModelInput {
+            input: vec![match self.declared {
+                KServeInput::Input => pb::ModelInput {
                     name: INPUT_NCHW.into(),
                     data_type: pb::DataType::TypeFp32 as i32,
                     format: pb::model_input::Format::Nchw as i32,
                     dims: vec![3, s, s],
                     optional: false,
                 },
-                pb::ModelInput {
+                KServeInput::Image => pb::ModelInput {
                     name: INPUT_IMAGE.into(),
                     data_type: pb::DataType::TypeUint8 as i32,
                     format: pb::model_input::Format::Nhwc as i32,
                     dims: vec![s, s, 3],
-                    optional: true,
+                    optional: false,
                 },
-            ],
+            }],
             output: vec![pb::ModelOutput {
                 name: OUTPUT_LOGITS.into(),
                 data_type: pb::DataType::TypeFp32 as i32,
@@ -341,7 +359,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let req = request.into_inner();
-        let models = self.state.models().ok_or(Error::Starting)?;
+        let models = self.pipeline.models()?;
         let selected: Vec<&Arc<ServedModel>> = if req.name.is_empty() {
             models.iter().collect()
         } else {

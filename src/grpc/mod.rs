@@ -1,11 +1,10 @@
 //! The gRPC edge: generated protocol code, the own API (`slimserve.v1.Classifier`), the KServe
 //! v2 / Triton API (`inference.GRPCInferenceService`), and the mapping of errors to status codes.
 //!
-//! Handlers validate and preprocess (decode on the blocking pool), then hand inputs to the
-//! model's batcher: `grpc -> batcher -> backend`.
+//! Handlers translate protocol messages into [`crate::pipeline::Request`]s and answers back;
+//! everything between (admission, preprocessing, batching, compute) is the pipeline's.
 
 mod classifier;
-mod input;
 mod kserve;
 pub mod status;
 
@@ -15,9 +14,9 @@ use std::time::{Duration, Instant};
 use tonic::transport::server::Router;
 
 pub use classifier::ClassifierService;
-pub use kserve::{KServeService, INPUT_IMAGE, INPUT_NCHW, OUTPUT_LOGITS};
+pub use kserve::{KServeInput, KServeService, INPUT_IMAGE, INPUT_NCHW, OUTPUT_LOGITS};
 
-use crate::server::State;
+use crate::pipeline::Pipeline;
 
 /// Code generated from `proto/` by build.rs.
 pub mod pb {
@@ -37,15 +36,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("slim
 
 /// Adds the own API, KServe and reflection (v1 and v1alpha, which older grpcurl uses) to a
 /// router that already holds the health service.
-pub fn add_services(router: Router, state: Arc<State>) -> Router {
-    let limit = state.max_message_bytes;
+pub fn add_services(router: Router, pipeline: Arc<Pipeline>, kserve_input: KServeInput) -> Router {
+    let limit = pipeline.limits.max_message_bytes;
     let classifier = pb::slimserve::v1::classifier_server::ClassifierServer::new(
-        ClassifierService::new(state.clone()),
+        ClassifierService::new(pipeline.clone()),
     )
     .max_decoding_message_size(limit)
     .max_encoding_message_size(usize::MAX);
     let kserve = pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
-        KServeService::new(state),
+        KServeService::new(pipeline, kserve_input),
     )
     .max_decoding_message_size(limit)
     .max_encoding_message_size(usize::MAX);
@@ -67,7 +66,7 @@ pub fn add_services(router: Router, state: Arc<State>) -> Router {
 
 /// When the request reached the server (recorded by [`status::Edge`] before decoding).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Arrival(pub tokio::time::Instant);
+pub(crate) struct Arrival(pub Instant);
 
 /// Our deadline falls slightly before the client's (1/20 of the timeout, 1 to 10 ms), so the
 /// client still hears our DEADLINE_EXCEEDED (with its message) before its own timer fires.
@@ -76,7 +75,7 @@ fn deadline_slack(timeout: Duration) -> Duration {
 }
 
 /// The request's deadline from its `grpc-timeout` header, counted from arrival.
-pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<tokio::time::Instant> {
+pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
     let timeout = request
         .metadata()
         .get("grpc-timeout")
@@ -86,7 +85,7 @@ pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<tokio::time:
         .extensions()
         .get::<Arrival>()
         .map(|a| a.0)
-        .unwrap_or_else(tokio::time::Instant::now);
+        .unwrap_or_else(Instant::now);
     Some(arrival + timeout.saturating_sub(deadline_slack(timeout)))
 }
 
@@ -112,7 +111,7 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 pub(crate) fn finish<T>(
     method: &'static str,
     started: Instant,
-    model: Option<&crate::server::ServedModel>,
+    model: Option<&crate::pipeline::ServedModel>,
     result: Result<T, crate::error::Error>,
 ) -> Result<T, tonic::Status> {
     let elapsed = started.elapsed();

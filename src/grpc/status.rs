@@ -95,7 +95,7 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         req.extensions_mut()
-            .insert(Arrival(tokio::time::Instant::now()));
+            .insert(Arrival(std::time::Instant::now()));
         let method = req
             .uri()
             .path()

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::shadow::ShadowRule;
 use crate::backend::DeviceSpec;
+use crate::grpc::KServeInput;
+use crate::pipeline::ShadowRule;
 use crate::preprocess::DEFAULT_MAX_PIXELS;
 
 #[derive(Debug, Clone, Args)]
@@ -42,8 +43,9 @@ pub struct Config {
     pub max_batch_size: u32,
 
     /// Longest a batch waits for more inputs after its first (e.g. 2ms, 500us; 0 = take what
-    /// is queued). Raise it when many clients send single images and throughput matters more
-    /// than the last millisecond of latency.
+    /// is queued). It only waits while more of the model's inputs are already admitted and
+    /// being decoded, so an input reaching an idle model runs at once; raise it when many
+    /// clients send photos and throughput matters more than the last millisecond.
     #[arg(long, env = "SLIMSERVE_MAX_BATCH_DELAY", default_value = "2ms", value_parser = parse_duration)]
     pub max_batch_delay: Duration,
 
@@ -60,6 +62,22 @@ pub struct Config {
     /// raw-tensor batches.
     #[arg(long, env = "SLIMSERVE_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     pub max_message_bytes: usize,
+
+    /// Threads that decode and resize images, at a lower priority than inference so that a
+    /// burst of photos cannot starve it. Default: half the cores (at least 1).
+    #[arg(long, env = "SLIMSERVE_DECODE_THREADS")]
+    pub decode_threads: Option<usize>,
+
+    /// The input KServe ModelMetadata/ModelConfig declare: `input` (FP32 [-1,3,S,S],
+    /// preprocessed) or `image` (UINT8 [-1,S,S,3] RGB pixels). perf_analyzer sends what is
+    /// declared; ModelInfer accepts either whatever is declared.
+    #[arg(
+        long,
+        env = "SLIMSERVE_KSERVE_INPUT",
+        value_enum,
+        default_value = "input"
+    )]
+    pub kserve_input: KServeInput,
 
     /// Images whose header claims more pixels are refused before decoding.
     #[arg(long, env = "SLIMSERVE_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
@@ -118,6 +136,8 @@ impl Config {
             max_in_flight: 512,
             max_message_bytes: 16 << 20,
             max_image_pixels: DEFAULT_MAX_PIXELS,
+            decode_threads: None,
+            kserve_input: KServeInput::Input,
             skip_bad_models: false,
             tls_cert: None,
             tls_key: None,
@@ -126,6 +146,18 @@ impl Config {
             shutdown_timeout: Duration::from_secs(30),
             inject_compute_delay: Duration::ZERO,
         }
+    }
+}
+
+impl Config {
+    /// `--decode-threads`, or half the cores (at least one).
+    pub fn decode_threads(&self) -> usize {
+        self.decode_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() / 2)
+                .unwrap_or(1)
+                .max(1)
+        })
     }
 }
 

@@ -7,29 +7,25 @@
 //! answered (up to `--shutdown-timeout`), then the ports close and [`Server::serve`] returns.
 
 pub mod config;
-pub mod models;
-pub mod shadow;
 pub mod shutdown;
 mod tls;
+pub mod transport;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic_health::ServingStatus;
 
 pub use config::Config;
-pub use models::{Models, ServedModel};
-pub use shadow::ShadowRule;
-pub use shutdown::{Drain, RequestGuard};
 
 use crate::backend::DeviceError;
-use crate::error::Error;
-use crate::formats::model_dir::ModelDirError;
 use crate::grpc;
+use crate::pipeline::{self, LoadError, LoadOptions, Pipeline};
+use crate::scheduler::{BatcherConfig, Scheduler};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -40,17 +36,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Device(#[from] DeviceError),
-    #[error("cannot read the model directory {}: {source}", path.display())]
-    ModelsDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("model failed to load: {source} (start with --skip-bad-models to serve the others)")]
-    Model { source: ModelDirError },
-    #[error("model {model} failed its warm-up forward pass: {message}")]
-    Warmup { model: String, message: String },
-    #[error("--default-model {name} is not among the loaded models ({available})")]
-    DefaultModel { name: String, available: String },
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("TLS file {}: {source}", path.display())]
     Tls {
         path: PathBuf,
@@ -58,48 +45,8 @@ pub enum ServerError {
     },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
-    #[error("--shadow {rule}: {message}")]
-    Shadow { rule: String, message: String },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
-}
-
-/// What every RPC handler shares.
-#[derive(Debug)]
-pub struct State {
-    /// Set once, when every model is loaded and warmed up.
-    models: OnceLock<Models>,
-    pub drain: Drain,
-    /// Decoded images over this many pixels are refused from their header.
-    pub max_image_pixels: u64,
-    pub max_message_bytes: usize,
-}
-
-impl State {
-    pub fn new(config: &Config) -> Self {
-        Self {
-            models: OnceLock::new(),
-            drain: Drain::default(),
-            max_image_pixels: config.max_image_pixels,
-            max_message_bytes: config.max_message_bytes,
-        }
-    }
-
-    /// Admits a request: UNAVAILABLE while starting or draining.
-    pub fn begin(&self) -> Result<(RequestGuard, &Models), Error> {
-        let guard = self.drain.begin()?;
-        let models = self.models.get().ok_or(Error::Starting)?;
-        Ok((guard, models))
-    }
-
-    /// The models once loaded (for metadata calls that need no drain guard).
-    pub fn models(&self) -> Option<&Models> {
-        self.models.get()
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.models.get().is_some() && !self.drain.is_draining()
-    }
 }
 
 /// gRPC service names whose health is reported (plus "" for the whole server).
@@ -166,7 +113,14 @@ impl Server {
             metrics: metrics_listener,
         } = self;
         let prometheus = crate::telemetry::init();
-        let state = Arc::new(State::new(&config));
+        let limits = pipeline::Limits {
+            max_image_pixels: config.max_image_pixels,
+            max_message_bytes: config.max_message_bytes,
+        };
+        let pipeline =
+            Arc::new(Pipeline::new(limits, config.decode_threads()).map_err(ServerError::Thread)?);
+        let scheduler =
+            Scheduler::start(config.inject_compute_delay).map_err(ServerError::Thread)?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in HEALTH_SERVICES {
@@ -176,12 +130,16 @@ impl Server {
         }
 
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = transport::builder();
         if let Some(tls) = tls::server_tls(&config)? {
             builder = builder.tls_config(tls)?;
         }
-        let router = grpc::add_services(builder.add_service(health_service), state.clone());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let router = grpc::add_services(
+            builder.add_service(health_service),
+            pipeline.clone(),
+            config.kserve_input,
+        );
+        let incoming = transport::accept(grpc_listener);
         let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = grpc_stopped.await;
         }));
@@ -208,12 +166,27 @@ impl Server {
         };
 
         tokio::pin!(shutdown);
-        let load_config = config.clone();
-        let loading = async {
-            let loaded = tokio::task::spawn_blocking(move || models::load_all(&load_config))
-                .await
-                .expect("model loading does not panic")?;
-            models::start(loaded, &config, &device).await
+        let options = LoadOptions {
+            dir: config.models.clone(),
+            skip_bad_models: config.skip_bad_models,
+            default_model: config.default_model.clone(),
+            shadows: config.shadow.clone(),
+            batching: BatcherConfig {
+                max_batch_size: config.max_batch_size as usize,
+                max_batch_delay: config.max_batch_delay,
+                queue_capacity: config.max_queue_size,
+                max_in_flight: config.max_in_flight,
+            },
+            device_label: config.device.to_string(),
+        };
+        let scheduler = Arc::new(scheduler);
+        let loader = scheduler.clone();
+        let loading = async move {
+            tokio::task::spawn_blocking(move || {
+                pipeline::models::load_all(&options, &device, &loader)
+            })
+            .await
+            .expect("model loading does not panic")
         };
         let models = tokio::select! {
             models = loading => models,
@@ -226,7 +199,7 @@ impl Server {
             Ok(models) => models,
             Err(e) => {
                 stop(grpc_task, metrics_task).await?;
-                return Err(e);
+                return Err(e.into());
             }
         };
         if models.is_empty() {
@@ -241,7 +214,7 @@ impl Server {
                 models.default_name().unwrap_or("-")
             );
         }
-        state.models.set(models).expect("models are set once, here");
+        pipeline.set_models(models);
         for name in HEALTH_SERVICES {
             health
                 .set_service_status(*name, ServingStatus::Serving)
@@ -253,19 +226,22 @@ impl Server {
             "shutting down: draining accepted requests (up to {:?})",
             config.shutdown_timeout
         );
-        state.drain.start();
+        pipeline.drain.start();
         for name in HEALTH_SERVICES {
             health
                 .set_service_status(*name, ServingStatus::NotServing)
                 .await;
         }
-        if tokio::time::timeout(config.shutdown_timeout, state.drain.idle())
+        if tokio::time::timeout(config.shutdown_timeout, pipeline.drain.idle())
             .await
             .is_err()
         {
             tracing::warn!("shutdown timeout passed with requests still running; closing anyway");
         }
         let result = stop(grpc_task, metrics_task).await;
+        // The compute thread stops once the last handle (held by the pipeline's models) goes.
+        drop(pipeline);
+        drop(scheduler);
         tracing::info!("stopped");
         result
     }

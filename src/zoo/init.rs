@@ -16,12 +16,6 @@ pub(crate) struct Seeded {
 }
 
 /// FNV-1a: a hash of the weight name that is stable across Rust versions.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 fn sample(init: Init, shape: &Shape, seed: u64) -> Result<Tensor> {
     let n = shape.elem_count();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -52,7 +46,7 @@ impl SimpleBackend for Seeded {
             }
             return Ok(v.as_tensor().clone());
         }
-        let t = sample(h, &s, self.seed ^ fnv1a(name))?
+        let t = sample(h, &s, self.seed ^ crate::fnv1a64(name.as_bytes()))?
             .to_dtype(dtype)?
             .to_device(dev)?;
         let var = Var::from_tensor(&t)?;

@@ -10,6 +10,7 @@ mod mobile;
 pub mod mobilenet_v2;
 mod plain;
 mod resnet;
+pub mod test_models;
 
 use std::collections::{BTreeMap, HashMap};
 

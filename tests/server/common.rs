@@ -6,12 +6,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use candle_core::Device;
 use slimserve::formats::model_dir::{self, ModelConfig};
 use slimserve::grpc::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use slimserve::grpc::pb::slimserve::v1 as pb;
 use slimserve::server::{Config, Server, ServerError};
-use slimserve::zoo::{Arch, Model, ModelSpec};
+use slimserve::zoo::{Arch, ModelSpec};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,7 +26,9 @@ pub const SIZE: usize = 32;
 /// Classes of the test models.
 pub const CLASSES: usize = 4;
 
-/// Writes a freshly initialised 32x32 `student` with 4 classes to `root/name`.
+/// Writes a 32x32 `student` with 4 classes to `root/name` whose logits depend on its input
+/// (calibrated, then perturbed BatchNorms: `zoo::test_models`), seeded by its name, so that
+/// mixed-up batch rows, a wrong layout or a swapped input change the answers.
 pub fn make_model(root: &Path, name: &str) {
     make_model_sized(root, name, SIZE);
 }
@@ -35,7 +36,8 @@ pub fn make_model(root: &Path, name: &str) {
 /// As [`make_model`], at another input size.
 pub fn make_model_sized(root: &Path, name: &str, size: usize) {
     let spec = ModelSpec::new(Arch::Student, CLASSES, size);
-    let (varmap, _) = Model::init(&spec, &Device::Cpu).unwrap();
+    let (varmap, _) =
+        slimserve::zoo::test_models::input_dependent(&spec, slimserve::fnv1a64(name.as_bytes()));
     let tensors = slimserve::zoo::varmap_tensors(&varmap);
     let mut config = ModelConfig::new(spec, model_dir::default_labels(CLASSES));
     config.provenance.val_accuracy = Some(0.5);
@@ -238,11 +240,16 @@ fn dechunk(mut body: &str) -> String {
 
 /// A PNG of the given size with a simple gradient.
 pub fn png(w: u32, h: u32) -> Vec<u8> {
+    png_seeded(w, h, 0)
+}
+
+/// A PNG whose pixels depend on `seed`: different seeds, different images.
+pub fn png_seeded(w: u32, h: u32, seed: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         image::Rgb([
-            (x * 7 % 256) as u8,
-            (y * 5 % 256) as u8,
-            ((x + y) % 256) as u8,
+            ((x * 7 + seed * 31) % 256) as u8,
+            ((y * 5 + seed * 17 * x) % 256) as u8,
+            ((x + y + seed * 53) % 256) as u8,
         ])
     });
     let mut buf = std::io::Cursor::new(Vec::new());

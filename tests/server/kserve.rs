@@ -44,6 +44,44 @@ fn logits_of(r: &kpb::ModelInferResponse) -> Vec<f32> {
         .collect()
 }
 
+/// `--kserve-input image` declares the UINT8 pixel input instead (for perf_analyzer runs of
+/// the pixel path); ModelInfer still takes either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_input_flag_declares_the_pixel_input() {
+    let server = TestServer::start(&[M], |c| {
+        c.kserve_input = slimserve::grpc::KServeInput::Image
+    })
+    .await;
+    let mut k = server.kserve().await;
+    let md = k
+        .model_metadata(kpb::ModelMetadataRequest {
+            name: M.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(md.inputs.len(), 1);
+    assert_eq!(
+        (md.inputs[0].name.as_str(), md.inputs[0].datatype.as_str()),
+        ("image", "UINT8")
+    );
+    assert_eq!(md.inputs[0].shape, [-1, 32, 32, 3]);
+    let cfg = k
+        .model_config(kpb::ModelConfigRequest {
+            name: M.into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(cfg.input.len(), 1);
+    assert_eq!(cfg.input[0].data_type, kpb::DataType::TypeUint8 as i32);
+    server.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metadata_calls_describe_the_model() {
     let s = TestServer::start(&[M], |_| {}).await;
@@ -95,11 +133,11 @@ async fn metadata_calls_describe_the_model() {
         .chain(&md.outputs)
         .map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.as_slice()))
         .collect();
+    // One declared input: perf_analyzer sends every input ModelMetadata lists.
     assert_eq!(
         shapes,
         [
             ("input", "FP32", &[-1i64, 3, 32, 32][..]),
-            ("image", "UINT8", &[-1, 32, 32, 3][..]),
             ("logits", "FP32", &[-1, 4][..]),
         ]
     );
@@ -115,6 +153,7 @@ async fn metadata_calls_describe_the_model() {
         .config
         .unwrap();
     assert_eq!(cfg.max_batch_size, 32);
+    assert_eq!(cfg.input.len(), 1);
     assert_eq!(cfg.input[0].dims, [3, 32, 32]);
     assert_eq!(cfg.input[0].data_type, kpb::DataType::TypeFp32 as i32);
     assert_eq!(cfg.output[0].dims, [4]);

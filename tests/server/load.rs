@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use slimserve::load::compare::{self, CompareArgs};
 use slimserve::load::{Api, LoadShape};
+use slimserve::pipeline::LoadError;
 use slimserve::server::{Server, ServerError};
 
 use crate::common::*;
@@ -450,7 +451,10 @@ async fn bad_shadow_rules_stop_start_up_with_a_clear_error() {
         c.shadow = rules.iter().map(|r| r.parse().unwrap()).collect();
         let server = Server::bind(c).await.unwrap();
         let err = server.serve(std::future::pending()).await.unwrap_err();
-        assert!(matches!(err, ServerError::Shadow { .. }), "{err}");
+        assert!(
+            matches!(err, ServerError::Load(LoadError::Shadow { .. })),
+            "{err}"
+        );
         assert!(err.to_string().contains(needle), "{rules:?}: {err}");
     }
 }

@@ -160,16 +160,35 @@ async fn concurrent_requests_share_batches() {
     const M: &str = "batching";
     let s = TestServer::start(&[M], |c| c.max_batch_delay = Duration::from_millis(50)).await;
     let client = s.classifier().await;
+    let request = |seed: u32| {
+        let mut r = image_request(M, png_seeded(32, 32, seed));
+        r.include_logits = true;
+        r
+    };
+    // Each image alone first: its own answer.
+    let mut alone = Vec::new();
+    for seed in 0..6 {
+        let mut c = client.clone();
+        alone.push(c.classify(request(seed)).await.unwrap().into_inner().logits);
+    }
+    for i in 1..6 {
+        assert_ne!(
+            alone[i], alone[0],
+            "the test model answers each image differently"
+        );
+    }
     let calls: Vec<_> = (0..6)
-        .map(|_| {
+        .map(|seed| {
             let mut c = client.clone();
-            tokio::spawn(async move { c.classify(image_request(M, png(32, 32))).await })
+            tokio::spawn(async move { c.classify(request(seed)).await })
         })
         .collect();
     let mut largest = 0;
-    for call in calls {
+    for (seed, call) in calls.into_iter().enumerate() {
         let r = call.await.unwrap().unwrap().into_inner();
         largest = largest.max(r.timings.unwrap().batch_size);
+        // Batched with the others, each image still gets exactly its own row.
+        assert_eq!(r.logits, alone[seed], "image {seed}");
     }
     assert!(
         largest > 1,

@@ -9,13 +9,12 @@
 //! difference goes to the `slimserve_shadow_logit_gap{model, shadow}` histogram.
 
 use std::str::FromStr;
-use std::sync::{Arc, Weak};
 
 use metrics::{Counter, Histogram};
 
 use super::models::ServedModel;
-use crate::batcher::{Inference, Pending, Ticket};
 use crate::error::Error;
+use crate::scheduler::Input;
 use crate::telemetry::{SHADOW_LOGIT_GAP, SHADOW_REQUESTS_TOTAL};
 
 /// One `--shadow SOURCE=TARGET[:FRACTION]` rule.
@@ -61,11 +60,11 @@ impl FromStr for ShadowRule {
     }
 }
 
-/// The mirror attached to a source model.
+/// The mirror of one source model: where its sampled inputs go and how they compared.
 #[derive(Debug)]
 pub struct Shadow {
-    /// Weak: two models may shadow each other without keeping each other alive.
-    target: Weak<ServedModel>,
+    /// The shadow model's name, looked up in the served models for each mirrored input.
+    pub target: String,
     fraction: f64,
     agree: Counter,
     disagree: Counter,
@@ -75,43 +74,43 @@ pub struct Shadow {
 }
 
 impl Shadow {
-    pub fn new(source: &str, target: &Arc<ServedModel>, fraction: f64) -> Self {
+    pub fn new(source: &str, target: &str, fraction: f64) -> Self {
         let counter = |outcome: &'static str| {
             metrics::counter!(SHADOW_REQUESTS_TOTAL,
-                "model" => source.to_string(), "shadow" => target.name.clone(), "outcome" => outcome)
+                "model" => source.to_string(), "shadow" => target.to_string(), "outcome" => outcome)
         };
         Self {
-            target: Arc::downgrade(target),
+            target: target.to_string(),
             fraction,
             agree: counter("agree"),
             disagree: counter("disagree"),
             dropped: counter("dropped"),
             error: counter("error"),
             logit_gap: metrics::histogram!(SHADOW_LOGIT_GAP,
-                "model" => source.to_string(), "shadow" => target.name.clone()),
+                "model" => source.to_string(), "shadow" => target.to_string()),
         }
     }
 
-    pub fn target_name(&self) -> Option<String> {
-        self.target.upgrade().map(|t| t.name.clone())
+    pub fn fraction(&self) -> f64 {
+        self.fraction
     }
 
-    fn sampled(&self) -> bool {
+    /// Whether this input is mirrored.
+    pub fn sampled(&self) -> bool {
         self.fraction >= 1.0 || rand::random::<f64>() < self.fraction
     }
 
-    /// Runs `input` through the shadow model and records how its answer compares with the
-    /// source's `logits`. Never blocks the caller's answer: call it from a spawned task.
-    async fn compare(self: Arc<Self>, input: Vec<f32>, logits: Vec<f32>) {
-        let Some(target) = self.target.upgrade() else {
-            return;
-        };
-        let ticket = match target.batcher.admit(1) {
+    /// Runs `input` through the shadow model `target` and records how its answer compares
+    /// with the source's `logits`. Never blocks the caller's answer: call it from a spawned
+    /// task. A full shadow queue drops the input (mirrored traffic yields to live traffic).
+    pub async fn compare(&self, target: &ServedModel, input: Input, logits: Vec<f32>) {
+        let ticket = match target.queue.admit(1) {
             Ok(t) => t,
             Err(_) => return self.dropped.increment(1),
         };
-        let answer = match target.batcher.submit(ticket, input, None) {
+        let answer = match target.queue.submit(ticket, input, None) {
             Ok(pending) => pending.wait().await,
+            Err(Error::QueueFull { .. }) => return self.dropped.increment(1),
             Err(e) => Err(e),
         };
         match answer {
@@ -126,44 +125,6 @@ impl Shadow {
             }
             Ok(_) | Err(_) => self.error.increment(1),
         }
-    }
-}
-
-/// A submitted input whose answer may be mirrored to a shadow model.
-#[derive(Debug)]
-pub struct Submitted {
-    pending: Pending,
-    mirror: Option<(Arc<Shadow>, Vec<f32>)>,
-}
-
-impl Submitted {
-    /// The source model's answer; a sampled input then goes to the shadow model in the
-    /// background.
-    pub async fn wait(self) -> Result<Inference, Error> {
-        let answer = self.pending.wait().await?;
-        if let Some((shadow, input)) = self.mirror {
-            tokio::spawn(shadow.compare(input, answer.logits.clone()));
-        }
-        Ok(answer)
-    }
-}
-
-impl ServedModel {
-    /// Queues one input on this model's batcher, mirroring it to the shadow model when
-    /// `--shadow` samples it.
-    pub fn submit(
-        &self,
-        ticket: Ticket,
-        input: Vec<f32>,
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<Submitted, Error> {
-        let mirror = self
-            .shadow
-            .get()
-            .filter(|s| s.sampled())
-            .map(|s| (s.clone(), input.clone()));
-        let pending = self.batcher.submit(ticket, input, deadline)?;
-        Ok(Submitted { pending, mirror })
     }
 }
 

@@ -1,0 +1,199 @@
+//! The request pipeline below the gRPC layer, written once for both APIs:
+//!
+//! ```text
+//! admission (draining? model, version, in-flight limit)
+//!   -> preprocess (images: decode + resize on the decoding pool; tensors: validate in place)
+//!   -> submit (the model's queue on the shared scheduler)
+//!   -> wait (answers, deadline)
+//!   -> shadow mirroring of sampled inputs, off the critical path
+//! ```
+//!
+//! The APIs only translate their messages into a [`Request`] and the [`Response`] back.
+
+mod decode;
+pub mod drain;
+pub mod input;
+pub mod models;
+pub mod shadow;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use prost::bytes::Bytes;
+
+pub use decode::DecodePool;
+pub use drain::{Drain, RequestGuard};
+pub use input::{Layout, RawTensor};
+pub use models::{LoadError, LoadOptions, Models, ServedModel};
+pub use shadow::ShadowRule;
+
+use crate::error::Error;
+use crate::scheduler::{Inference, Input};
+
+/// What a request asks to classify.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// An encoded image (JPEG, PNG, WebP, BMP, GIF).
+    Image(Bytes),
+    Tensor(RawTensor),
+}
+
+/// One request, whichever API it came from.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Model name; empty = the default model.
+    pub model: String,
+    /// Empty = whatever version is served.
+    pub version: String,
+    pub payload: Payload,
+    /// Answer `DEADLINE_EXCEEDED` instead of computing once this passes.
+    pub deadline: Option<Instant>,
+}
+
+/// The answers for every item of a request, in order.
+#[derive(Debug)]
+pub struct Response {
+    pub outputs: Vec<Inference>,
+    /// Decoding and resizing, or tensor validation, for the whole request.
+    pub preprocess: Duration,
+}
+
+/// Limits applied before any work is done.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Decoded images over this many pixels are refused from their header.
+    pub max_image_pixels: u64,
+    pub max_message_bytes: usize,
+}
+
+/// What every RPC handler shares.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// Set once, when every model is loaded and warmed up.
+    models: OnceLock<Models>,
+    pub drain: Drain,
+    pub limits: Limits,
+    /// Bounded and below compute's priority, so decoding never starves inference.
+    decoder: DecodePool,
+}
+
+impl Pipeline {
+    pub fn new(limits: Limits, decode_threads: usize) -> std::io::Result<Self> {
+        Ok(Self {
+            models: OnceLock::new(),
+            drain: Drain::default(),
+            limits,
+            decoder: DecodePool::new(decode_threads)?,
+        })
+    }
+
+    /// Publishes the loaded models (once); requests are answered from then on.
+    pub fn set_models(&self, models: Models) {
+        if self.models.set(models).is_err() {
+            panic!("models are set once");
+        }
+    }
+
+    /// The models once loaded (for metadata calls that need no drain guard).
+    pub fn models(&self) -> Result<&Models, Error> {
+        self.models.get().ok_or(Error::Starting)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.models.get().is_some() && !self.drain.is_draining()
+    }
+
+    pub fn decode_threads(&self) -> usize {
+        self.decoder.threads()
+    }
+
+    /// Runs one request end to end. Returns the model it resolved to (for request metrics)
+    /// with the answer.
+    pub async fn infer(
+        self: &Arc<Self>,
+        req: Request,
+    ) -> (Option<Arc<ServedModel>>, Result<Response, Error>) {
+        let _guard = match self.drain.begin() {
+            Ok(g) => g,
+            Err(e) => return (None, Err(e)),
+        };
+        let model = match self.models().and_then(|m| m.get(&req.model)) {
+            Ok(m) => m.clone(),
+            Err(e) => return (None, Err(e)),
+        };
+        let result = self.run(&model, req).await;
+        (Some(model), result)
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        model: &Arc<ServedModel>,
+        req: Request,
+    ) -> Result<Response, Error> {
+        model.check_version(&req.version)?;
+        let max_batch = model.max_batch_size();
+        let claimed = match &req.payload {
+            Payload::Image(_) => 1,
+            Payload::Tensor(t) => t.claimed_items(max_batch),
+        };
+        // Admit before decoding, so the in-flight limit also bounds decoded-image memory.
+        let mut ticket = model.queue.admit(claimed)?;
+        let started = Instant::now();
+        let inputs = match req.payload {
+            Payload::Image(bytes) => {
+                let m = model.clone();
+                let max_pixels = self.limits.max_image_pixels;
+                let image = self
+                    .decoder
+                    .run(move || input::image(&bytes, &m, max_pixels))
+                    .await
+                    .map_err(|panic| Error::Internal(format!("decoding panicked: {panic}")))??;
+                vec![image]
+            }
+            Payload::Tensor(t) => input::tensor(&t, model, max_batch)?,
+        };
+        let preprocess = started.elapsed();
+        model
+            .metrics
+            .preprocess_duration
+            .record(preprocess.as_secs_f64() / inputs.len() as f64);
+        let shadow = self.models()?.shadow(&model.name);
+        let mut pending = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let one = ticket
+                .split_one()
+                .ok_or_else(|| Error::Internal("admission ticket too small".into()))?;
+            let mirror = shadow.filter(|s| s.sampled()).map(|_| input.clone());
+            pending.push((model.queue.submit(one, input, req.deadline)?, mirror));
+        }
+        let mut outputs = Vec::with_capacity(pending.len());
+        for (p, mirror) in pending {
+            let answer = p.wait().await?;
+            if let Some(input) = mirror {
+                self.mirror(&model.name, input, answer.logits.clone());
+            }
+            outputs.push(answer);
+        }
+        Ok(Response {
+            outputs,
+            preprocess,
+        })
+    }
+
+    /// Sends a sampled input to `source`'s shadow model in the background.
+    fn mirror(self: &Arc<Self>, source: &str, input: Input, logits: Vec<f32>) {
+        let pipeline = self.clone();
+        let source = source.to_string();
+        tokio::spawn(async move {
+            let Ok(models) = pipeline.models() else {
+                return;
+            };
+            let Some(shadow) = models.shadow(&source) else {
+                return;
+            };
+            if let Ok(target) = models.get(&shadow.target) {
+                shadow.compare(target, input, logits).await;
+            }
+        });
+    }
+}

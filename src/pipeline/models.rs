@@ -1,0 +1,328 @@
+//! The served models: discovery under `--models`, loading (each weight file read once and each
+//! model built once, on its device), warm-up, registration with the shared scheduler, and
+//! lookup by name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use super::shadow::{Shadow, ShadowRule};
+use crate::backend::Backend;
+use crate::error::Error;
+use crate::formats::model_dir::{self, ModelConfig, ModelDirError};
+use crate::scheduler::{BatcherConfig, ModelQueue, Scheduler};
+use crate::telemetry::{ModelInfoLabels, ModelMetrics, ModelStats};
+
+/// One model as the APIs see it.
+#[derive(Debug)]
+pub struct ServedModel {
+    pub name: String,
+    /// Content hash of the weight file: changes whenever the weights do.
+    pub version: String,
+    pub config: ModelConfig,
+    pub parameters: u64,
+    pub file_bytes: u64,
+    /// Forward multiply-accumulates per image.
+    pub macs: u64,
+    /// `fused` (compiled CPU engine) or `candle`.
+    pub engine: &'static str,
+    pub queue: ModelQueue,
+    pub metrics: ModelMetrics,
+    pub stats: Arc<ModelStats>,
+}
+
+impl ServedModel {
+    pub fn input_size(&self) -> usize {
+        self.config.spec.input_size
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.config.spec.num_classes
+    }
+
+    pub fn max_batch_size(&self) -> usize {
+        self.queue.config().max_batch_size
+    }
+
+    /// Accepts the empty version or this model's.
+    pub fn check_version(&self, version: &str) -> Result<(), Error> {
+        if version.is_empty() || version == self.version {
+            Ok(())
+        } else {
+            Err(Error::VersionNotFound {
+                model: self.name.clone(),
+                version: version.to_string(),
+                serving: self.version.clone(),
+            })
+        }
+    }
+}
+
+/// Every served model, by name, with the shadow rules between them.
+#[derive(Debug, Default)]
+pub struct Models {
+    by_name: BTreeMap<String, Arc<ServedModel>>,
+    default: Option<String>,
+    /// Source model name -> its mirror.
+    shadows: HashMap<String, Shadow>,
+}
+
+impl Models {
+    /// The named model; the empty name means the default model.
+    pub fn get(&self, name: &str) -> Result<&Arc<ServedModel>, Error> {
+        let name = if name.is_empty() {
+            self.default.as_deref().ok_or(Error::NoModels)?
+        } else {
+            name
+        };
+        self.by_name.get(name).ok_or_else(|| Error::ModelNotFound {
+            name: name.to_string(),
+            available: if self.by_name.is_empty() {
+                "no models".into()
+            } else {
+                self.by_name
+                    .keys()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.by_name.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    pub fn default_name(&self) -> Option<&str> {
+        self.default.as_deref()
+    }
+
+    /// The mirror of `source`'s inputs, if a `--shadow` rule names it.
+    pub fn shadow(&self, source: &str) -> Option<&Shadow> {
+        self.shadows.get(source)
+    }
+}
+
+/// Why the models could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read the model directory {}: {source}", path.display())]
+    ModelsDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("model failed to load: {source} (start with --skip-bad-models to serve the others)")]
+    Model { source: ModelDirError },
+    #[error("model {model} failed its warm-up forward pass: {message}")]
+    Warmup { model: String, message: String },
+    #[error("--default-model {name} is not among the loaded models ({available})")]
+    DefaultModel { name: String, available: String },
+    #[error("--shadow {rule}: {message}")]
+    Shadow { rule: String, message: String },
+}
+
+/// What loading needs to know.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dir: PathBuf,
+    pub skip_bad_models: bool,
+    pub default_model: Option<String>,
+    pub shadows: Vec<ShadowRule>,
+    pub batching: BatcherConfig,
+    /// Label of the device in `slimserve_model_info` (e.g. `cpu`, `cuda:0`).
+    pub device_label: String,
+}
+
+/// Model directories under `root`, sorted by name (hidden entries skipped). A missing root
+/// is an empty list: the server starts and says so.
+pub fn discover(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(LoadError::ModelsDir {
+                path: root.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| LoadError::ModelsDir {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && entry.path().is_dir() {
+            dirs.push(entry.path());
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Reads, builds on `device` and warms up every model directory, then registers each with the
+/// scheduler (blocking: run it off the runtime). Bad models stop start-up with an error naming
+/// the file, or are logged and skipped with `--skip-bad-models`.
+pub fn load_all(
+    options: &LoadOptions,
+    device: &Device,
+    scheduler: &Scheduler,
+) -> Result<Models, LoadError> {
+    let mut by_name = BTreeMap::new();
+    for dir in discover(&options.dir)? {
+        match load_one(&dir, options, device, scheduler) {
+            Ok(model) => {
+                by_name.insert(model.name.clone(), Arc::new(model));
+            }
+            Err(LoadError::Model { source }) if options.skip_bad_models => {
+                tracing::warn!("skipping model {}: {source}", dir.display());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let default = match &options.default_model {
+        Some(name) if !by_name.contains_key(name) => {
+            return Err(LoadError::DefaultModel {
+                name: name.clone(),
+                available: by_name.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+        }
+        Some(name) => Some(name.clone()),
+        None => by_name.keys().next().cloned(),
+    };
+    let shadows = shadows(&by_name, &options.shadows)?;
+    Ok(Models {
+        by_name,
+        default,
+        shadows,
+    })
+}
+
+fn load_one(
+    dir: &Path,
+    options: &LoadOptions,
+    device: &Device,
+    scheduler: &Scheduler,
+) -> Result<ServedModel, LoadError> {
+    let model = model_dir::read(dir).map_err(|source| LoadError::Model { source })?;
+    let name = model.name();
+    let built = model
+        .build(device)
+        .map_err(|source| LoadError::Model { source })?;
+    let macs = built.macs();
+    let backend = Backend::new(built, device.clone(), &model.config.preprocessing);
+    let warm = backend.warm_up(1).map_err(|message| LoadError::Warmup {
+        model: name.clone(),
+        message,
+    })?;
+    let s = model.config.spec.input_size;
+    let metrics = ModelMetrics::new(&name);
+    let engine = backend.engine();
+    metrics.set_info(&ModelInfoLabels {
+        version: model.version.clone(),
+        architecture: model.config.spec.arch.to_string(),
+        format: model.config.weights.format.to_string(),
+        parameters: model.param_count() as u64,
+        file_bytes: model.file_bytes,
+        input_size: s,
+        device: options.device_label.clone(),
+        engine: engine.to_string(),
+    });
+    let stats = Arc::new(ModelStats::default());
+    let queue = scheduler.add_model(
+        Arc::new(backend),
+        options.batching,
+        metrics.clone(),
+        stats.clone(),
+    );
+    tracing::info!(
+        "model {name}: {} {s}x{s}, {} params, {} weights ({} bytes), version {}, {engine} engine, warm-up {:.1} ms",
+        model.config.spec.arch,
+        model.param_count(),
+        model.config.weights.format,
+        model.file_bytes,
+        model.version,
+        warm.as_secs_f64() * 1e3
+    );
+    Ok(ServedModel {
+        name,
+        version: model.version.clone(),
+        parameters: model.param_count() as u64,
+        file_bytes: model.file_bytes,
+        macs,
+        engine,
+        config: model.config,
+        queue,
+        metrics,
+        stats,
+    })
+}
+
+/// Checks each `--shadow` rule, refusing rules that name a model not served, give one
+/// source two targets, or pair models whose inputs or labels differ.
+fn shadows(
+    by_name: &BTreeMap<String, Arc<ServedModel>>,
+    rules: &[ShadowRule],
+) -> Result<HashMap<String, Shadow>, LoadError> {
+    let mut out: HashMap<String, Shadow> = HashMap::new();
+    for rule in rules {
+        let fail = |message: String| LoadError::Shadow {
+            rule: format!("{}={}:{}", rule.source, rule.target, rule.fraction),
+            message,
+        };
+        let served = |name: &str| {
+            by_name.get(name).ok_or_else(|| {
+                fail(format!(
+                    "no model named `{name}` is served ({})",
+                    by_name.keys().cloned().collect::<Vec<_>>().join(", ")
+                ))
+            })
+        };
+        let (source, target) = (served(&rule.source)?, served(&rule.target)?);
+        if let Some(existing) = out.get(&source.name) {
+            return Err(fail(format!(
+                "`{}` already mirrors to `{}`; give each source one --shadow rule",
+                source.name, existing.target
+            )));
+        }
+        if source.input_size() != target.input_size() {
+            return Err(fail(format!(
+                "`{}` takes {}x{} inputs but `{}` takes {}x{}",
+                source.name,
+                source.input_size(),
+                source.input_size(),
+                target.name,
+                target.input_size(),
+                target.input_size()
+            )));
+        }
+        if source.config.labels != target.config.labels {
+            return Err(fail(format!(
+                "`{}` and `{}` have different labels, so their answers cannot be compared",
+                source.name, target.name
+            )));
+        }
+        tracing::info!(
+            "shadow: {:.1}% of {}'s inputs are mirrored to {}",
+            rule.fraction * 100.0,
+            source.name,
+            target.name
+        );
+        out.insert(
+            source.name.clone(),
+            Shadow::new(&source.name, &target.name, rule.fraction),
+        );
+    }
+    Ok(out)
+}

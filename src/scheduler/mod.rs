@@ -1,0 +1,474 @@
+//! One compute scheduler shared by every model: a bounded queue per model and a single compute
+//! thread that forms each batch from one model's queue and runs it.
+//!
+//! A request is admitted with a [`Ticket`] (an in-flight permit; none left = immediate
+//! `RESOURCE_EXHAUSTED`), preprocessed, then submitted as an [`Entry`] into its model's queue
+//! (full = immediate `RESOURCE_EXHAUSTED`). The compute thread, whenever it is free, takes the
+//! model whose oldest queued input has waited longest, and batches up to `max_batch_size` of
+//! that model's inputs. Entries whose deadline passed are answered `DEADLINE_EXCEEDED` and
+//! entries whose client has gone are dropped, both before compute.
+//!
+//! Batching policy, chosen so that it costs nothing at low load and fills batches under load:
+//! - inputs that queue while the compute thread is busy join the next batch without any wait,
+//!   so batches grow with load by themselves;
+//! - when the queue runs dry before the batch is full, the batch waits (up to
+//!   `max_batch_delay` after its first input) only while more of this model's inputs are
+//!   already admitted and on their way (being decoded), and no other model has work queued;
+//! - so an input arriving at an idle model with nothing else in flight runs at once.
+//!
+//! Sharing one compute thread keeps models from competing for the same cores: under a mixed
+//! load each model's inputs accumulate while the others compute, so its batches stay as large
+//! as in a single-model run, and the oldest-first pick bounds every model's wait.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prost::bytes::Bytes;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{Backend, BatchOutput};
+use crate::error::Error;
+use crate::telemetry::{ModelMetrics, ModelStats};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    /// Most inputs in one forward pass.
+    pub max_batch_size: usize,
+    /// How long a batch may wait for inputs already admitted after its first one.
+    pub max_batch_delay: Duration,
+    /// Inputs that may wait in the queue.
+    pub queue_capacity: usize,
+    /// Inputs admitted and not yet answered (preprocessing, queued or computing).
+    pub max_in_flight: usize,
+}
+
+/// One model input, as it arrived; converted into the batch buffer on the compute thread.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// CHW f32 at the model's input size, already preprocessed (decoded images).
+    Chw(Vec<f32>),
+    /// CHW f32 as little-endian bytes, already checked to be finite (raw FP32 tensors, kept
+    /// as the request's buffer until batched: no copy before that).
+    ChwBytes(Bytes),
+    /// HWC u8 RGB pixels at the model's input size (UINT8 tensors), scaled and normalised
+    /// when batched.
+    Hwc(Bytes),
+}
+
+/// One input waiting for its batch.
+#[derive(Debug)]
+pub struct Entry {
+    pub input: Input,
+    pub enqueued_at: Instant,
+    /// Answer `DEADLINE_EXCEEDED` instead of computing once this passes.
+    pub deadline: Option<Instant>,
+    /// Where the answer goes; closed when the client has gone.
+    pub reply: oneshot::Sender<Result<Inference, Error>>,
+    /// Keeps the input counted as in flight until it is answered or dropped.
+    pub ticket: Ticket,
+}
+
+/// The answer for one input.
+#[derive(Debug, Clone)]
+pub struct Inference {
+    /// One row of logits, `num_classes` long.
+    pub logits: Vec<f32>,
+    pub queue: Duration,
+    pub compute: Duration,
+    pub batch_size: usize,
+}
+
+/// Admission for one or more inputs; releases its in-flight slots when dropped.
+#[derive(Debug)]
+pub struct Ticket {
+    permit: OwnedSemaphorePermit,
+    in_flight: metrics::Gauge,
+}
+
+impl Ticket {
+    pub fn inputs(&self) -> usize {
+        self.permit.num_permits()
+    }
+
+    /// Splits off a ticket for one input.
+    pub fn split_one(&mut self) -> Option<Ticket> {
+        self.permit.split(1).map(|permit| Ticket {
+            permit,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.in_flight.decrement(self.permit.num_permits() as f64);
+    }
+}
+
+/// A submitted input: await [`Pending::wait`] for its answer. Dropping it tells the scheduler
+/// the client has gone.
+#[derive(Debug)]
+pub struct Pending {
+    rx: oneshot::Receiver<Result<Inference, Error>>,
+    deadline: Option<Instant>,
+    enqueued_at: Instant,
+    model: Arc<str>,
+}
+
+impl Pending {
+    pub async fn wait(self) -> Result<Inference, Error> {
+        let gone = || Error::ExecutorGone {
+            model: self.model.to_string(),
+        };
+        match self.deadline {
+            None => self.rx.await.unwrap_or_else(|_| Err(gone())),
+            Some(deadline) => {
+                let until = tokio::time::Instant::from_std(deadline);
+                match tokio::time::timeout_at(until, self.rx).await {
+                    Ok(answer) => answer.unwrap_or_else(|_| Err(gone())),
+                    Err(_) => Err(Error::DeadlineExceeded {
+                        model: self.model.to_string(),
+                        waited: self.enqueued_at.elapsed(),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// A model's queue on the shared scheduler; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ModelQueue {
+    slot: usize,
+    model: Arc<str>,
+    shared: Arc<Shared>,
+    /// Caps admitted inputs, which bounds memory held by decoded images and queued tensors,
+    /// and tells the batching policy how many inputs are on their way.
+    in_flight: Arc<Semaphore>,
+    config: BatcherConfig,
+    metrics: ModelMetrics,
+}
+
+impl ModelQueue {
+    pub fn config(&self) -> &BatcherConfig {
+        &self.config
+    }
+
+    /// Admits `inputs` inputs, or refuses at once when the in-flight limit would be passed.
+    pub fn admit(&self, inputs: usize) -> Result<Ticket, Error> {
+        let refused = || Error::TooManyInFlight {
+            model: self.model.to_string(),
+            limit: self.config.max_in_flight,
+        };
+        let n = u32::try_from(inputs).map_err(|_| refused())?;
+        let permit = self
+            .in_flight
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| refused())?;
+        self.metrics.in_flight.increment(inputs as f64);
+        Ok(Ticket {
+            permit,
+            in_flight: self.metrics.in_flight.clone(),
+        })
+    }
+
+    /// Queues one input, or refuses at once when the queue is full.
+    pub fn submit(
+        &self,
+        ticket: Ticket,
+        input: Input,
+        deadline: Option<Instant>,
+    ) -> Result<Pending, Error> {
+        let (reply, rx) = oneshot::channel();
+        let enqueued_at = Instant::now();
+        {
+            let mut state = self.shared.lock();
+            if state.stopping {
+                return Err(Error::ExecutorGone {
+                    model: self.model.to_string(),
+                });
+            }
+            let q = &mut state.queues[self.slot];
+            if q.entries.len() >= q.capacity {
+                return Err(Error::QueueFull {
+                    model: self.model.to_string(),
+                    capacity: self.config.queue_capacity,
+                });
+            }
+            q.entries.push_back(Entry {
+                input,
+                enqueued_at,
+                deadline,
+                reply,
+                ticket,
+            });
+        }
+        self.metrics.queue_depth.increment(1.0);
+        self.shared.wake.notify_one();
+        Ok(Pending {
+            rx,
+            deadline,
+            enqueued_at,
+            model: self.model.clone(),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Signalled when an input is queued or the scheduler stops.
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic never happens while the lock is held (compute runs outside it).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queues: Vec<Queue>,
+    stopping: bool,
+}
+
+#[derive(Debug)]
+struct Queue {
+    entries: VecDeque<Entry>,
+    capacity: usize,
+    backend: Arc<Backend>,
+    config: BatcherConfig,
+    metrics: ModelMetrics,
+    stats: Arc<ModelStats>,
+    in_flight: Arc<Semaphore>,
+    model: Arc<str>,
+}
+
+/// The shared compute thread; stops (after answering what is queued) when dropped.
+#[derive(Debug)]
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Scheduler {
+    /// Starts the compute thread. `compute_delay` is added to every batch: fault injection for
+    /// overload drills and tests (`--inject-compute-delay`); zero in production.
+    pub fn start(compute_delay: Duration) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("compute".into())
+            .spawn(move || compute_loop(&worker, compute_delay))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Adds a model (already built and warmed up) and returns its queue.
+    pub fn add_model(
+        &self,
+        backend: Arc<Backend>,
+        config: BatcherConfig,
+        metrics: ModelMetrics,
+        stats: Arc<ModelStats>,
+    ) -> ModelQueue {
+        let model: Arc<str> = metrics.model().into();
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+        let mut state = self.shared.lock();
+        state.queues.push(Queue {
+            entries: VecDeque::new(),
+            capacity: config.queue_capacity.max(1),
+            backend,
+            config,
+            metrics: metrics.clone(),
+            stats,
+            in_flight: in_flight.clone(),
+            model: model.clone(),
+        });
+        ModelQueue {
+            slot: state.queues.len() - 1,
+            model,
+            shared: self.shared.clone(),
+            in_flight,
+            config,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.shared.lock().stopping = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A batch taken from one model's queue.
+struct Batch {
+    slot: usize,
+    entries: Vec<Entry>,
+    backend: Arc<Backend>,
+}
+
+fn compute_loop(shared: &Shared, compute_delay: Duration) {
+    // Reused across batches: a fresh 25 MB buffer per batch would cost its page faults.
+    let mut buffer: Vec<f32> = Vec::new();
+    while let Some(batch) = next_batch(shared) {
+        run_batch(shared, batch, &mut buffer, compute_delay);
+    }
+}
+
+/// Blocks until a batch is ready (or the scheduler stops with nothing queued: `None`).
+fn next_batch(shared: &Shared) -> Option<Batch> {
+    let mut state = shared.lock();
+    loop {
+        if let Some(slot) = oldest(&state) {
+            let until = Instant::now() + state.queues[slot].config.max_batch_delay;
+            let mut entries = Vec::new();
+            loop {
+                take_live(&mut state.queues[slot], &mut entries);
+                let q = &state.queues[slot];
+                let max = q.config.max_batch_size.max(1);
+                let now = Instant::now();
+                let others_queued = state
+                    .queues
+                    .iter()
+                    .enumerate()
+                    .any(|(i, q)| i != slot && !q.entries.is_empty());
+                let wait = entries.len() < max
+                    && now < until
+                    && !others_queued
+                    && !state.stopping
+                    && on_the_way(q, entries.len()) > 0;
+                if !wait {
+                    break;
+                }
+                state = shared
+                    .wake
+                    .wait_timeout(state, until - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            if entries.is_empty() {
+                // Every taken entry was expired or cancelled.
+                continue;
+            }
+            let backend = state.queues[slot].backend.clone();
+            return Some(Batch {
+                slot,
+                entries,
+                backend,
+            });
+        }
+        if state.stopping {
+            return None;
+        }
+        state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+    }
+}
+
+/// The queue whose front input has waited longest.
+fn oldest(state: &State) -> Option<usize> {
+    state
+        .queues
+        .iter()
+        .enumerate()
+        .filter_map(|(i, q)| q.entries.front().map(|e| (i, e.enqueued_at)))
+        .min_by_key(|&(_, t)| t)
+        .map(|(i, _)| i)
+}
+
+/// Inputs of this model admitted but neither queued nor in `taken`: on their way to the
+/// queue (being decoded), so worth a short wait.
+fn on_the_way(q: &Queue, taken: usize) -> usize {
+    let admitted = q.config.max_in_flight - q.in_flight.available_permits();
+    admitted.saturating_sub(taken + q.entries.len())
+}
+
+/// Moves queued entries into `batch` (up to the batch size), answering expired ones and
+/// dropping those whose client has gone.
+fn take_live(q: &mut Queue, batch: &mut Vec<Entry>) {
+    let max = q.config.max_batch_size.max(1);
+    while batch.len() < max {
+        let Some(entry) = q.entries.pop_front() else {
+            break;
+        };
+        q.metrics.queue_depth.decrement(1.0);
+        let now = Instant::now();
+        if entry.deadline.is_some_and(|d| d <= now) {
+            q.metrics.dropped_deadline.increment(1);
+            let waited = now - entry.enqueued_at;
+            q.stats.queue.add(1, waited);
+            let _ = entry.reply.send(Err(Error::DeadlineExceeded {
+                model: q.model.to_string(),
+                waited,
+            }));
+        } else if entry.reply.is_closed() {
+            q.metrics.dropped_cancelled.increment(1);
+        } else {
+            batch.push(entry);
+        }
+    }
+}
+
+fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay: Duration) {
+    let (metrics, stats, model) = {
+        let state = shared.lock();
+        let q = &state.queues[batch.slot];
+        (q.metrics.clone(), q.stats.clone(), q.model.clone())
+    };
+    let n = batch.entries.len();
+    let started = Instant::now();
+    for entry in &batch.entries {
+        let queued = started - entry.enqueued_at;
+        metrics.queue_wait.record(queued.as_secs_f64());
+        stats.queue.add(1, queued);
+    }
+    metrics.batch_size.record(n as f64);
+    if !compute_delay.is_zero() {
+        std::thread::sleep(compute_delay);
+    }
+    let inputs: Vec<&Input> = batch.entries.iter().map(|e| &e.input).collect();
+    let result = batch.backend.run(&inputs, buffer);
+    let compute = started.elapsed();
+    match result {
+        Ok(BatchOutput { logits }) => {
+            metrics.batch_compute.record(compute.as_secs_f64());
+            stats.record_batch(n, compute);
+            let classes = batch.backend.num_classes();
+            for (i, entry) in batch.entries.into_iter().enumerate() {
+                let logits = logits[i * classes..(i + 1) * classes].to_vec();
+                let _ = entry.reply.send(Ok(Inference {
+                    logits,
+                    queue: started - entry.enqueued_at,
+                    compute,
+                    batch_size: n,
+                }));
+            }
+        }
+        Err(message) => {
+            let err = Error::Backend {
+                model: model.to_string(),
+                message,
+            };
+            for entry in batch.entries {
+                let _ = entry.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
