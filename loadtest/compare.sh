@@ -5,6 +5,7 @@
 #
 #   bash loadtest/compare.sh [OUT_DIR]        # default OUT_DIR: loadtest/reports
 #   REQUESTS=300 DURATION=30s IMAGES=.cache/food-photos/val bash loadtest/compare.sh
+#   API=kserve bash loadtest/compare.sh      # raw FP32 [1,3,S,S] tensors through ModelInfer
 #
 # IMAGES (default: .cache/food-photos/val when fetched by `slimtrain data fetch food-photos`)
 # sends real photos through the own API; without it, requests carry preprocessed tensors.
@@ -16,6 +17,7 @@ DURATION=${DURATION:-30s}
 GRPC=${GRPC:-127.0.0.1:18101}
 METRICS=${METRICS:-127.0.0.1:18102}
 IMAGES=${IMAGES:-.cache/food-photos/val}
+API=${API:-classify}
 mkdir -p "$OUT"
 cargo build --release --bin slimserve
 BIN=target/release/slimserve
@@ -30,8 +32,8 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 images=()
-[[ -d "$IMAGES" ]] && images=(--images "$IMAGES")
-"$BIN" compare --addr "$GRPC" --metrics-url "http://$METRICS/metrics" --concurrency 1,32 \
+[[ "$API" == classify && -d "$IMAGES" ]] && images=(--images "$IMAGES")
+"$BIN" compare --api "$API" --addr "$GRPC" --metrics-url "http://$METRICS/metrics" --concurrency 1,32 \
   --requests "$REQUESTS" --duration "$DURATION" --warmup 20 "${images[@]}" \
   --markdown "$OUT/compare.md" --json "$OUT/compare.json"
 echo "table: $OUT/compare.md ($(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"

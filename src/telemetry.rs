@@ -21,12 +21,15 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const REQUEST_DURATION_SECONDS: &str = "slimserve_request_duration_seconds";
 /// Finished requests by model, RPC method and gRPC status code name (counter).
 pub const REQUESTS_TOTAL: &str = "slimserve_requests_total";
-/// Image decode + resize, or tensor validation, per input (histogram).
+/// Per input, by `kind`: `image` (decode + resize + crop) or `tensor` (validation) (histogram).
 pub const PREPROCESS_DURATION_SECONDS: &str = "slimserve_preprocess_duration_seconds";
 /// Time an input waited in its model's queue before joining a batch (histogram).
 pub const QUEUE_WAIT_SECONDS: &str = "slimserve_queue_wait_seconds";
-/// Forward pass of one batch on the executor (histogram).
+/// Forward pass of one batch on the compute thread, inputs already in place (histogram).
 pub const BATCH_COMPUTE_DURATION_SECONDS: &str = "slimserve_batch_compute_duration_seconds";
+/// Writing one batch's inputs into the model's input buffer (on a GPU: the upload), before
+/// its forward pass (histogram).
+pub const BATCH_UPLOAD_DURATION_SECONDS: &str = "slimserve_batch_upload_duration_seconds";
 /// Inputs per executed batch (histogram).
 pub const BATCH_SIZE_INPUTS: &str = "slimserve_batch_size_inputs";
 /// Inputs waiting in the model's queue (gauge).
@@ -112,7 +115,7 @@ fn describe() {
     describe_histogram!(
         PREPROCESS_DURATION_SECONDS,
         Unit::Seconds,
-        "Image decode and resize, or tensor validation, per input"
+        "Per input: image decode and resize (kind=image) or tensor validation (kind=tensor)"
     );
     describe_histogram!(
         QUEUE_WAIT_SECONDS,
@@ -123,6 +126,11 @@ fn describe() {
         BATCH_COMPUTE_DURATION_SECONDS,
         Unit::Seconds,
         "Forward pass of one batch"
+    );
+    describe_histogram!(
+        BATCH_UPLOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Writing a batch's inputs into the model's input buffer (on a GPU: the upload)"
     );
     describe_histogram!(BATCH_SIZE_INPUTS, Unit::Count, "Inputs per executed batch");
     describe_gauge!(
@@ -174,9 +182,13 @@ pub struct ModelInfoLabels {
 pub struct ModelMetrics {
     model: String,
     pub request_duration: Histogram,
-    pub preprocess_duration: Histogram,
+    /// Decode + resize + crop of an encoded image.
+    pub preprocess_image: Histogram,
+    /// Validation of a raw tensor.
+    pub preprocess_tensor: Histogram,
     pub queue_wait: Histogram,
     pub batch_compute: Histogram,
+    pub batch_upload: Histogram,
     pub batch_size: Histogram,
     pub queue_depth: Gauge,
     pub in_flight: Gauge,
@@ -189,9 +201,11 @@ impl ModelMetrics {
         let m = model.to_string();
         Self {
             request_duration: metrics::histogram!(REQUEST_DURATION_SECONDS, "model" => m.clone()),
-            preprocess_duration: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone()),
+            preprocess_image: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone(), "kind" => "image"),
+            preprocess_tensor: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone(), "kind" => "tensor"),
             queue_wait: metrics::histogram!(QUEUE_WAIT_SECONDS, "model" => m.clone()),
             batch_compute: metrics::histogram!(BATCH_COMPUTE_DURATION_SECONDS, "model" => m.clone()),
+            batch_upload: metrics::histogram!(BATCH_UPLOAD_DURATION_SECONDS, "model" => m.clone()),
             batch_size: metrics::histogram!(BATCH_SIZE_INPUTS, "model" => m.clone()),
             queue_depth: metrics::gauge!(QUEUE_DEPTH_INPUTS, "model" => m.clone()),
             in_flight: metrics::gauge!(IN_FLIGHT_INPUTS, "model" => m.clone()),

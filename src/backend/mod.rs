@@ -9,7 +9,7 @@
 
 mod device;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, ModuleT, Tensor};
 
@@ -20,11 +20,15 @@ use crate::preprocess::Preprocessing;
 use crate::scheduler::Input;
 use crate::zoo::Model;
 
-/// The logits of one executed batch.
+/// The logits of one executed batch, with where its time went.
 #[derive(Debug)]
 pub struct BatchOutput {
     /// Row-major `[N, C]`.
     pub logits: Vec<f32>,
+    /// Writing the inputs into the input buffer (on a GPU: the upload).
+    pub upload: Duration,
+    /// The forward pass.
+    pub compute: Duration,
 }
 
 /// A model built on its device, ready to run batches.
@@ -91,8 +95,15 @@ impl Backend {
     pub fn run(&self, inputs: &[&Input], buffer: &mut Vec<f32>) -> Result<BatchOutput, String> {
         // A panic fails this batch (INTERNAL to its requests), not the model.
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let started = Instant::now();
             self.assemble(inputs, buffer)?;
-            self.forward(&buffer[..inputs.len() * self.input_len()], inputs.len())
+            let upload = started.elapsed();
+            let logits = self.forward(&buffer[..inputs.len() * self.input_len()], inputs.len())?;
+            Ok(BatchOutput {
+                logits,
+                upload,
+                compute: started.elapsed() - upload,
+            })
         }))
         .unwrap_or_else(|panic| {
             let what = panic
@@ -102,7 +113,6 @@ impl Backend {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(format!("the forward pass panicked: {what}"))
         })
-        .map(|logits| BatchOutput { logits })
     }
 
     /// Writes every input into `buffer` as CHW f32, back to back.
@@ -126,8 +136,13 @@ impl Backend {
             match input {
                 Input::Chw(v) => dst.copy_from_slice(v),
                 Input::ChwBytes(b) => {
-                    for (d, c) in dst.iter_mut().zip(b.chunks_exact(4)) {
-                        *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    if cfg!(target_endian = "little") {
+                        // The bytes are little-endian f32: one copy into the f32 buffer.
+                        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(b);
+                    } else {
+                        for (d, c) in dst.iter_mut().zip(b.chunks_exact(4)) {
+                            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        }
                     }
                 }
                 Input::Hwc(b) => {
@@ -157,7 +172,7 @@ impl Backend {
     /// One forward pass of `batch` zero images: checks the model runs on its device and pays
     /// first-use costs before any request does. Returns how long it took.
     pub fn warm_up(&self, batch: usize) -> Result<Duration, String> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let zeros = vec![0f32; batch * self.input_len()];
         self.forward(&zeros, batch)?;
         Ok(started.elapsed())

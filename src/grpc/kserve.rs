@@ -5,7 +5,9 @@
 //! and takes one of two inputs per request: `input`, FP32 NCHW `[-1, 3, S, S]` already
 //! preprocessed, or `image`, UINT8 NHWC `[-1, S, S, 3]` RGB pixels that the server scales and
 //! normalises. ModelMetadata and ModelConfig declare one of them (`--kserve-input`, default
-//! `input`), because perf_analyzer sends every declared input; ModelInfer accepts either.
+//! `image`), because perf_analyzer sends every declared input (and its random FP32 data holds
+//! NaNs, which are refused, while random UINT8 data are valid pixels); ModelInfer accepts
+//! either.
 //! Every item of the request's batch dimension is queued on its own, so it shares forward
 //! passes with other clients' requests.
 
@@ -29,9 +31,9 @@ const PLATFORM: &str = "slimserve_candle";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum KServeInput {
     /// `input`: FP32 `[-1, 3, S, S]`, preprocessed.
-    #[default]
     Input,
     /// `image`: UINT8 `[-1, S, S, 3]` RGB pixels.
+    #[default]
     Image,
 }
 

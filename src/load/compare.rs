@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::prom::{self, Sample};
 use super::{run, LoadShape, ModelFacts, Report, Target};
 use crate::telemetry::{
-    BATCH_COMPUTE_DURATION_SECONDS, BATCH_SIZE_INPUTS, PREPROCESS_DURATION_SECONDS,
-    QUEUE_WAIT_SECONDS,
+    BATCH_COMPUTE_DURATION_SECONDS, BATCH_SIZE_INPUTS, BATCH_UPLOAD_DURATION_SECONDS,
+    PREPROCESS_DURATION_SECONDS, QUEUE_WAIT_SECONDS,
 };
 use crate::thousands;
 
@@ -58,6 +58,8 @@ pub struct ServerSplit {
     pub queue_wait_ms: f64,
     /// Mean forward pass per batch.
     pub compute_ms_per_batch: f64,
+    /// Mean time writing a batch's inputs into the model's buffer (a GPU's upload).
+    pub upload_ms_per_batch: f64,
     /// Mean inputs per batch.
     pub batch_size: f64,
     /// Forward time per input (batch compute / batch size).
@@ -99,12 +101,17 @@ fn split(before: &[Sample], after: &[Sample], models: &[ModelFacts]) -> ServerSp
         delta(&format!("{BATCH_COMPUTE_DURATION_SECONDS}_sum")),
         delta(&format!("{BATCH_COMPUTE_DURATION_SECONDS}_count")),
     );
+    let (u_sum, u_n) = (
+        delta(&format!("{BATCH_UPLOAD_DURATION_SECONDS}_sum")),
+        delta(&format!("{BATCH_UPLOAD_DURATION_SECONDS}_count")),
+    );
     let b_sum = delta(&format!("{BATCH_SIZE_INPUTS}_sum"));
     ServerSplit {
         inputs: b_sum,
         preprocess_ms: ratio(p_sum, p_n) * 1e3,
         queue_wait_ms: ratio(q_sum, q_n) * 1e3,
         compute_ms_per_batch: ratio(c_sum, c_n) * 1e3,
+        upload_ms_per_batch: ratio(u_sum, u_n) * 1e3,
         batch_size: ratio(b_sum, c_n),
         compute_ms_per_input: ratio(c_sum, b_sum) * 1e3,
     }
@@ -183,15 +190,15 @@ pub async fn compare(args: &CompareArgs) -> Result<Vec<Row>> {
 /// The comparison as a markdown table.
 pub fn markdown(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| model | format | params | file bytes | val acc | concurrency | req/s | p50 ms | p99 ms | errors | queue wait ms | compute ms/batch | batch size | compute ms/input |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | format | params | file bytes | val acc | concurrency | req/s | p50 ms | p99 ms | errors | queue wait ms | upload ms/batch | compute ms/batch | batch size | compute ms/input | p50 - upload - compute ms |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for r in rows {
         let s = &r.server;
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
             r.model,
             opt(r.weight_format.clone()),
             opt(r.parameters.map(thousands)),
@@ -203,9 +210,11 @@ pub fn markdown(rows: &[Row]) -> String {
             r.load.latency_ms.p99,
             r.load.errors,
             s.queue_wait_ms,
+            s.upload_ms_per_batch,
             s.compute_ms_per_batch,
             s.batch_size,
             s.compute_ms_per_input,
+            r.load.latency_ms.p50 - s.upload_ms_per_batch - s.compute_ms_per_batch,
         );
     }
     t

@@ -11,9 +11,11 @@ use tokio::sync::oneshot;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Niceness of the decoding threads (Linux): above the compute thread's 0, so the kernel
-/// gives compute the cores first when both want them.
-const DECODE_NICENESS: i32 = 10;
+/// Niceness of the decoding threads (Linux): above the compute thread's 0, so compute gets
+/// about three times their CPU share when both want a core. Measured on 2 cores with JPEGs
+/// at concurrency 32 (BENCHMARKS.md): at 10, compute starved decoding instead (batches fell
+/// from 14 to 10 inputs, throughput from 237 to 146 req/s); 5 and 0 gave the same 237 req/s.
+const DECODE_NICENESS: i32 = 5;
 
 #[derive(Debug)]
 pub struct DecodePool {

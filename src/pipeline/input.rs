@@ -80,7 +80,8 @@ impl RawTensor {
 
 /// Decodes an encoded image and resizes/crops it as the model was trained.
 pub fn image(bytes: &[u8], model: &ServedModel, max_pixels: u64) -> Result<Input, Error> {
-    let rgb = preprocess::decode(bytes, max_pixels)?;
+    let pp = &model.config.preprocessing;
+    let rgb = preprocess::decode_for(bytes, max_pixels, pp.resize as u32)?;
     Ok(Input::Chw(preprocess::image_to_input(
         &rgb,
         &model.config.preprocessing,

@@ -143,20 +143,26 @@ impl Pipeline {
             Payload::Image(bytes) => {
                 let m = model.clone();
                 let max_pixels = self.limits.max_image_pixels;
-                let image = self
+                // Timed on the decoding thread: the histogram shows the work, not the wait.
+                let (image, work) = self
                     .decoder
-                    .run(move || input::image(&bytes, &m, max_pixels))
+                    .run(move || {
+                        let t = Instant::now();
+                        (input::image(&bytes, &m, max_pixels), t.elapsed())
+                    })
                     .await
-                    .map_err(|panic| Error::Internal(format!("decoding panicked: {panic}")))??;
-                vec![image]
+                    .map_err(|panic| Error::Internal(format!("decoding panicked: {panic}")))?;
+                model.metrics.preprocess_image.record(work.as_secs_f64());
+                vec![image?]
             }
-            Payload::Tensor(t) => input::tensor(&t, model, max_batch)?,
+            Payload::Tensor(t) => {
+                let inputs = input::tensor(&t, model, max_batch)?;
+                let per_input = started.elapsed().as_secs_f64() / inputs.len() as f64;
+                model.metrics.preprocess_tensor.record(per_input);
+                inputs
+            }
         };
         let preprocess = started.elapsed();
-        model
-            .metrics
-            .preprocess_duration
-            .record(preprocess.as_secs_f64() / inputs.len() as f64);
         let shadow = self.models()?.shadow(&model.name);
         let mut pending = Vec::with_capacity(inputs.len());
         for input in inputs {

@@ -442,10 +442,16 @@ fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay
     }
     let inputs: Vec<&Input> = batch.entries.iter().map(|e| &e.input).collect();
     let result = batch.backend.run(&inputs, buffer);
+    // Answers report the whole time on the compute thread (upload and forward pass).
     let compute = started.elapsed();
     match result {
-        Ok(BatchOutput { logits }) => {
-            metrics.batch_compute.record(compute.as_secs_f64());
+        Ok(BatchOutput {
+            logits,
+            upload,
+            compute: forward,
+        }) => {
+            metrics.batch_upload.record(upload.as_secs_f64());
+            metrics.batch_compute.record(forward.as_secs_f64());
             stats.record_batch(n, compute);
             let classes = batch.backend.num_classes();
             for (i, entry) in batch.entries.into_iter().enumerate() {

@@ -68,14 +68,15 @@ pub struct Config {
     #[arg(long, env = "SLIMSERVE_DECODE_THREADS")]
     pub decode_threads: Option<usize>,
 
-    /// The input KServe ModelMetadata/ModelConfig declare: `input` (FP32 [-1,3,S,S],
-    /// preprocessed) or `image` (UINT8 [-1,S,S,3] RGB pixels). perf_analyzer sends what is
-    /// declared; ModelInfer accepts either whatever is declared.
+    /// The input KServe ModelMetadata/ModelConfig declare: `image` (UINT8 [-1,S,S,3] RGB
+    /// pixels, the default: perf_analyzer's random data is then valid pixels, where random
+    /// FP32 bits include NaNs, which are refused) or `input` (FP32 [-1,3,S,S], preprocessed).
+    /// perf_analyzer sends what is declared; ModelInfer accepts either, whatever is declared.
     #[arg(
         long,
         env = "SLIMSERVE_KSERVE_INPUT",
         value_enum,
-        default_value = "input"
+        default_value = "image"
     )]
     pub kserve_input: KServeInput,
 
@@ -137,7 +138,7 @@ impl Config {
             max_message_bytes: 16 << 20,
             max_image_pixels: DEFAULT_MAX_PIXELS,
             decode_threads: None,
-            kserve_input: KServeInput::Input,
+            kserve_input: KServeInput::Image,
             skip_bad_models: false,
             tls_cert: None,
             tls_key: None,

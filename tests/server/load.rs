@@ -294,6 +294,7 @@ async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
         // the server computed exactly this run's inputs (nothing else talks to it)
         assert_eq!(r.server.inputs, 12.0, "{}", r.model);
         assert!(r.server.compute_ms_per_batch > 0.0, "{r:?}");
+        assert!(r.server.upload_ms_per_batch > 0.0, "{r:?}");
         assert!(r.server.batch_size >= 1.0, "{r:?}");
         assert!(r.server.queue_wait_ms >= 0.0, "{r:?}");
         assert!(r.load.latency_ms.p50 <= r.load.latency_ms.p99);
@@ -305,7 +306,7 @@ async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
     assert_eq!(table.lines().count(), 2 + rows.len(), "{table}");
     assert!(table.contains("| cmp-a | f32 | "), "{table}");
     assert!(
-        table.lines().all(|l| l.matches('|').count() == 15),
+        table.lines().all(|l| l.matches('|').count() == 17),
         "{table}"
     );
 

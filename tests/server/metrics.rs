@@ -20,13 +20,16 @@ async fn metrics_endpoint_has_per_model_histograms() {
     let text = s.metrics_text();
     for model in ["m-alpha", "m-beta"] {
         for hist in [
-            "slimserve_request_duration_seconds",
-            "slimserve_queue_wait_seconds",
-            "slimserve_preprocess_duration_seconds",
-            "slimserve_batch_compute_duration_seconds",
+            "slimserve_request_duration_seconds{model=\"M\",",
+            "slimserve_queue_wait_seconds{model=\"M\",",
+            "slimserve_preprocess_duration_seconds{model=\"M\",kind=\"image\",",
+            "slimserve_batch_upload_duration_seconds{model=\"M\",",
+            "slimserve_batch_compute_duration_seconds{model=\"M\",",
         ] {
+            let (name, labels) = hist.split_once('{').unwrap();
+            let labels = labels.replace('M', model);
             for le in ["0.0005", "0.001", "0.01", "0.1", "1", "10", "+Inf"] {
-                let series = format!("{hist}_bucket{{model=\"{model}\",le=\"{le}\"}}");
+                let series = format!("{name}_bucket{{{labels}le=\"{le}\"}}");
                 assert!(sample(&text, &series).is_some(), "missing {series}");
             }
         }

@@ -124,11 +124,23 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
         "0.5",
     ]);
     args.extend(common.clone());
-    let mut wrong = args.clone();
-    wrong.extend(strings(&["--input-size", "32"]));
-    let err = run(&wrong);
-    assert!(!err.status.success());
-    assert!(String::from_utf8_lossy(&err.stderr).contains("--input-size 64"));
+    // A student of another input size than its teacher: each batch is resized for the teacher.
+    let mut smaller = args.clone();
+    let out_at = smaller.iter().position(|a| a == "--out").unwrap() + 1;
+    smaller[out_at] = s(&tmp.path().join("kd32"));
+    smaller.extend(strings(&["--input-size", "32"]));
+    let resized = run(&smaller);
+    assert!(
+        resized.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resized.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&resized.stderr)
+            .contains("takes 64x64 inputs: each 32x32 batch is resized"),
+        "{}",
+        String::from_utf8_lossy(&resized.stderr)
+    );
     args.extend(strings(&["--input-size", "64"]));
     ok(&run(&args));
 

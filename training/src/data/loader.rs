@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rayon::prelude::*;
-use slimserve::preprocess::{decode, Preprocessing, DEFAULT_MAX_PIXELS};
+use slimserve::preprocess::{decode_for, Preprocessing, DEFAULT_MAX_PIXELS};
 
 use super::augment::{eval_input, train_input, Augment};
 use super::rng::Rng;
@@ -260,10 +260,13 @@ struct Producer {
 impl Producer {
     fn load(&self, index: usize) -> Result<Vec<f32>, String> {
         let sample = &self.samples[index];
+        let pp = &self.cfg.preprocessing;
         let img = match &sample.source {
             SampleSource::File(path) => {
                 let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-                decode(&bytes, self.cfg.max_pixels).map_err(|e| e.to_string())?
+                // Decoded as the server decodes it (large JPEGs at a reduced IDCT scale).
+                decode_for(&bytes, self.cfg.max_pixels, pp.resize as u32)
+                    .map_err(|e| e.to_string())?
             }
             SampleSource::Grey {
                 width,
@@ -271,7 +274,6 @@ impl Producer {
                 pixels,
             } => grey_to_rgb(*width, *height, pixels)?,
         };
-        let pp = &self.cfg.preprocessing;
         Ok(match &self.cfg.mode {
             Mode::Train(aug) => train_input(&img, aug, pp, self.cfg.seed, self.epoch, index),
             Mode::Eval => eval_input(&img, pp),
@@ -466,7 +468,8 @@ mod tests {
         let SampleSource::File(p) = &ds.train[6].source else {
             panic!()
         };
-        let img = decode(&std::fs::read(p).unwrap(), DEFAULT_MAX_PIXELS).unwrap();
+        let img =
+            slimserve::preprocess::decode(&std::fs::read(p).unwrap(), DEFAULT_MAX_PIXELS).unwrap();
         let want = eval_input(&img, &Preprocessing::for_input(8));
         assert_eq!(&batches[1].0[192..384], &want[..]);
     }
