@@ -109,11 +109,9 @@ pub fn decode_for(
             max: max_pixels,
         });
     }
-    if format == ImageFormat::Jpeg {
-        if width.min(height) >= min_side.saturating_mul(2) {
-            if let Some(img) = decode_jpeg_scaled(bytes, min_side)? {
-                return Ok(img);
-            }
+    if format == ImageFormat::Jpeg && width.min(height) >= min_side.saturating_mul(2) {
+        if let Some(img) = decode_jpeg_scaled(bytes, min_side)? {
+            return Ok(img);
         }
     }
     let mut r = reader()?;
