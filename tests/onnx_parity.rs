@@ -145,9 +145,10 @@ fn parity(arch: Arch) {
     let (varmap, model) = Model::init(&spec, &Device::Cpu).unwrap();
     randomise_batch_norms(&varmap, &model);
 
-    // The fused CPU form exists for the plain CNNs and the depthwise-separable students.
+    // The fused CPU form exists for the plain CNNs, the depthwise-separable students and
+    // MobileNetV2.
     let fast = match arch {
-        Arch::Big | Arch::StdConv | Arch::Student | Arch::StudentDeeper => {
+        Arch::Big | Arch::StdConv | Arch::Student | Arch::StudentDeeper | Arch::MobileNetV2 => {
             Some(FastModel::compile(&model).unwrap())
         }
         _ => {

@@ -46,6 +46,17 @@ pub(super) struct OutPtr(pub(super) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer `n` floats on (a method, so closures capture the `Sync` wrapper whole).
+    ///
+    /// # Safety
+    /// `n` must stay within the buffer.
+    pub(super) unsafe fn add(self, n: usize) -> *mut f32 {
+        // SAFETY: the caller keeps n within the buffer.
+        unsafe { self.0.add(n) }
+    }
+}
+
 thread_local! {
     /// im2col rows of the band being computed.
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

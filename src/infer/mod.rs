@@ -21,6 +21,7 @@
 //! without a compiled form (`group-conv`, `resnet18`) keep candle's path;
 //! [`FastModel::compile`] says which.
 
+mod inverted;
 mod kernels;
 mod packed;
 mod separable;
@@ -35,6 +36,7 @@ use rayon::prelude::*;
 
 use crate::zoo::layers::{Bn, Conv, Linear, BN_EPS};
 use crate::zoo::{Model, ModelSpec, Net};
+use inverted::{Inverted, Pointwise, Strided3x3};
 use kernels::conv3x3;
 pub use kernels::Act;
 use separable::Separable;
@@ -71,6 +73,12 @@ enum Layer {
     },
     /// Depthwise 3x3 + BatchNorm + ReLU6, then pointwise 1x1 (+ 2x2 max pool), fused.
     Separable(Box<Separable>),
+    /// 3x3 convolution with stride 2 (MobileNetV2's stem).
+    Strided(Box<Strided3x3>),
+    /// MobileNetV2's inverted residual block, fused per band of output rows.
+    Inverted(Box<Inverted>),
+    /// 1x1 convolution + bias + activation over the whole image.
+    Pointwise(Box<Pointwise>),
 }
 
 #[derive(Debug, Clone)]
@@ -220,7 +228,59 @@ impl FastModel {
                 let (w, b) = linear(net.fc())?;
                 Head::Gap { w, b }
             }
-            Net::Resnet(_) | Net::MobileV2(_) => return Err(unsupported()),
+            Net::MobileV2(net) => {
+                let (conv, bn) = net.stem();
+                if conv.weight().dims4()? != (32, 3, 3, 3)
+                    || conv.stride() != 2
+                    || conv.padding() != 1
+                {
+                    return Err(unsupported());
+                }
+                let (w, b) = fold(conv, Some(bn))?;
+                layers.push(Layer::Strided(Box::new(Strided3x3::new(
+                    3,
+                    w,
+                    b,
+                    Act::Relu6,
+                ))));
+                for block in net.blocks() {
+                    let (dw, dw_bn) = &block.depthwise;
+                    let hid = dw.weight().dim(0)?;
+                    if dw.weight().dims4()? != (hid, 1, 3, 3) || dw.padding() != 1 {
+                        return Err(unsupported());
+                    }
+                    let (ic, expand) = match &block.expand {
+                        Some((conv, bn)) => (conv.weight().dim(1)?, Some(fold(conv, Some(bn))?)),
+                        None => (hid, None),
+                    };
+                    let (dw_w, dw_b) = fold(dw, Some(dw_bn))?;
+                    let (pw, pb) = fold(&block.project.0, Some(&block.project.1))?;
+                    layers.push(Layer::Inverted(Box::new(Inverted::new(
+                        ic,
+                        block.stride(),
+                        expand,
+                        dw_w.chunks_exact(9)
+                            .map(|k| k.try_into().expect("9 taps"))
+                            .collect(),
+                        dw_b,
+                        pw,
+                        pb,
+                        block.residual,
+                    ))));
+                }
+                let (conv, bn) = net.head();
+                let ic = conv.weight().dim(1)?;
+                let (w, b) = fold(conv, Some(bn))?;
+                layers.push(Layer::Pointwise(Box::new(Pointwise::new(
+                    ic,
+                    w,
+                    b,
+                    Act::Relu6,
+                ))));
+                let (w, b) = linear(net.classifier())?;
+                Head::Gap { w, b }
+            }
+            Net::Resnet(_) => return Err(unsupported()),
         };
         let mut fast = Self {
             spec,
@@ -252,6 +312,17 @@ impl FastModel {
                     pooled((oc, shape.1, shape.2), pool)
                 }
                 Layer::Separable(ref s) => pooled((s.oc, shape.1, shape.2), s.pool),
+                Layer::Strided(ref s) => (
+                    s.oc,
+                    inverted::out_size(shape.1, 2),
+                    inverted::out_size(shape.2, 2),
+                ),
+                Layer::Inverted(ref b) => (
+                    b.oc,
+                    inverted::out_size(shape.1, b.stride),
+                    inverted::out_size(shape.2, b.stride),
+                ),
+                Layer::Pointwise(ref p) => (p.oc, shape.1, shape.2),
             };
             out.push(shape);
         }
@@ -356,6 +427,9 @@ impl FastModel {
                         pool,
                     } => winograd::conv3x3(input, (*ic, h, w), u, b, *oc, *act, *pool, dst, split),
                     Layer::Separable(s) => s.run(input, (h, w), dst, split),
+                    Layer::Strided(s) => s.run(input, (h, w), dst, split),
+                    Layer::Inverted(b) => b.run(input, (h, w), dst, split),
+                    Layer::Pointwise(p) => p.run(input, (h, w), dst, split),
                 }
                 if let Some(t) = started {
                     let what = match l {
@@ -366,6 +440,12 @@ impl FastModel {
                         Layer::Separable(s) => {
                             format!("separable {}->{} @{h}x{w}", s.ic, s.oc)
                         }
+                        Layer::Strided(s) => format!("conv3x3/2 {}->{} @{h}x{w}", s.ic, s.oc),
+                        Layer::Inverted(b) => format!(
+                            "inverted {}->{}->{} /{} @{h}x{w}",
+                            b.ic, b.hid, b.oc, b.stride
+                        ),
+                        Layer::Pointwise(p) => format!("pointwise {}->{} @{h}x{w}", p.ic, p.oc),
                     };
                     times.push((what, t.elapsed().as_secs_f64() * 1e3));
                 }

@@ -13,9 +13,13 @@ pub mod zoo;
 
 use std::path::PathBuf;
 
-/// The command line as typed, recorded in model provenance.
+/// The command line, recorded in model provenance as a user would type it: the program is
+/// named `slimtrain`, not by the path it was started from (no machine's paths in model files).
 pub fn command_line() -> String {
-    std::env::args().collect::<Vec<_>>().join(" ")
+    std::iter::once("slimtrain".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Parses `--labels`: a comma-separated list, or `@FILE` with one label per line.
