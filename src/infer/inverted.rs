@@ -1,117 +1,70 @@
-//! MobileNetV2's layers for the fused engine: the inverted residual block fused per band of
-//! output rows, the strided 3x3 stem, and a plain pointwise layer.
+//! MobileNetV2's layers for the fused engine, channels-last (see [`super::nhwc`]): the
+//! inverted residual block fused per band of output rows, the strided 3x3 stem, and a plain
+//! pointwise layer. The stem reads the CHW image and writes `[h * w, c]`; the blocks and the
+//! last pointwise layer read and write `[h * w, c]`, and the head pools it per channel.
 //!
 //! A block is `1x1 expand (+BN) -> ReLU6 -> 3x3 depthwise, stride 1 or 2 (+BN) -> ReLU6 ->
 //! 1x1 project (+BN) (-> + input)`, BatchNorms folded. Per band of output rows it expands only
 //! the input rows the band's depthwise needs (one halo row each side), keeps that expanded
 //! band (6x the channels) and the depthwise result in cache-sized buffers, and writes only the
 //! projected rows: the expanded tensor, the largest in the network, never goes to memory.
-//! The 1x1 convolutions are GEMMs (the `gemm` crate: AVX2/AVX-512/NEON kernels) over a band of
-//! pixels; the depthwise kernels are row loops compiled per instruction set.
 
 use std::cell::RefCell;
 
-use gemm::Parallelism;
-
 use super::kernels::{for_tasks, Act, OutPtr};
-use crate::ops::depthwise::correlate_row;
-use crate::ops::multiversion;
+use super::nhwc::{Depthwise, Gemm1x1};
 
 thread_local! {
-    /// The band's expanded rows, `[hid, rows * w]`.
+    /// The band's expanded rows, `[rows * w, hid]`.
     static HIDDEN: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// The band's depthwise result, `[hid, out_rows * ow]`.
+    /// The band's depthwise result, `[out_rows * ow, hid]`.
     static DEPTH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// One zero row (padding) and the two halves of a row split for stride 2.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The expanded and depthwise tensors of a block run in phases (see `run_phased`).
+    static PHASED: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// im2col rows of the stem's band, `[pixels, ic * 9]`.
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Largest expanded tensor (floats) a block splits over the threads in phases rather than
+/// bands: 14x14 and 7x7 blocks at 224 (and 28x28 ones up to 160 channels).
+const PHASED_MAX: usize = 1 << 17;
+
+/// Expanded floats a band of a block computes at most: fewer, larger bands recompute fewer
+/// halo rows.
+const BAND_FLOATS: usize = 1 << 17;
 
 /// Output side of a 3x3 convolution with padding 1 and stride `s`.
 pub fn out_size(n: usize, s: usize) -> usize {
     (n - 1) / s + 1
 }
 
-/// `c = a . b` (+ what `c` held when `accumulate`): `a` is `[m, k]` row-major, `b` `k` rows of
-/// `n` floats at stride `ldb`, `c` `m` rows of `n` floats at stride `ldc`.
+/// Bands of about `rows` output rows (at most `oh`), fewer and larger when `split` would
+/// otherwise cut a small image into slivers whose halo rows cost more than they balance.
+fn bands(oh: usize, rows: usize, split: bool) -> Vec<(usize, usize, usize, usize)> {
+    let mut rows = rows.max(1);
+    if split {
+        let threads = rayon::current_num_threads();
+        let parts = if oh >= 8 * threads {
+            2 * threads
+        } else {
+            threads
+        };
+        rows = rows.min(oh.div_ceil(parts)).max(1);
+    }
+    (0..oh)
+        .step_by(rows)
+        .map(|y0| (y0, (y0 + rows).min(oh), 0, 0))
+        .collect()
+}
+
+/// Rows `r0..r1` of a `[rows, width]` output as this band's own slice.
 ///
 /// # Safety
-/// `b` must address `k` rows of `n` floats at stride `ldb`, and `c` `m` rows of `n` floats at
-/// stride `ldc` that no other thread touches during the call.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    a: &[f32],
-    (m, k, n): (usize, usize, usize),
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    assert!(a.len() >= m * k, "weights smaller than {m}x{k}");
-    gemm::gemm(
-        m,
-        n,
-        k,
-        c,
-        1,
-        ldc as isize,
-        false,
-        a.as_ptr(),
-        1,
-        k as isize,
-        b,
-        1,
-        ldb as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    );
-}
-
-multiversion! {
-/// `row = act(row + bias)` (+ `add` elementwise, before the activation), vectorised.
-fn bias_act(row: &mut [f32], bias: f32, add: Option<&[f32]>, act: Act) {
-    let (lo, hi) = act.bounds();
-    match add {
-        Some(add) => {
-            for (v, a) in row.iter_mut().zip(add) {
-                *v = (*v + bias + a).max(lo).min(hi);
-            }
-        }
-        None => {
-            for v in row.iter_mut() {
-                *v = (*v + bias).max(lo).min(hi);
-            }
-        }
-    }
-}
-}
-
-multiversion! {
-/// One stride-2 output row of a 3x3 correlation with zero padding: `out[x] = bias +
-/// sum k[r][j] * rows[r][2x + j - 1]`. Each source row is first split into its even and odd
-/// columns (`even`, `odd` of `ceil(w / 2)` floats), so the taps are contiguous slices and the
-/// loop vectorises.
-fn correlate_row_s2(out: &mut [f32], rows: [&[f32]; 3], k: &[f32; 9], bias: f32, even: &mut [f32], odd: &mut [f32]) {
-    let ow = out.len();
-    out.iter_mut().for_each(|v| *v = bias);
-    for (r, kr) in rows.iter().zip(k.chunks_exact(3)) {
-        let w = r.len();
-        // even[x] = r[2x], odd[x] = r[2x + 1] (0 past the row's end).
-        for x in 0..ow {
-            even[x] = r[2 * x];
-            odd[x] = if 2 * x + 1 < w { r[2 * x + 1] } else { 0.0 };
-        }
-        // Tap 0 reads r[2x - 1] = odd[x - 1] (padding at x = 0).
-        out[0] += kr[1] * even[0] + kr[2] * odd[0];
-        let (o, e, d, dl) = (&mut out[1..], &even[1..ow], &odd[1..ow], &odd[..ow - 1]);
-        for i in 0..o.len() {
-            o[i] += kr[0] * dl[i] + kr[1] * e[i] + kr[2] * d[i];
-        }
-    }
-}
+/// The rows must lie inside the buffer `out` points into, and no other thread may touch them
+/// during the slice's life.
+unsafe fn rows_mut<'a>(out: OutPtr, (r0, r1): (usize, usize), width: usize) -> &'a mut [f32] {
+    // SAFETY: as the caller guarantees.
+    unsafe { std::slice::from_raw_parts_mut(out.add(r0 * width), (r1 - r0) * width) }
 }
 
 /// One compiled inverted residual block (BatchNorms folded into the convolutions).
@@ -122,18 +75,18 @@ pub struct Inverted {
     pub hid: usize,
     pub oc: usize,
     pub stride: usize,
-    /// `[hid, ic]` weights and bias of the 1x1 expansion (+ ReLU6).
-    expand: Option<(Vec<f32>, Vec<f32>)>,
-    dw_w: Vec<[f32; 9]>,
-    dw_b: Vec<f32>,
-    /// `[oc, hid]` weights and bias of the 1x1 projection (no activation).
-    proj_w: Vec<f32>,
-    proj_b: Vec<f32>,
+    /// The 1x1 expansion (+ ReLU6).
+    expand: Option<Gemm1x1>,
+    dw: Depthwise,
+    /// The 1x1 projection (no activation).
+    proj: Gemm1x1,
     /// Adds the block's input to its output (stride 1, `ic == oc`).
     pub residual: bool,
 }
 
 impl Inverted {
+    /// `expand`: `[hid, ic]` weights and bias; `dw_w`, `dw_b`: the depthwise taps per channel;
+    /// `proj_w`: `[oc, hid]`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         ic: usize,
@@ -163,51 +116,103 @@ impl Inverted {
             hid,
             oc,
             stride,
-            expand,
-            dw_w,
-            dw_b,
-            proj_w,
-            proj_b,
+            expand: expand.map(|(w, b)| Gemm1x1::new(&w, &b, ic)),
+            dw: Depthwise::new(&dw_w, &dw_b),
+            proj: Gemm1x1::new(&proj_w, &proj_b, hid),
             residual,
         }
     }
 
-    /// `x` is `[ic, h, w]`; `out` receives `[oc, oh, ow]`. `split` spreads the bands of output
-    /// rows over the thread pool.
+    /// `x` is `[h * w, ic]`; `out` receives `[oh * ow, oc]`. `split` spreads the bands of
+    /// output rows over the thread pool.
     pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
         let (s, hid, oc) = (self.stride, self.hid, self.oc);
         let (oh, ow) = (out_size(h, s), out_size(w, s));
         assert!(
             x.len() >= self.ic * h * w,
-            "input smaller than {}x{h}x{w}",
+            "input smaller than {h}x{w}x{}",
             self.ic
         );
         assert!(
             out.len() >= oc * oh * ow,
-            "output smaller than {oc}x{oh}x{ow}"
+            "output smaller than {oh}x{ow}x{oc}"
         );
-        // Expanded floats per output row; a band's buffers stay within about 256 KiB.
-        let per_row = hid * w * s;
-        let mut rows = (65536 / per_row.max(1)).max(1);
-        if split {
-            rows = rows
-                .min(oh.div_ceil(2 * rayon::current_num_threads()))
-                .max(1);
+        if split && self.expand.is_some() && hid * h * w <= PHASED_MAX {
+            self.run_phased(x, (h, w), out);
+        } else {
+            self.run_bands(x, (h, w), out, split);
         }
-        let tasks: Vec<_> = (0..oh)
-            .step_by(rows)
-            .map(|y0| (y0, (y0 + rows).min(oh), 0, oc))
-            .collect();
+    }
+
+    /// [`Self::run`] in bands of output rows, spread over the pool when `split`.
+    pub(super) fn run_bands(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        out: &mut [f32],
+        split: bool,
+    ) {
+        let (s, hid, oc) = (self.stride, self.hid, self.oc);
+        let (oh, ow) = (out_size(h, s), out_size(w, s));
+        assert!(x.len() >= self.ic * h * w && out.len() >= oc * oh * ow);
+        // Expanded floats per output row; a band's buffers stay within about 512 KiB (L2).
+        let tasks = bands(oh, BAND_FLOATS / (hid * w * s).max(1), split);
         let outp = OutPtr(out.as_mut_ptr());
-        for_tasks(&tasks, split, |(oy0, oy1), _| {
-            self.band(x, (h, w), (oy0, oy1), outp)
+        for_tasks(&tasks, split, |band, _| {
+            // SAFETY: the bands are disjoint rows of the [oh * ow, oc] output.
+            let dst = unsafe { rows_mut(outp, (band.0 * ow, band.1 * ow), oc) };
+            self.band(x, (h, w), band, dst)
         });
     }
 
-    /// Output rows `oy0..oy1` of every output channel.
-    fn band(&self, x: &[f32], (h, w): (usize, usize), (oy0, oy1): (usize, usize), out: OutPtr) {
-        let (s, hid, oc) = (self.stride, self.hid, self.oc);
+    /// A small image split over the threads without halo rows: the expansion of every pixel
+    /// split by output-channel panels, then the depthwise split by rows, then the projection
+    /// split by panels again. Bands would recompute a third of the expansion at 7x7.
+    pub(super) fn run_phased(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32]) {
+        let (s, ic, hid, oc) = (self.stride, self.ic, self.hid, self.oc);
         let (oh, ow) = (out_size(h, s), out_size(w, s));
+        assert!(x.len() >= ic * h * w && out.len() >= oc * oh * ow);
+        let e = self.expand.as_ref().expect("phased blocks expand");
+        // Taken for the call, not borrowed: while this thread waits in a join, rayon may run
+        // another image's block on it, which then allocates buffers of its own.
+        let (mut hidden, mut depth) = PHASED.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        hidden.resize(h * w * hid, 0.0);
+        depth.resize(oh * ow * hid, 0.0);
+        let threads = rayon::current_num_threads();
+        let by_panels = |n: usize| -> Vec<(usize, usize, usize, usize)> {
+            let per = n.div_ceil(threads).max(1);
+            (0..n)
+                .step_by(per)
+                .map(|p0| (0, 0, p0, (p0 + per).min(n)))
+                .collect()
+        };
+        let hp = OutPtr(hidden.as_mut_ptr());
+        for_tasks(&by_panels(e.panels()), true, |_, panels| {
+            // SAFETY: hidden holds h * w rows of hid; the tasks' panels are disjoint columns.
+            unsafe { e.run_panels(x, ic, h * w, hp.add(0), hid, None, Act::Relu6, panels) }
+        });
+        let dp = OutPtr(depth.as_mut_ptr());
+        for_tasks(&bands(oh, oh, true), true, |(oy0, oy1), _| {
+            // SAFETY: the bands are disjoint rows of the [oh * ow, hid] depth buffer.
+            let dst = unsafe { rows_mut(dp, (oy0 * ow, oy1 * ow), hid) };
+            self.dw.run(&hidden, 0, (h, w), s, (oy0, oy1), dst);
+        });
+        let op = OutPtr(out.as_mut_ptr());
+        let add = self.residual.then(|| &x[..h * w * ic]);
+        for_tasks(&by_panels(self.proj.panels()), true, |_, panels| {
+            // SAFETY: out holds oh * ow rows of oc (checked by run); disjoint panels.
+            unsafe {
+                self.proj
+                    .run_panels(&depth, hid, oh * ow, op.add(0), oc, add, Act::None, panels)
+            }
+        });
+        PHASED.with(|b| *b.borrow_mut() = (hidden, depth));
+    }
+
+    /// Output rows `oy0..oy1` (all channels) into `out` (`[(oy1 - oy0) * ow, oc]`).
+    fn band(&self, x: &[f32], (h, w): (usize, usize), (oy0, oy1): (usize, usize), out: &mut [f32]) {
+        let (s, ic, hid) = (self.stride, self.ic, self.hid);
+        let ow = out_size(w, s);
         // Input rows the band's depthwise reads (its halo included).
         let iy0 = (oy0 * s).saturating_sub(1);
         let iy1 = ((oy1 - 1) * s + 2).min(h);
@@ -217,191 +222,107 @@ impl Inverted {
                 let mut hidden = hidden.borrow_mut();
                 let mut depth = depth.borrow_mut();
                 // The depthwise source: the expanded rows iy0..iy1, or the input itself.
-                let (src, plane, first): (&[f32], usize, usize) = match &self.expand {
-                    Some((ew, eb)) => {
+                let (src, first): (&[f32], usize) = match &self.expand {
+                    Some(e) => {
                         let n_in = (iy1 - iy0) * w;
-                        hidden.clear();
-                        hidden.resize(hid * n_in, 0.0);
-                        // SAFETY: x holds ic planes of h * w, rows iy0..iy1 < h of each at
-                        // stride h * w; hidden is hid rows of n_in, this thread's own.
-                        unsafe {
-                            matmul(
-                                ew,
-                                (hid, self.ic, n_in),
-                                x.as_ptr().add(iy0 * w),
-                                h * w,
-                                hidden.as_mut_ptr(),
-                                n_in,
-                            )
-                        };
-                        for (row, &b) in hidden.chunks_exact_mut(n_in).zip(eb) {
-                            bias_act(row, b, None, Act::Relu6);
-                        }
-                        (&hidden[..], n_in, iy0)
+                        hidden.resize(n_in * hid, 0.0);
+                        e.run(
+                            &x[iy0 * w * ic..],
+                            ic,
+                            n_in,
+                            &mut hidden,
+                            hid,
+                            None,
+                            Act::Relu6,
+                        );
+                        (&hidden[..n_in * hid], iy0)
                     }
-                    None => (x, h * w, 0),
+                    None => (&x[..h * w * ic], 0),
                 };
-                depth.resize(hid * n_out, 0.0);
-                self.depthwise(src, plane, first, (h, w), (oy0, oy1), &mut depth);
-                // SAFETY: rows oy0..oy1 of every output plane ([oc, oh * ow], stride oh * ow)
-                // belong to this band only; depth is hid rows of n_out.
-                let c = unsafe { out.add(oy0 * ow) };
-                unsafe {
-                    matmul(
-                        &self.proj_w,
-                        (oc, hid, n_out),
-                        depth.as_ptr(),
-                        n_out,
-                        c,
-                        oh * ow,
-                    )
-                };
-                for o in 0..oc {
-                    // SAFETY: as above: row segment oy0..oy1 of plane o.
-                    let row = unsafe { std::slice::from_raw_parts_mut(c.add(o * oh * ow), n_out) };
-                    // Residual: stride 1 and ic == oc, so the input rows line up.
-                    let add = self
-                        .residual
-                        .then(|| &x[o * h * w + oy0 * w..o * h * w + oy0 * w + n_out]);
-                    bias_act(row, self.proj_b[o], add, Act::None);
-                }
+                depth.resize(n_out * hid, 0.0);
+                self.dw.run(src, first, (h, w), s, (oy0, oy1), &mut depth);
+                // Residual: stride 1 and ic == oc, so the input rows line up.
+                let add = self.residual.then(|| &x[oy0 * w * ic..][..n_out * ic]);
+                self.proj
+                    .run(&depth, hid, n_out, out, self.oc, add, Act::None);
             })
-        });
-    }
-
-    /// Depthwise 3x3 (stride 1 or 2, zero padding) + bias + ReLU6 of output rows `oy0..oy1`
-    /// into `dst` (`[hid, rows * ow]`). Channel `c`'s source row `y` is
-    /// `src[c * plane + (y - first) * w..][..w]`, for `y` in the rows the band needs.
-    fn depthwise(
-        &self,
-        src: &[f32],
-        plane: usize,
-        first: usize,
-        (h, w): (usize, usize),
-        (oy0, oy1): (usize, usize),
-        dst: &mut [f32],
-    ) {
-        let s = self.stride;
-        let ow = out_size(w, s);
-        let n_out = (oy1 - oy0) * ow;
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            scratch.clear();
-            scratch.resize(w + 2 * ow, 0.0);
-            let (zeros, halves) = scratch.split_at_mut(w);
-            let (even, odd) = halves.split_at_mut(ow);
-            for (c, d) in dst.chunks_exact_mut(n_out).enumerate() {
-                let row = |y: isize| -> &[f32] {
-                    if y < 0 || y as usize >= h {
-                        zeros
-                    } else {
-                        let at = c * plane + (y as usize - first) * w;
-                        &src[at..at + w]
-                    }
-                };
-                let (k, b) = (&self.dw_w[c], self.dw_b[c]);
-                for (oy, out_row) in (oy0..oy1).zip(d.chunks_exact_mut(ow)) {
-                    let y = (oy * s) as isize;
-                    let rows = [row(y - 1), row(y), row(y + 1)];
-                    if s == 1 {
-                        correlate_row(out_row, rows, k, b);
-                    } else {
-                        correlate_row_s2(out_row, rows, k, b, even, odd);
-                    }
-                    bias_act(out_row, 0.0, None, Act::Relu6);
-                }
-            }
         });
     }
 }
 
 /// A 3x3 convolution with stride 2 (MobileNetV2's stem), `[oc, ic * 9]` weights, bias and
-/// activation; im2col of a band of output rows, then one GEMM.
+/// activation, from a CHW image to channels-last rows: im2col of a band of output pixels,
+/// then the 1x1 kernel over its `ic * 9` columns.
 #[derive(Debug, Clone)]
 pub struct Strided3x3 {
     pub ic: usize,
     pub oc: usize,
-    w: Vec<f32>,
-    b: Vec<f32>,
+    gemm: Gemm1x1,
     act: Act,
-}
-
-thread_local! {
-    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Strided3x3 {
     pub fn new(ic: usize, w: Vec<f32>, b: Vec<f32>, act: Act) -> Self {
         let oc = b.len();
         assert_eq!(w.len(), oc * ic * 9, "weights are not {oc}x{ic}x3x3");
-        Self { ic, oc, w, b, act }
+        Self {
+            ic,
+            oc,
+            gemm: Gemm1x1::new(&w, &b, ic * 9),
+            act,
+        }
     }
 
+    /// `x` is `[ic, h, w]`; `out` receives `[oh * ow, oc]`.
     pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
         let (ic, oc) = (self.ic, self.oc);
         let (oh, ow) = (out_size(h, 2), out_size(w, 2));
         assert!(x.len() >= ic * h * w && out.len() >= oc * oh * ow);
         let k = ic * 9;
-        let mut rows = (32768 / (k * ow).max(1)).max(1);
-        if split {
-            rows = rows
-                .min(oh.div_ceil(2 * rayon::current_num_threads()))
-                .max(1);
-        }
-        let tasks: Vec<_> = (0..oh)
-            .step_by(rows)
-            .map(|y0| (y0, (y0 + rows).min(oh), 0, oc))
-            .collect();
+        let tasks = bands(oh, 32768 / (k * ow).max(1), split);
         let outp = OutPtr(out.as_mut_ptr());
         for_tasks(&tasks, split, |(oy0, oy1), _| {
             let n = (oy1 - oy0) * ow;
             COLS.with(|cols| {
                 let mut cols = cols.borrow_mut();
                 cols.clear();
-                cols.resize(k * n, 0.0);
-                // cols[(c * 9 + ky * 3 + kx), p] = x[c, 2 oy + ky - 1, 2 ox + kx - 1] (0 outside).
-                for c in 0..ic {
-                    for ky in 0..3 {
-                        for kx in 0..3 {
-                            let r = &mut cols[((c * 9 + ky * 3 + kx) * n)..][..n];
-                            for (oy, seg) in (oy0..oy1).zip(r.chunks_exact_mut(ow)) {
-                                let y = (2 * oy + ky) as isize - 1;
-                                if y < 0 || y as usize >= h {
+                cols.resize(n * k, 0.0);
+                // cols[p, c * 9 + ky * 3 + kx] = x[c, 2 oy + ky - 1, 2 ox + kx - 1] (0 outside).
+                for (oy, band) in (oy0..oy1).zip(cols.chunks_exact_mut(ow * k)) {
+                    for (ox, px) in band.chunks_exact_mut(k).enumerate() {
+                        for c in 0..ic {
+                            for ky in 0..3 {
+                                let Some(y) = (2 * oy + ky).checked_sub(1).filter(|&y| y < h)
+                                else {
                                     continue;
-                                }
-                                let src = &x[c * h * w + y as usize * w..][..w];
-                                for (ox, v) in seg.iter_mut().enumerate() {
-                                    let xx = (2 * ox + kx) as isize - 1;
-                                    if xx >= 0 && (xx as usize) < w {
-                                        *v = src[xx as usize];
+                                };
+                                let src = &x[c * h * w + y * w..][..w];
+                                for kx in 0..3 {
+                                    if let Some(xx) =
+                                        (2 * ox + kx).checked_sub(1).filter(|&v| v < w)
+                                    {
+                                        px[c * 9 + ky * 3 + kx] = src[xx];
                                     }
                                 }
                             }
                         }
                     }
                 }
-                // SAFETY: rows oy0..oy1 of every output plane belong to this band; cols is k
-                // rows of n.
-                let c = unsafe { outp.add(oy0 * ow) };
-                unsafe { matmul(&self.w, (oc, k, n), cols.as_ptr(), n, c, oh * ow) };
-                for o in 0..oc {
-                    // SAFETY: as above.
-                    let row = unsafe { std::slice::from_raw_parts_mut(c.add(o * oh * ow), n) };
-                    bias_act(row, self.b[o], None, self.act);
-                }
+                // SAFETY: the bands are disjoint rows of the [oh * ow, oc] output.
+                let dst = unsafe { rows_mut(outp, (oy0 * ow, oy1 * ow), oc) };
+                self.gemm.run(&cols, k, n, dst, oc, None, self.act);
             })
         });
     }
 }
 
-/// A 1x1 convolution over a whole image (`[oc, ic]` weights) + bias + activation: MobileNetV2's
-/// last layer (320 -> 1280 at 7x7 or 8x8), split over output channels.
+/// A 1x1 convolution over a whole image (`[oc, ic]` weights) + bias + activation, channels-
+/// last in and out: MobileNetV2's last layer (320 -> 1280 at 7x7 or 8x8), split over pixels.
 #[derive(Debug, Clone)]
 pub struct Pointwise {
     pub ic: usize,
     pub oc: usize,
-    w: Vec<f32>,
-    b: Vec<f32>,
+    gemm: Gemm1x1,
     act: Act,
 }
 
@@ -409,39 +330,37 @@ impl Pointwise {
     pub fn new(ic: usize, w: Vec<f32>, b: Vec<f32>, act: Act) -> Self {
         let oc = b.len();
         assert_eq!(w.len(), oc * ic, "weights are not {oc}x{ic}");
-        Self { ic, oc, w, b, act }
+        Self {
+            ic,
+            oc,
+            gemm: Gemm1x1::new(&w, &b, ic),
+            act,
+        }
     }
 
+    /// `x` is `[h * w, ic]`; `out` receives `[h * w, oc]`.
     pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
         let (ic, oc, n) = (self.ic, self.oc, h * w);
         assert!(x.len() >= ic * n && out.len() >= oc * n);
+        // Split by output-channel panels: each thread reads its share of the weights (1.6 MB
+        // at 320 -> 1280, more than the image) once.
+        let panels = self.gemm.panels();
         let per = if split {
-            oc.div_ceil(2 * rayon::current_num_threads())
+            panels.div_ceil(rayon::current_num_threads())
         } else {
-            oc
+            panels
         };
-        let tasks: Vec<_> = (0..oc)
+        let tasks: Vec<_> = (0..panels)
             .step_by(per.max(1))
-            .map(|o0| (0, 1, o0, (o0 + per).min(oc)))
+            .map(|p0| (0, 0, p0, (p0 + per).min(panels)))
             .collect();
         let outp = OutPtr(out.as_mut_ptr());
-        for_tasks(&tasks, split, |_, (o0, o1)| {
-            // SAFETY: planes o0..o1 of the output belong to this task; x is ic rows of n.
-            let c = unsafe { outp.add(o0 * n) };
+        for_tasks(&tasks, split, |_, panels| {
+            // SAFETY: out holds n rows of oc (checked above); the tasks' panels are disjoint
+            // columns.
             unsafe {
-                matmul(
-                    &self.w[o0 * ic..o1 * ic],
-                    (o1 - o0, ic, n),
-                    x.as_ptr(),
-                    n,
-                    c,
-                    n,
-                )
-            };
-            for o in o0..o1 {
-                // SAFETY: plane o, this task's own.
-                let row = unsafe { std::slice::from_raw_parts_mut(outp.add(o * n), n) };
-                bias_act(row, self.b[o], None, self.act);
+                self.gemm
+                    .run_panels(x, ic, n, outp.add(0), oc, None, self.act, panels)
             }
         });
     }

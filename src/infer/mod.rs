@@ -23,6 +23,7 @@
 
 mod inverted;
 mod kernels;
+mod nhwc;
 mod packed;
 mod separable;
 #[cfg(test)]
@@ -85,8 +86,13 @@ enum Layer {
 enum Head {
     /// `Linear(c * h * w, classes)` over the flattened activations.
     Flatten { w: Vec<f32>, b: Vec<f32> },
-    /// Global average pool, then `Linear(c, classes)`.
-    Gap { w: Vec<f32>, b: Vec<f32> },
+    /// Global average pool, then `Linear(c, classes)`; `channels_last`: the features are
+    /// `[h * w, c]` (the MobileNetV2 layers' layout) rather than `[c, h * w]`.
+    Gap {
+        w: Vec<f32>,
+        b: Vec<f32>,
+        channels_last: bool,
+    },
 }
 
 /// A model compiled for CPU inference.
@@ -226,7 +232,11 @@ impl FastModel {
                     ))));
                 }
                 let (w, b) = linear(net.fc())?;
-                Head::Gap { w, b }
+                Head::Gap {
+                    w,
+                    b,
+                    channels_last: false,
+                }
             }
             Net::MobileV2(net) => {
                 let (conv, bn) = net.stem();
@@ -278,7 +288,11 @@ impl FastModel {
                     Act::Relu6,
                 ))));
                 let (w, b) = linear(net.classifier())?;
-                Head::Gap { w, b }
+                Head::Gap {
+                    w,
+                    b,
+                    channels_last: true,
+                }
             }
             Net::Resnet(_) => return Err(unsupported()),
         };
@@ -459,12 +473,24 @@ impl FastModel {
             };
             match &self.head {
                 Head::Flatten { w: wt, b } => dense(features, wt, b, logits),
-                Head::Gap { w: wt, b } => {
+                Head::Gap {
+                    w: wt,
+                    b,
+                    channels_last,
+                } => {
                     let hw = (h * w) as f32;
-                    let pooled: Vec<f32> = features
-                        .chunks_exact(h * w)
-                        .map(|p| p.iter().sum::<f32>() / hw)
-                        .collect();
+                    let pooled: Vec<f32> = if *channels_last {
+                        let mut sum = vec![0f32; c];
+                        for px in features.chunks_exact(c) {
+                            sum.iter_mut().zip(px).for_each(|(s, v)| *s += v);
+                        }
+                        sum.into_iter().map(|s| s / hw).collect()
+                    } else {
+                        features
+                            .chunks_exact(h * w)
+                            .map(|p| p.iter().sum::<f32>() / hw)
+                            .collect()
+                    };
                     dense(&pooled, wt, b, logits)
                 }
             }

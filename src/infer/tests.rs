@@ -150,13 +150,24 @@ fn inverted_kernel_matches_candle() {
                 pb.clone(),
                 residual,
             );
-            for split in [false, true] {
+            let x_hwc = to_hwc(&x, (ic, h, w));
+            // run's own choice, then each way of splitting forced.
+            for how in ["run", "run split", "bands", "bands split", "phased"] {
+                if how == "phased" && expand.is_none() {
+                    continue;
+                }
                 let mut out = vec![f32::NAN; want.len()];
-                block.run(&x, (h, w), &mut out, split);
-                let rel = max_rel(&out, &want);
+                match how {
+                    "run" | "run split" => block.run(&x_hwc, (h, w), &mut out, how == "run split"),
+                    "bands" | "bands split" => {
+                        block.run_bands(&x_hwc, (h, w), &mut out, how == "bands split")
+                    }
+                    _ => block.run_phased(&x_hwc, (h, w), &mut out),
+                }
+                let rel = max_rel(&to_chw(&out, (oc, oh, ow)), &want);
                 assert!(
                     rel < 1e-5,
-                    "inverted {ic}x{h}x{w} x{expand:?} /{stride} -> {oc} split {split}: {rel:e}"
+                    "inverted {ic}x{h}x{w} x{expand:?} /{stride} -> {oc} {how}: {rel:e}"
                 );
             }
         }
@@ -194,18 +205,41 @@ fn inverted_kernel_matches_candle() {
         for split in [false, true] {
             let mut out = vec![f32::NAN; want_stem.len()];
             stem.run(&x, (h, w), &mut out, split);
+            let (oh, ow) = (out_size(h, 2), out_size(w, 2));
             assert!(
-                max_rel(&out, &want_stem) < 1e-5,
+                max_rel(&to_chw(&out, (oc, oh, ow)), &want_stem) < 1e-5,
                 "stem {ic}x{h}x{w} split {split}"
             );
             let mut out = vec![f32::NAN; want_pw.len()];
-            pointwise.run(&x, (h, w), &mut out, split);
+            pointwise.run(&to_hwc(&x, (ic, h, w)), (h, w), &mut out, split);
             assert!(
-                max_rel(&out, &want_pw) < 1e-5,
+                max_rel(&to_chw(&out, (oc, h, w)), &want_pw) < 1e-5,
                 "pointwise {ic}x{h}x{w} split {split}"
             );
         }
     }
+}
+
+/// `[c, h, w]` as `[h * w, c]`.
+fn to_hwc(x: &[f32], (c, h, w): (usize, usize, usize)) -> Vec<f32> {
+    let mut y = vec![0f32; c * h * w];
+    for ch in 0..c {
+        for p in 0..h * w {
+            y[p * c + ch] = x[ch * h * w + p];
+        }
+    }
+    y
+}
+
+/// `[h * w, c]` as `[c, h, w]`.
+fn to_chw(x: &[f32], (c, h, w): (usize, usize, usize)) -> Vec<f32> {
+    let mut y = vec![0f32; c * h * w];
+    for ch in 0..c {
+        for p in 0..h * w {
+            y[ch * h * w + p] = x[p * c + ch];
+        }
+    }
+    y
 }
 
 #[test]

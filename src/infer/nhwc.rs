@@ -1,0 +1,799 @@
+//! Channels-last (NHWC) kernels for MobileNetV2's layers: the 1x1 convolution as a GEMM over
+//! pixels with weights packed once at load, and the 3x3 depthwise convolution (stride 1 or 2)
+//! vectorised across channels.
+//!
+//! Why channels-last here: a 1x1 convolution over `[pixels, ic]` rows is a GEMM whose left
+//! operand needs no packing (each pixel's channels are contiguous, read by broadcast) and whose
+//! right operand (the weights) is packed once, at compile time, into panels of [`NR`] output
+//! channels; the output tile is written with bias, activation and the residual add fused. The
+//! depthwise convolution then runs across channels, so its vectors are full whatever the
+//! spatial size (7x7 rows are as fast as 112x112 ones) and stride 2 reads only the pixels it
+//! needs. The CHW engine's GEMM (the `gemm` crate, which packs both operands per call) ran
+//! these layers at about half of ONNX Runtime's speed.
+//!
+//! Each kernel has an AVX2+FMA form (x86-64, chosen at run time) and a portable form that the
+//! tests compare it with.
+
+use super::kernels::Act;
+
+/// Output channels per packed weight panel (two AVX2 registers).
+pub const NR: usize = 16;
+/// Pixels per register tile of the AVX2 GEMM (6 x 2 accumulators + 2 weights + 1 broadcast).
+const MR: usize = 6;
+
+/// Whether the AVX2+FMA kernels run on this CPU.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::ops::simd_level() >= 1
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Floats aligned to 64 bytes: `Vec` with `off` leading floats skipped.
+#[derive(Debug)]
+struct Aligned {
+    buf: Vec<f32>,
+    off: usize,
+}
+
+impl Clone for Aligned {
+    /// A fresh allocation, aligned anew.
+    fn clone(&self) -> Self {
+        let data = self.as_slice();
+        let n = self.buf.len() - 16;
+        let mut c = Self::zeroed(n);
+        c.as_mut_slice()[..n].copy_from_slice(&data[..n]);
+        c
+    }
+}
+
+impl Aligned {
+    fn zeroed(n: usize) -> Self {
+        let buf = vec![0f32; n + 16];
+        let off = buf.as_ptr().align_offset(64).min(16);
+        Self { buf, off }
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.off..]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.buf[self.off..]
+    }
+}
+
+/// A 1x1 convolution (`[oc, ic]` weights + bias) over channels-last pixels.
+#[derive(Debug, Clone)]
+pub struct Gemm1x1 {
+    pub ic: usize,
+    pub oc: usize,
+    /// `[oc / NR, ic, NR]`, the last panel padded with zero channels.
+    panels: Aligned,
+    /// The bias padded to whole panels.
+    bias: Vec<f32>,
+}
+
+impl Gemm1x1 {
+    pub fn new(w: &[f32], b: &[f32], ic: usize) -> Self {
+        let oc = b.len();
+        assert_eq!(w.len(), oc * ic, "weights are not {oc}x{ic}");
+        let n = oc.div_ceil(NR);
+        let mut panels = Aligned::zeroed(n * ic * NR);
+        let p = panels.as_mut_slice();
+        for o in 0..oc {
+            for i in 0..ic {
+                p[((o / NR) * ic + i) * NR + o % NR] = w[o * ic + i];
+            }
+        }
+        let mut bias = b.to_vec();
+        bias.resize(n * NR, 0.0);
+        Self {
+            ic,
+            oc,
+            panels,
+            bias,
+        }
+    }
+
+    /// Panels of [`NR`] output channels.
+    pub fn panels(&self) -> usize {
+        self.oc.div_ceil(NR)
+    }
+
+    /// `out[p, o] = act(bias[o] + sum_i x[p, i] w[o, i] (+ add[p, o]))` for pixels `0..n`:
+    /// pixel `p`'s channels are `x[p * ldx..][..ic]`, its outputs `out[p * ldo..][..oc]` and
+    /// its residual `add[p * ldo..][..oc]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        x: &[f32],
+        ldx: usize,
+        n: usize,
+        out: &mut [f32],
+        ldo: usize,
+        add: Option<&[f32]>,
+        act: Act,
+    ) {
+        if n == 0 {
+            return;
+        }
+        assert!(
+            ldo >= self.oc && out.len() >= (n - 1) * ldo + self.oc,
+            "output rows"
+        );
+        // SAFETY: out holds the n rows (checked), borrowed exclusively.
+        unsafe {
+            self.run_panels(
+                x,
+                ldx,
+                n,
+                out.as_mut_ptr(),
+                ldo,
+                add,
+                act,
+                (0, self.panels()),
+            )
+        }
+    }
+
+    /// [`Self::run`] for the output channels of panels `p0..p1` only.
+    ///
+    /// # Safety
+    /// `out` must address `n` rows of `ldo >= oc` floats, whose columns
+    /// `p0 * NR..min(p1 * NR, oc)` no other thread reads or writes during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_panels(
+        &self,
+        x: &[f32],
+        ldx: usize,
+        n: usize,
+        out: *mut f32,
+        ldo: usize,
+        add: Option<&[f32]>,
+        act: Act,
+        (p0, p1): (usize, usize),
+    ) {
+        let (ic, oc) = (self.ic, self.oc);
+        if n == 0 || oc == 0 || p0 >= p1 {
+            return;
+        }
+        assert!(
+            p1 <= self.panels(),
+            "panels {p0}..{p1} of {}",
+            self.panels()
+        );
+        assert!(ldx >= ic && x.len() >= (n - 1) * ldx + ic, "input rows");
+        assert!(ldo >= oc, "output row stride {ldo} < {oc}");
+        if let Some(a) = add {
+            assert!(a.len() >= (n - 1) * ldo + oc, "residual rows");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx2() {
+            // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above, out is the
+            // caller's.
+            unsafe { avx2::gemm(self, x, ldx, n, out, ldo, add, act, (p0, p1)) };
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { self.portable(x, ldx, n, out, ldo, add, act, (p0, p1)) };
+    }
+
+    /// # Safety
+    /// As [`Self::run_panels`], with its checks done.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn portable(
+        &self,
+        x: &[f32],
+        ldx: usize,
+        n: usize,
+        out: *mut f32,
+        ldo: usize,
+        add: Option<&[f32]>,
+        act: Act,
+        (p0, p1): (usize, usize),
+    ) {
+        let (ic, oc) = (self.ic, self.oc);
+        let (lo, hi) = act.bounds();
+        let panels = self.panels.as_slice();
+        for p in p0..p1 {
+            let panel = &panels[p * ic * NR..][..ic * NR];
+            let cols = NR.min(oc - p * NR);
+            for r in 0..n {
+                let mut acc = [0f32; NR];
+                acc.copy_from_slice(&self.bias[p * NR..][..NR]);
+                for (&a, wk) in x[r * ldx..][..ic].iter().zip(panel.chunks_exact(NR)) {
+                    for j in 0..NR {
+                        acc[j] += a * wk[j];
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate().take(cols) {
+                    let at = r * ldo + p * NR + j;
+                    let res = add.map_or(0.0, |a| a[at]);
+                    // SAFETY: row r < n, column < oc <= ldo: inside the caller's rows.
+                    unsafe { *out.add(at) = (acc + res).max(lo).min(hi) };
+                }
+            }
+        }
+    }
+}
+
+/// A 3x3 depthwise convolution (padding 1, stride 1 or 2) + bias + ReLU6 over channels-last
+/// rows, `c` channels.
+#[derive(Debug, Clone)]
+pub struct Depthwise {
+    pub c: usize,
+    /// `[9, c]`: tap `ky * 3 + kx` of every channel, contiguous.
+    k: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Depthwise {
+    pub fn new(k: &[[f32; 9]], b: &[f32]) -> Self {
+        let c = k.len();
+        assert_eq!(b.len(), c, "bias");
+        let mut t = vec![0f32; 9 * c];
+        for (ch, taps) in k.iter().enumerate() {
+            for (i, &v) in taps.iter().enumerate() {
+                t[i * c + ch] = v;
+            }
+        }
+        Self {
+            c,
+            k: t,
+            b: b.to_vec(),
+        }
+    }
+
+    /// Output rows `oy0..oy1` (of an `h x w` input at stride `s`) into `dst`
+    /// (`[(oy1 - oy0) * ow, c]`). Source row `y` is `src[(y - first) * w * c..][..w * c]`
+    /// for the rows `oy0 * s - 1 ..= (oy1 - 1) * s + 1` that lie inside `0..h`.
+    pub fn run(
+        &self,
+        src: &[f32],
+        first: usize,
+        (h, w): (usize, usize),
+        s: usize,
+        (oy0, oy1): (usize, usize),
+        dst: &mut [f32],
+    ) {
+        let ow = (w - 1) / s + 1;
+        assert!(
+            dst.len() >= (oy1 - oy0) * ow * self.c,
+            "depthwise output rows"
+        );
+        // SAFETY: dst holds the rows (checked), borrowed exclusively.
+        unsafe {
+            self.run_channels(
+                src,
+                first,
+                (h, w),
+                s,
+                (oy0, oy1),
+                dst.as_mut_ptr(),
+                (0, self.c),
+            )
+        }
+    }
+
+    /// [`Self::run`] for channels `c0..c1` only.
+    ///
+    /// # Safety
+    /// `dst` must address `(oy1 - oy0) * ow` rows of `c` floats whose columns `c0..c1` no
+    /// other thread reads or writes during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_channels(
+        &self,
+        src: &[f32],
+        first: usize,
+        (h, w): (usize, usize),
+        s: usize,
+        (oy0, oy1): (usize, usize),
+        dst: *mut f32,
+        (c0, c1): (usize, usize),
+    ) {
+        let c = self.c;
+        assert!(c0 <= c1 && c1 <= c, "channels {c0}..{c1} of {c}");
+        assert!(s >= 1 && w >= 1, "stride {s}, width {w}");
+        let ow = (w - 1) / s + 1;
+        let row_len = w * c;
+        for oy in oy0..oy1 {
+            let row = |ky: usize| -> Option<&[f32]> {
+                let y = (oy * s + ky).checked_sub(1)?;
+                if y >= h {
+                    return None;
+                }
+                let at = (y - first) * row_len;
+                Some(&src[at..at + row_len])
+            };
+            let rows = [row(0), row(1), row(2)];
+            // SAFETY: output row oy - oy0 of the caller's rows.
+            let out = unsafe { dst.add((oy - oy0) * ow * c) };
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: the CPU has AVX2 and FMA; every row is w * c floats (sliced above),
+                // out ow rows of c floats, channels checked.
+                unsafe { avx2::depthwise_row(self, rows, w, s, out, ow, (c0, c1)) };
+                continue;
+            }
+            // SAFETY: as above.
+            unsafe { self.row_portable(rows, w, s, out, ow, (c0, c1)) };
+        }
+    }
+
+    /// # Safety
+    /// `out` addresses `ow` pixels of `c` floats, columns `c0..c1` this call's own.
+    unsafe fn row_portable(
+        &self,
+        rows: [Option<&[f32]>; 3],
+        w: usize,
+        s: usize,
+        out: *mut f32,
+        ow: usize,
+        (c0, c1): (usize, usize),
+    ) {
+        let c = self.c;
+        for ox in 0..ow {
+            // SAFETY: pixel ox's columns c0..c1, the caller's.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(ox * c + c0), c1 - c0) };
+            o.copy_from_slice(&self.b[c0..c1]);
+            for (ky, r) in rows.iter().enumerate() {
+                let Some(r) = r else { continue };
+                for kx in 0..3 {
+                    let Some(x) = (ox * s + kx).checked_sub(1).filter(|&x| x < w) else {
+                        continue;
+                    };
+                    let k = &self.k[(ky * 3 + kx) * c + c0..][..c1 - c0];
+                    for ((o, &k), &v) in o.iter_mut().zip(k).zip(&r[x * c + c0..][..c1 - c0]) {
+                        *o += k * v;
+                    }
+                }
+            }
+            for v in o.iter_mut() {
+                *v = v.clamp(0.0, 6.0);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Act, Depthwise, Gemm1x1, MR, NR};
+
+    /// See [`Gemm1x1::run_panels`].
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA, and the rows in bounds as `run_panels` checks.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm(
+        g: &Gemm1x1,
+        x: &[f32],
+        ldx: usize,
+        n: usize,
+        op: *mut f32,
+        ldo: usize,
+        add: Option<&[f32]>,
+        act: Act,
+        (p0, p1): (usize, usize),
+    ) {
+        let (ic, oc) = (g.ic, g.oc);
+        let (lo, hi) = act.bounds();
+        let panels = g.panels.as_slice();
+        let xp = x.as_ptr();
+        let ap = add.map_or(std::ptr::null(), |a| a.as_ptr());
+        for p in p0..p1 {
+            let w = panels.as_ptr().add(p * ic * NR);
+            let bias = g.bias.as_ptr().add(p * NR);
+            let cols = NR.min(oc - p * NR);
+            let col = p * NR;
+            let mut r = 0;
+            if cols <= 8 {
+                // A half-empty last panel (oc = 24, 40, ...): one register column, twice the
+                // pixels per tile, no multiply-adds spent on padding.
+                while r < n {
+                    let (xr, or) = (xp.add(r * ldx), op.add(r * ldo + col));
+                    let ar = if ap.is_null() {
+                        ap
+                    } else {
+                        ap.add(r * ldo + col)
+                    };
+                    let t = (lo, hi, cols);
+                    match n - r {
+                        1 => half::<1>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                        2 => half::<2>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                        3 => half::<3>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                        4 => half::<4>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                        5 => half::<5>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                        6 => half::<6>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                        7..=11 => half::<7>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                        _ => half::<12>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                    }
+                    r += if n - r >= 12 { 12 } else { (n - r).min(7) };
+                }
+                continue;
+            }
+            while r < n {
+                let at = |base: *const f32, ld: usize| base.add(r * ld + col);
+                let (xr, or) = (xp.add(r * ldx), op.add(r * ldo + col));
+                let ar = if ap.is_null() { ap } else { at(ap, ldo) };
+                let t = (lo, hi, cols);
+                match n - r {
+                    1 => tile::<1>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                    2 => tile::<2>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                    3 => tile::<3>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                    4 => tile::<4>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                    5 => tile::<5>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                    _ => tile::<MR>(xr, ldx, ic, w, bias, ar, or, ldo, t),
+                }
+                r += MR;
+            }
+        }
+    }
+
+    /// `R` pixels x one panel of 16 output channels (`cols` of them stored).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        x: *const f32,
+        ldx: usize,
+        k: usize,
+        w: *const f32,
+        bias: *const f32,
+        add: *const f32,
+        out: *mut f32,
+        ldo: usize,
+        (lo, hi, cols): (f32, f32, usize),
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for i in 0..k {
+            let w0 = _mm256_loadu_ps(w.add(i * NR));
+            let w1 = _mm256_loadu_ps(w.add(i * NR + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let v = _mm256_broadcast_ss(&*x.add(r * ldx + i));
+                a[0] = _mm256_fmadd_ps(v, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(v, w1, a[1]);
+            }
+        }
+        let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
+        let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        for (r, a) in acc.iter().enumerate() {
+            let mut v = [_mm256_add_ps(a[0], b0), _mm256_add_ps(a[1], b1)];
+            let o = out.add(r * ldo);
+            if cols == NR {
+                if !add.is_null() {
+                    let s = add.add(r * ldo);
+                    v[0] = _mm256_add_ps(v[0], _mm256_loadu_ps(s));
+                    v[1] = _mm256_add_ps(v[1], _mm256_loadu_ps(s.add(8)));
+                }
+                for (j, v) in v.iter().enumerate() {
+                    let v = _mm256_min_ps(_mm256_max_ps(*v, vlo), vhi);
+                    _mm256_storeu_ps(o.add(8 * j), v);
+                }
+            } else {
+                let mut t = [0f32; NR];
+                _mm256_storeu_ps(t.as_mut_ptr(), v[0]);
+                _mm256_storeu_ps(t.as_mut_ptr().add(8), v[1]);
+                for (j, t) in t.iter().enumerate().take(cols) {
+                    let res = if add.is_null() {
+                        0.0
+                    } else {
+                        *add.add(r * ldo + j)
+                    };
+                    *o.add(j) = (t + res).max(lo).min(hi);
+                }
+            }
+        }
+    }
+
+    /// `R` pixels x the first 8 channels of a panel (`cols <= 8` of them stored).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn half<const R: usize>(
+        x: *const f32,
+        ldx: usize,
+        k: usize,
+        w: *const f32,
+        bias: *const f32,
+        add: *const f32,
+        out: *mut f32,
+        ldo: usize,
+        (lo, hi, cols): (f32, f32, usize),
+    ) {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for i in 0..k {
+            let w0 = _mm256_loadu_ps(w.add(i * NR));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let v = _mm256_broadcast_ss(&*x.add(r * ldx + i));
+                *a = _mm256_fmadd_ps(v, w0, *a);
+            }
+        }
+        let b0 = _mm256_loadu_ps(bias);
+        let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+        for (r, a) in acc.iter().enumerate() {
+            let v = _mm256_add_ps(*a, b0);
+            let o = out.add(r * ldo);
+            if cols == 8 {
+                let v = if add.is_null() {
+                    v
+                } else {
+                    _mm256_add_ps(v, _mm256_loadu_ps(add.add(r * ldo)))
+                };
+                _mm256_storeu_ps(o, _mm256_min_ps(_mm256_max_ps(v, vlo), vhi));
+            } else {
+                let mut t = [0f32; 8];
+                _mm256_storeu_ps(t.as_mut_ptr(), v);
+                for (j, t) in t.iter().enumerate().take(cols) {
+                    let res = if add.is_null() {
+                        0.0
+                    } else {
+                        *add.add(r * ldo + j)
+                    };
+                    *o.add(j) = (t + res).max(lo).min(hi);
+                }
+            }
+        }
+    }
+
+    /// One output row of [`Depthwise::run_channels`]: `out` is `ow` pixels of `c` floats,
+    /// each present source row `w * c`; channels `c0..c1`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `out`'s columns `c0..c1` are the caller's own.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn depthwise_row(
+        d: &Depthwise,
+        rows: [Option<&[f32]>; 3],
+        w: usize,
+        s: usize,
+        out: *mut f32,
+        ow: usize,
+        (c0, c1): (usize, usize),
+    ) {
+        let c = d.c;
+        assert!(ow >= 1 && (ow - 1) * s < w && c1 <= c);
+        for r in rows.iter().flatten() {
+            assert_eq!(r.len(), w * c, "source row");
+        }
+        let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
+        let vec_c = c0 + (c1 - c0) / 8 * 8;
+        // `o[..c] = relu6(b + sum over taps of k * v)` for one output pixel; a macro so the
+        // 9-tap loop of interior pixels is unrolled with its count known.
+        macro_rules! pixel {
+            ($taps:expr, $o:expr) => {{
+                let (taps, o) = ($taps, $o);
+                let mut ch = c0;
+                while ch + 32 <= vec_c {
+                    let mut acc = [zero; 4];
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_loadu_ps(d.b.as_ptr().add(ch + 8 * j));
+                    }
+                    for &(k, v) in taps {
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let at = ch + 8 * j;
+                            let (k, v): (*const f32, *const f32) = (k, v);
+                            *a = _mm256_fmadd_ps(
+                                _mm256_loadu_ps(k.add(at)),
+                                _mm256_loadu_ps(v.add(at)),
+                                *a,
+                            );
+                        }
+                    }
+                    for (j, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(
+                            o.add(ch + 8 * j),
+                            _mm256_min_ps(_mm256_max_ps(*a, zero), six),
+                        );
+                    }
+                    ch += 32;
+                }
+                while ch < vec_c {
+                    let mut a = _mm256_loadu_ps(d.b.as_ptr().add(ch));
+                    for &(k, v) in taps {
+                        let (k, v): (*const f32, *const f32) = (k, v);
+                        a = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(k.add(ch)),
+                            _mm256_loadu_ps(v.add(ch)),
+                            a,
+                        );
+                    }
+                    _mm256_storeu_ps(o.add(ch), _mm256_min_ps(_mm256_max_ps(a, zero), six));
+                    ch += 8;
+                }
+                for ch in vec_c..c1 {
+                    let mut a = d.b[ch];
+                    for &(k, v) in taps {
+                        let (k, v): (*const f32, *const f32) = (k, v);
+                        a += *k.add(ch) * *v.add(ch);
+                    }
+                    *o.add(ch) = a.clamp(0.0, 6.0);
+                }
+            }};
+        }
+        let kp: [*const f32; 9] = std::array::from_fn(|t| d.k.as_ptr().add(t * c));
+        let full = rows.iter().all(Option::is_some);
+        for ox in 0..ow {
+            let o = out.add(ox * c);
+            if full && ox * s >= 1 && ox * s + 1 < w {
+                // Interior pixel: all nine taps.
+                let x0 = ox * s - 1;
+                let rp = rows.map(|r| r.map_or(std::ptr::null(), |r| r.as_ptr().add(x0 * c)));
+                let taps: [(*const f32, *const f32); 9] =
+                    std::array::from_fn(|t| (kp[t], rp[t / 3].add((t % 3) * c)));
+                pixel!(&taps, o);
+                continue;
+            }
+            // The taps inside the image: (weights, source pixel).
+            let mut taps = [(std::ptr::null::<f32>(), std::ptr::null::<f32>()); 9];
+            let mut n = 0;
+            for (ky, r) in rows.iter().enumerate() {
+                let Some(r) = r else { continue };
+                for kx in 0..3 {
+                    let Some(x) = (ox * s + kx).checked_sub(1).filter(|&x| x < w) else {
+                        continue;
+                    };
+                    taps[n] = (kp[ky * 3 + kx], r.as_ptr().add(x * c));
+                    n += 1;
+                }
+            }
+            pixel!(&taps[..n], o);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+
+    use super::*;
+
+    fn rand_vec(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+    }
+
+    /// The dispatched kernels (AVX2 on x86-64 CPUs that have it) against the portable ones and
+    /// a plain reference, on odd shapes: pixel tails of every tile height, channel tails of
+    /// every panel width, strided rows, the residual add and each activation.
+    #[test]
+    fn kernels_match_reference() {
+        eprintln!("nhwc kernels: avx2 {}", avx2());
+        let mut rng = StdRng::seed_from_u64(3);
+        for (ic, oc, n) in [
+            (1, 1, 1),
+            (3, 16, 6),
+            (27, 32, 7),
+            (5, 17, 13),
+            (24, 144, 11),
+            (40, 8, 2),
+            (16, 24, 31),
+            (9, 3, 12),
+            (7, 40, 8),
+        ] {
+            let (ldx, ldo) = (ic + 3, oc + 5);
+            let w = rand_vec(&mut rng, oc * ic);
+            let b = rand_vec(&mut rng, oc);
+            let x = rand_vec(&mut rng, n * ldx);
+            let add = rand_vec(&mut rng, n * ldo);
+            let g = Gemm1x1::new(&w, &b, ic);
+            for act in [Act::None, Act::Relu6] {
+                for res in [None, Some(&add[..])] {
+                    let mut want = vec![f32::NAN; n * ldo];
+                    let (lo, hi) = act.bounds();
+                    for p in 0..n {
+                        for o in 0..oc {
+                            let dot: f32 = (0..ic).map(|i| x[p * ldx + i] * w[o * ic + i]).sum();
+                            let r = res.map_or(0.0, |a| a[p * ldo + o]);
+                            want[p * ldo + o] = (dot + b[o] + r).max(lo).min(hi);
+                        }
+                    }
+                    let mut fast = vec![f32::NAN; n * ldo];
+                    g.run(&x, ldx, n, &mut fast, ldo, res, act);
+                    let mut port = vec![f32::NAN; n * ldo];
+                    // SAFETY: port holds the n rows.
+                    unsafe {
+                        g.portable(
+                            &x,
+                            ldx,
+                            n,
+                            port.as_mut_ptr(),
+                            ldo,
+                            res,
+                            act,
+                            (0, g.panels()),
+                        )
+                    };
+                    for p in 0..n {
+                        for o in 0..oc {
+                            let i = p * ldo + o;
+                            assert!(
+                                (fast[i] - want[i]).abs() < 1e-5,
+                                "gemm {ic}->{oc} x{n} at {p},{o}"
+                            );
+                            assert!((port[i] - want[i]).abs() < 1e-5, "portable gemm at {p},{o}");
+                        }
+                        // Past oc: untouched.
+                        assert!(fast[p * ldo + oc].is_nan() && port[p * ldo + oc].is_nan());
+                    }
+                }
+            }
+        }
+        for (c, h, w) in [(8, 5, 7), (37, 6, 3), (96, 4, 1), (40, 1, 9)] {
+            let k: Vec<[f32; 9]> = (0..c)
+                .map(|_| rand_vec(&mut rng, 9).try_into().unwrap())
+                .collect();
+            let b = rand_vec(&mut rng, c);
+            let x: Vec<f32> = rand_vec(&mut rng, h * w * c)
+                .iter()
+                .map(|v| v * 4.0)
+                .collect();
+            let d = Depthwise::new(&k, &b);
+            for s in [1, 2] {
+                let (oh, ow) = ((h - 1) / s + 1, (w - 1) / s + 1);
+                let mut want = vec![0f32; oh * ow * c];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for ch in 0..c {
+                            let mut a = b[ch];
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (y, xx) =
+                                        ((oy * s + ky) as isize - 1, (ox * s + kx) as isize - 1);
+                                    if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < w {
+                                        a += k[ch][ky * 3 + kx]
+                                            * x[(y as usize * w + xx as usize) * c + ch];
+                                    }
+                                }
+                            }
+                            want[(oy * ow + ox) * c + ch] = a.clamp(0.0, 6.0);
+                        }
+                    }
+                }
+                // The whole image, then the rows one band at a time from a partial source.
+                let mut got = vec![f32::NAN; want.len()];
+                d.run(&x, 0, (h, w), s, (0, oh), &mut got);
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
+                    "depthwise {c}x{h}x{w}/{s}"
+                );
+                for oy in 0..oh {
+                    let first = (oy * s).saturating_sub(1);
+                    let last = (oy * s + 1).min(h - 1);
+                    let src = &x[first * w * c..(last + 1) * w * c];
+                    let mut row = vec![f32::NAN; ow * c];
+                    d.run(src, first, (h, w), s, (oy, oy + 1), &mut row);
+                    assert!(
+                        row.iter()
+                            .zip(&want[oy * ow * c..])
+                            .all(|(a, b)| (a - b).abs() < 1e-5),
+                        "depthwise band {oy}"
+                    );
+                    let mut port = vec![f32::NAN; ow * c];
+                    let rs = |ky: usize| {
+                        (oy * s + ky)
+                            .checked_sub(1)
+                            .filter(|&y| y < h)
+                            .map(|y| &x[y * w * c..][..w * c])
+                    };
+                    // SAFETY: port holds the ow pixels.
+                    unsafe {
+                        d.row_portable([rs(0), rs(1), rs(2)], w, s, port.as_mut_ptr(), ow, (0, c))
+                    };
+                    assert!(
+                        port.iter()
+                            .zip(&want[oy * ow * c..])
+                            .all(|(a, b)| (a - b).abs() < 1e-5),
+                        "portable depthwise {oy}"
+                    );
+                }
+            }
+        }
+    }
+}
