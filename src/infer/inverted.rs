@@ -26,8 +26,10 @@ thread_local! {
 }
 
 /// Largest expanded tensor (floats) a block splits over the threads in phases rather than
-/// bands: 14x14 and 7x7 blocks at 224 (and 28x28 ones up to 160 channels).
-const PHASED_MAX: usize = 1 << 17;
+/// bands: the 7x7 blocks at 224, where two bands would recompute 2 of 7 rows' expansion.
+/// Larger blocks stay in bands: each phase is a hand-off between threads, and on a VM waking
+/// an idle one costs as much as the halo rows it saves.
+const PHASED_MAX: usize = 1 << 16;
 
 /// Expanded floats a band of a block computes at most: fewer, larger bands recompute fewer
 /// halo rows.
@@ -290,6 +292,16 @@ impl Strided3x3 {
                 // cols[p, c * 9 + ky * 3 + kx] = x[c, 2 oy + ky - 1, 2 ox + kx - 1] (0 outside).
                 for (oy, band) in (oy0..oy1).zip(cols.chunks_exact_mut(ow * k)) {
                     for (ox, px) in band.chunks_exact_mut(k).enumerate() {
+                        if oy >= 1 && 2 * oy + 1 < h && ox >= 1 && 2 * ox + 1 < w {
+                            // Interior: three runs of three pixels per channel.
+                            for c in 0..ic {
+                                for ky in 0..3 {
+                                    let at = c * h * w + (2 * oy + ky - 1) * w + 2 * ox - 1;
+                                    px[c * 9 + ky * 3..][..3].copy_from_slice(&x[at..at + 3]);
+                                }
+                            }
+                            continue;
+                        }
                         for c in 0..ic {
                             for ky in 0..3 {
                                 let Some(y) = (2 * oy + ky).checked_sub(1).filter(|&y| y < h)
