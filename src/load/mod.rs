@@ -10,7 +10,7 @@ pub mod compare;
 pub mod prom;
 mod report;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -278,32 +278,37 @@ fn random_tensors(size: usize, seed: u64, count: usize) -> Vec<Payload> {
         .collect()
 }
 
-/// Builds the request bodies for `models` (all must share one input size for tensors).
-fn payloads(shape: &LoadShape, models: &[ModelFacts]) -> Result<Vec<Payload>> {
+/// Builds the request bodies, one list per model in `models`' order: the same image files for
+/// every model, or random tensors at each model's own input size (a 224x224 teacher beside
+/// 256x256 students is compared side by side, each sent what it takes).
+fn payloads(shape: &LoadShape, models: &[ModelFacts]) -> Result<Vec<Vec<Payload>>> {
     match (&shape.images, shape.api) {
-        (Some(dir), Api::Classify) => image_files(dir)?
-            .iter()
-            .take(1000)
-            .map(|p| {
-                std::fs::read(p)
-                    .map(|b| Payload::Image(Bytes::from(b)))
-                    .with_context(|| format!("{}", p.display()))
-            })
-            .collect(),
+        (Some(dir), Api::Classify) => {
+            let images = image_files(dir)?
+                .iter()
+                .take(1000)
+                .map(|p| {
+                    std::fs::read(p)
+                        .map(|b| Payload::Image(Bytes::from(b)))
+                        .with_context(|| format!("{}", p.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(vec![images; models.len()])
+        }
         (Some(_), Api::Kserve) => {
             bail!("--images works with --api classify; KServe requests carry raw tensors")
         }
         (None, _) => {
-            let size = models[0].input_size;
-            if let Some(m) = models.iter().find(|m| m.input_size != size) {
-                bail!(
-                    "models `{}` ({size}x{size}) and `{}` ({s}x{s}) take different input sizes; load them separately",
-                    models[0].name,
-                    m.name,
-                    s = m.input_size
-                );
-            }
-            Ok(random_tensors(size, shape.seed, 4))
+            let mut by_size: HashMap<usize, Vec<Payload>> = HashMap::new();
+            Ok(models
+                .iter()
+                .map(|m| {
+                    by_size
+                        .entry(m.input_size)
+                        .or_insert_with(|| random_tensors(m.input_size, shape.seed, 4))
+                        .clone()
+                })
+                .collect())
         }
     }
 }
@@ -413,7 +418,7 @@ async fn drive(
     target: &Target,
     shape: &LoadShape,
     models: &Arc<Vec<ModelFacts>>,
-    payloads: &Arc<Vec<Payload>>,
+    payloads: &Arc<Vec<Vec<Payload>>>,
 ) -> Vec<Sample> {
     let next = Arc::new(AtomicU64::new(0));
     let start = tokio::time::Instant::now();
@@ -441,13 +446,15 @@ async fn drive(
                 if now >= stop_at {
                     break;
                 }
-                let model = &models[i as usize % models.len()];
-                let payload = &payloads[i as usize % payloads.len()];
-                // Never wait past the run's end: a hung server cannot keep the loop alive.
-                let budget = timeout.min(stop_at - now);
+                let m = i as usize % models.len();
+                let (model, list) = (&models[m], &payloads[m]);
+                let payload = &list[i as usize % list.len()];
+                // A request sent before the run's end is waited for (up to --timeout, so a hung
+                // server cannot keep the loop alive): cutting the in-flight ones off at the end
+                // would count up to --concurrency healthy requests as errors.
                 let sent = Instant::now();
                 let code = match tokio::time::timeout(
-                    budget,
+                    timeout,
                     send(api, channel.clone(), model, payload, timeout, i),
                 )
                 .await

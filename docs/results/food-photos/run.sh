@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped food models, from the pretrained checkpoint to the served comparison, resumable:
 #
-#   bash docs/results/food-photos/run.sh          # ~3 h on 2 cores; rerun after a kill to continue
+#   bash docs/results/food-photos/run.sh          # ~2.5 h on 2 cores; rerun after a kill to continue
 #   SLIMTRAIN=path/to/slimtrain RUNS=runs/food bash docs/results/food-photos/run.sh
 #
 # 1. data: the food photos (npm, 417 photos, 9 classes; split per class, seeded: 20% test,
