@@ -137,7 +137,8 @@ pub fn retain_freed_memory() -> bool {
 }
 
 /// Vector instruction set the CPU kernels run with: 2 = AVX-512, 1 = AVX2 + FMA, 0 = the
-/// build's baseline (detected once).
+/// build's baseline (detected once). `SLIMSERVE_SIMD=portable|avx2|avx512` caps it (to profile
+/// the AVX2 path on an AVX-512 machine, say); it never raises it past what the CPU has.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn simd_level() -> u8 {
     use std::sync::OnceLock;
@@ -150,7 +151,7 @@ pub(crate) fn simd_level() -> u8 {
         }
     }
     *LEVEL.get_or_init(|| {
-        if is_x86_feature_detected!("avx512f")
+        let detected = if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512dq")
@@ -162,8 +163,34 @@ pub(crate) fn simd_level() -> u8 {
             1
         } else {
             0
-        }
+        };
+        detected.min(simd_cap(std::env::var("SLIMSERVE_SIMD").ok().as_deref()))
     })
+}
+
+/// The level `SLIMSERVE_SIMD` allows (unset: no cap); an unknown value is reported once and
+/// ignored.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn simd_cap(var: Option<&str>) -> u8 {
+    match var.map(str::trim) {
+        None | Some("") => u8::MAX,
+        Some("portable") | Some("baseline") => 0,
+        Some("avx2") => 1,
+        Some("avx512") => 2,
+        Some(other) => {
+            eprintln!(
+                "slimserve: ignoring SLIMSERVE_SIMD={other:?} (expected portable, avx2 or avx512)"
+            );
+            u8::MAX
+        }
+    }
+}
+
+/// Off x86-64 the kernels are the portable ones (which the compiler vectorises for the target,
+/// e.g. NEON on aarch64).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn simd_level() -> u8 {
+    0
 }
 
 /// Defines a kernel function compiled three times (AVX-512, AVX2 + FMA, baseline) and
@@ -332,5 +359,19 @@ pub(crate) mod test_util {
             .fold(0f32, f32::max);
         let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
         diff / scale.max(1e-6)
+    }
+}
+
+#[cfg(test)]
+mod simd_cap_tests {
+    #[test]
+    fn slimserve_simd_caps_the_level() {
+        use super::simd_cap;
+        assert_eq!(simd_cap(None), u8::MAX);
+        assert_eq!(simd_cap(Some("")), u8::MAX);
+        assert_eq!(simd_cap(Some("portable")), 0);
+        assert_eq!(simd_cap(Some(" avx2 ")), 1);
+        assert_eq!(simd_cap(Some("avx512")), 2);
+        assert_eq!(simd_cap(Some("sse9")), u8::MAX);
     }
 }
