@@ -8,9 +8,16 @@
 #      a test image against each model, clean shutdown on SIGTERM.
 # Run from the repository root on a machine with an NVIDIA driver (H100/H200: sm_90):
 #   bash deploy/gpu-check.sh            # B=/path/to/build-cache to reuse the toolkit venv
+#   bash deploy/gpu-check.sh --build-only   # no GPU needed: build, link, check the stub with nm
 # Needs python3 (venv, pip), gcc, cargo and PyPI access for the first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BUILD_ONLY=0
+case "${1:-}" in
+  --build-only) BUILD_ONLY=1 ;;
+  "") ;;
+  *) echo "usage: bash deploy/gpu-check.sh [--build-only]" >&2; exit 2 ;;
+esac
 
 B=${B:-$PWD/target/gpu-check}
 MODELS=${MODELS:-models}
@@ -43,8 +50,10 @@ link_lib libnvrtc.so 'libnvrtc.so.13*'
 link_lib libcurand.so 'libcurand.so.10*'
 # One dummy function per cu* symbol in cuda.h: enough to link; the driver's libcuda.so.1
 # provides the real ones at run time. Never put this directory on LD_LIBRARY_PATH.
-grep -ohE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' "$CUDA_HOME/include/cuda.h" \
-  | sed -E 's/[[:space:]]*\($//' | sort -u | sed 's/.*/void &(void) {}/' > "$B/libcuda_stub.c"
+# The names declared with `(`, plus what cuda.h maps them to with `#define cuX cuX_v2` (the
+# symbols a binary built against cuda.h actually references: cuCtxDestroy_v2, ...).
+bash deploy/cuda-stub-symbols.sh "$CUDA_HOME/include/cuda.h" \
+  | sed 's/.*/void &(void) {}/' > "$B/libcuda_stub.c"
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CUDA_HOME/lib/stubs/libcuda.so" "$B/libcuda_stub.c"
 
 export CUDA_HOME PATH=$CUDA_HOME/bin:$PATH CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
@@ -54,9 +63,26 @@ nvcc --version | tail -2
 echo "== cargo build --release --features cuda (first build: ~10 min, nvcc compiles candle's kernels)"
 cargo build --release --features cuda --bin slimserve --example gpu_check
 
+BIN=${CARGO_TARGET_DIR:-target}/release
+echo "== every driver symbol the binaries reference is in the stub libcuda (nm)"
+stub_syms=$(nm -D --defined-only "$CUDA_HOME/lib/stubs/libcuda.so" | awk '{ print $NF }' | sort -u)
+for bin in "$BIN/slimserve" "$BIN/examples/gpu_check"; do
+  missing=$(nm -D --undefined-only "$bin" | awk '{ print $NF }' | sed 's/@.*//' | grep -E '^cu[A-Z]' \
+    | sort -u | comm -23 - <(echo "$stub_syms") || true)
+  if [ -n "$missing" ]; then
+    echo "gpu-check: $bin references driver symbols the stub lacks:" >&2
+    echo "$missing" >&2
+    exit 1
+  fi
+  echo "$bin: $(nm -D --undefined-only "$bin" | grep -cE ' cu[A-Z]' || true) driver symbols, all in the stub"
+done
+if [ "$BUILD_ONLY" = 1 ]; then
+  echo "gpu-check: --build-only: built and linked, stub checked"
+  exit 0
+fi
+
 # Run time: the driver's libcuda.so.1 from the system, the rest from the wheels.
 export LD_LIBRARY_PATH=$N/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-BIN=${CARGO_TARGET_DIR:-target}/release
 if ldd "$BIN/slimserve" | grep "not found"; then
   echo "gpu-check: unresolved libraries above (is the NVIDIA driver installed?)" >&2
   exit 1
