@@ -197,8 +197,10 @@ impl Pipeline {
             let Some(shadow) = models.shadow(&source) else {
                 return;
             };
-            if let Ok(target) = models.get(&shadow.target) {
-                shadow.compare(target, input, logits).await;
+            if let (Ok(source), Ok(target)) = (models.get(&source), models.get(&shadow.target)) {
+                shadow
+                    .compare(target, input, source.input_size(), logits)
+                    .await;
             }
         });
     }

@@ -296,17 +296,6 @@ fn shadows(
                 source.name, existing.target
             )));
         }
-        if source.input_size() != target.input_size() {
-            return Err(fail(format!(
-                "`{}` takes {}x{} inputs but `{}` takes {}x{}",
-                source.name,
-                source.input_size(),
-                source.input_size(),
-                target.name,
-                target.input_size(),
-                target.input_size()
-            )));
-        }
         if source.config.labels != target.config.labels {
             return Err(fail(format!(
                 "`{}` and `{}` have different labels, so their answers cannot be compared",

@@ -33,14 +33,23 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// `input_size` of the shipped `models/NAME/config.json` (loadtest/prepare.py sizes the KServe
+/// bodies from it).
+fn shipped_input_size(name: &str) -> usize {
+    let path = root().join("models").join(name).join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let config: serde_json::Value = serde_json::from_str(&text).unwrap();
+    config["input_size"].as_u64().expect("input_size") as usize
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadtest_and_deploy_files_check_against_the_live_server() {
     let python = python("yaml, grpc_tools, kubernetes_validate");
-    // The shipped models' names and input size, as loadtest/ and the dashboard assume; every
-    // kd-q8 input is mirrored to big so the shadow series exist.
+    // The shipped models' names and input sizes (read from models/), as loadtest/ and the
+    // dashboard assume; every kd-q8 input is mirrored to big so the shadow series exist.
     let s = TestServer::start(&[], |c| {
         for name in ["big", "kd", "kd-q8"] {
-            make_model_sized(&c.models, name, 256);
+            make_model_sized(&c.models, name, shipped_input_size(name));
         }
         c.shadow = vec!["kd-q8=big:1".parse().unwrap()];
     })
