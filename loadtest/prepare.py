@@ -8,8 +8,8 @@ Photos cannot be committed (the food photos are AGPL), so the bodies are made at
   infer-<model>.json     inference.GRPCInferenceService/ModelInfer: one FP32 NCHW tensor
                          [1, 3, S, S] named `input` in raw_input_contents (base64), values in
                          [0, 1], S from models/<model>/config.json (input_size, else 256);
-  perf_analyzer-input.json  the same tensor for Triton's perf_analyzer (--input-data): only the
-                         `input` tensor, base64, batch 1 (the model's `image` input is left out).
+  perf_analyzer-input-<model>.json  the same tensor for Triton's perf_analyzer (--input-data):
+                         only the `input` tensor, base64, batch 1, at that model's size.
 
 The tensor is a fixed synthetic pattern, not the decoded photo: decoding JPEG needs more than
 the standard library, and compute cost does not depend on pixel values.
@@ -98,11 +98,11 @@ def prepare(image_path, out_dir, models_dir=ROOT / "models", models=MODELS):
             path = out_dir / name
             path.write_text(json.dumps(body) + "\n")
             written.append(path)
-    if tensors:
-        # perf_analyzer names inputs, not models; every model here has the same input size.
-        s, raw = next(iter(tensors.items()))
-        path = out_dir / "perf_analyzer-input.json"
-        body = {"data": [{"input": {"content": {"b64": base64.b64encode(raw).decode("ascii")},
+    for model in models:
+        # perf_analyzer names inputs, not models: one file per model, at its input size.
+        s = input_size(Path(models_dir), model)
+        path = out_dir / f"perf_analyzer-input-{model}.json"
+        body = {"data": [{"input": {"content": {"b64": base64.b64encode(tensors[s]).decode("ascii")},
                                     "shape": [3, s, s]}}]}
         path.write_text(json.dumps(body) + "\n")
         written.append(path)
