@@ -59,6 +59,20 @@ fn bands(oh: usize, rows: usize, split: bool) -> Vec<(usize, usize, usize, usize
         .collect()
 }
 
+/// Tasks of whole weight panels (`(0, 0, p0, p1)`), one per thread when `split`, else one.
+fn panel_tasks(panels: usize, split: bool) -> Vec<(usize, usize, usize, usize)> {
+    let per = if split {
+        panels.div_ceil(rayon::current_num_threads())
+    } else {
+        panels
+    }
+    .max(1);
+    (0..panels)
+        .step_by(per)
+        .map(|p0| (0, 0, p0, (p0 + per).min(panels)))
+        .collect()
+}
+
 /// Rows `r0..r1` of a `[rows, width]` output as this band's own slice.
 ///
 /// # Safety
@@ -128,22 +142,28 @@ impl Inverted {
     /// `x` is `[h * w, ic]`; `out` receives `[oh * ow, oc]`. `split` spreads the bands of
     /// output rows over the thread pool.
     pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
-        let (s, hid, oc) = (self.stride, self.hid, self.oc);
-        let (oh, ow) = (out_size(h, s), out_size(w, s));
+        if split && self.expand.is_some() && self.hid * h * w <= PHASED_MAX {
+            self.run_phased(x, (h, w), out);
+        } else {
+            self.run_bands(x, (h, w), out, split);
+        }
+    }
+
+    /// The output side for `(h, w)` inputs, after checking that `x` and `out` hold the
+    /// block's input and output.
+    fn check(&self, x: &[f32], (h, w): (usize, usize), out: &[f32]) -> (usize, usize) {
+        let (oh, ow) = (out_size(h, self.stride), out_size(w, self.stride));
         assert!(
             x.len() >= self.ic * h * w,
             "input smaller than {h}x{w}x{}",
             self.ic
         );
         assert!(
-            out.len() >= oc * oh * ow,
-            "output smaller than {oh}x{ow}x{oc}"
+            out.len() >= self.oc * oh * ow,
+            "output smaller than {oh}x{ow}x{}",
+            self.oc
         );
-        if split && self.expand.is_some() && hid * h * w <= PHASED_MAX {
-            self.run_phased(x, (h, w), out);
-        } else {
-            self.run_bands(x, (h, w), out, split);
-        }
+        (oh, ow)
     }
 
     /// [`Self::run`] in bands of output rows, spread over the pool when `split`.
@@ -155,8 +175,7 @@ impl Inverted {
         split: bool,
     ) {
         let (s, hid, oc) = (self.stride, self.hid, self.oc);
-        let (oh, ow) = (out_size(h, s), out_size(w, s));
-        assert!(x.len() >= self.ic * h * w && out.len() >= oc * oh * ow);
+        let (oh, ow) = self.check(x, (h, w), out);
         // Expanded floats per output row; a band's buffers stay within about 512 KiB (L2).
         let tasks = bands(oh, BAND_FLOATS / (hid * w * s).max(1), split);
         let outp = OutPtr(out.as_mut_ptr());
@@ -172,24 +191,15 @@ impl Inverted {
     /// split by panels again. Bands would recompute a third of the expansion at 7x7.
     pub(super) fn run_phased(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32]) {
         let (s, ic, hid, oc) = (self.stride, self.ic, self.hid, self.oc);
-        let (oh, ow) = (out_size(h, s), out_size(w, s));
-        assert!(x.len() >= ic * h * w && out.len() >= oc * oh * ow);
+        let (oh, ow) = self.check(x, (h, w), out);
         let e = self.expand.as_ref().expect("phased blocks expand");
         // Taken for the call, not borrowed: while this thread waits in a join, rayon may run
         // another image's block on it, which then allocates buffers of its own.
         let (mut hidden, mut depth) = PHASED.with(|b| std::mem::take(&mut *b.borrow_mut()));
         hidden.resize(h * w * hid, 0.0);
         depth.resize(oh * ow * hid, 0.0);
-        let threads = rayon::current_num_threads();
-        let by_panels = |n: usize| -> Vec<(usize, usize, usize, usize)> {
-            let per = n.div_ceil(threads).max(1);
-            (0..n)
-                .step_by(per)
-                .map(|p0| (0, 0, p0, (p0 + per).min(n)))
-                .collect()
-        };
         let hp = OutPtr(hidden.as_mut_ptr());
-        for_tasks(&by_panels(e.panels()), true, |_, panels| {
+        for_tasks(&panel_tasks(e.panels(), true), true, |_, panels| {
             // SAFETY: hidden holds h * w rows of hid; the tasks' panels are disjoint columns.
             unsafe { e.run_panels(x, ic, h * w, hp.add(0), hid, None, Act::Relu6, panels) }
         });
@@ -201,7 +211,7 @@ impl Inverted {
         });
         let op = OutPtr(out.as_mut_ptr());
         let add = self.residual.then(|| &x[..h * w * ic]);
-        for_tasks(&by_panels(self.proj.panels()), true, |_, panels| {
+        for_tasks(&panel_tasks(self.proj.panels(), true), true, |_, panels| {
             // SAFETY: out holds oh * ow rows of oc (checked by run); disjoint panels.
             unsafe {
                 self.proj
@@ -356,16 +366,7 @@ impl Pointwise {
         assert!(x.len() >= ic * n && out.len() >= oc * n);
         // Split by output-channel panels: each thread reads its share of the weights (1.6 MB
         // at 320 -> 1280, more than the image) once.
-        let panels = self.gemm.panels();
-        let per = if split {
-            panels.div_ceil(rayon::current_num_threads())
-        } else {
-            panels
-        };
-        let tasks: Vec<_> = (0..panels)
-            .step_by(per.max(1))
-            .map(|p0| (0, 0, p0, (p0 + per).min(panels)))
-            .collect();
+        let tasks = panel_tasks(self.gemm.panels(), split);
         let outp = OutPtr(out.as_mut_ptr());
         for_tasks(&tasks, split, |_, panels| {
             // SAFETY: out holds n rows of oc (checked above); the tasks' panels are disjoint
