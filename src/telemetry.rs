@@ -9,7 +9,7 @@
 //! [`ModelStats`] keeps the cumulative counters KServe's ModelStatistics reports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{
@@ -167,6 +167,8 @@ fn describe() {
 #[derive(Debug, Clone)]
 pub struct ModelInfoLabels {
     pub version: String,
+    /// Content hash of the weight file.
+    pub digest: String,
     pub architecture: String,
     pub format: String,
     pub parameters: u64,
@@ -225,6 +227,7 @@ impl ModelMetrics {
             MODEL_INFO,
             "model" => self.model.clone(),
             "version" => info.version.clone(),
+            "digest" => info.digest.clone(),
             "architecture" => info.architecture.clone(),
             "format" => info.format.clone(),
             "parameters" => info.parameters.to_string(),
@@ -302,7 +305,8 @@ pub struct ModelStats {
     pub success: DurationStat,
     pub fail: DurationStat,
     pub queue: DurationStat,
-    pub compute_infer: DurationStat,
+    /// compute_input / compute_infer / compute_output, under one lock.
+    compute: Mutex<ComputeTotals>,
     /// Inputs computed.
     pub inference_count: AtomicU64,
     /// Batches executed.
@@ -311,16 +315,52 @@ pub struct ModelStats {
     pub last_inference_ms: AtomicU64,
 }
 
+/// KServe's three compute stages, summed per input (each input of a batch is charged the
+/// batch's time, as Triton does). Kept together because clients compare their counts:
+/// perf_analyzer aborts when compute_input, compute_infer and compute_output counts differ, which
+/// separately updated counters would show to a reader that lands between two updates.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ComputeTotals {
+    pub count: u64,
+    /// Writing the inputs into the batch buffer (on a GPU: the upload).
+    pub input_ns: u64,
+    /// The forward pass.
+    pub infer_ns: u64,
+    /// Splitting the batch's logits into the answers.
+    pub output_ns: u64,
+}
+
+/// The time of each compute stage of one batch.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchTimes {
+    pub input: Duration,
+    pub infer: Duration,
+    pub output: Duration,
+}
+
 impl ModelStats {
-    pub fn record_batch(&self, inputs: usize, compute: Duration) {
+    pub fn record_batch(&self, inputs: usize, times: BatchTimes) {
         self.execution_count.fetch_add(1, Ordering::Relaxed);
         self.inference_count
             .fetch_add(inputs as u64, Ordering::Relaxed);
-        self.compute_infer.add(inputs as u64, compute);
+        let n = inputs as u64;
+        let ns = |d: Duration| d.as_nanos() as u64 * n;
+        {
+            let mut c = self.compute.lock().unwrap_or_else(|e| e.into_inner());
+            c.count += n;
+            c.input_ns += ns(times.input);
+            c.infer_ns += ns(times.infer);
+            c.output_ns += ns(times.output);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
         self.last_inference_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// A consistent snapshot of the compute stages.
+    pub fn compute(&self) -> ComputeTotals {
+        *self.compute.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

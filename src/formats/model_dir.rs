@@ -172,7 +172,9 @@ pub struct LoadedModel {
     /// Size of the weight file as stored (what quantization saves).
     pub file_bytes: u64,
     /// Content hash of the weight file (FNV-1a 64, hex): changes whenever the weights do.
-    pub version: String,
+    /// Not the served version: that is a positive integer, as Triton's clients expect
+    /// (a flat model directory is version 1).
+    pub digest: String,
 }
 
 impl LoadedModel {
@@ -253,7 +255,7 @@ pub fn read(dir: &Path) -> Result<LoadedModel, ModelDirError> {
         config,
         tensors,
         file_bytes: bytes.len() as u64,
-        version: format!("{:016x}", crate::fnv1a64(&bytes)),
+        digest: format!("{:016x}", crate::fnv1a64(&bytes)),
     })
 }
 

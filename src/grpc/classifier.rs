@@ -304,6 +304,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
                 pb::ModelInfo {
                     name: m.name.clone(),
                     version: m.version.clone(),
+                    weights_digest: m.digest.clone(),
                     architecture: m.config.spec.arch.to_string(),
                     parameters: m.parameters,
                     file_bytes: m.file_bytes,

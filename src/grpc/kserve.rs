@@ -371,6 +371,8 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
             .into_iter()
             .map(|m| {
                 let st = &m.stats;
+                let c = st.compute();
+                let stage = |ns: u64| Some(pb::StatisticDuration { count: c.count, ns });
                 pb::ModelStatistics {
                     name: m.name.clone(),
                     version: m.version.clone(),
@@ -381,9 +383,9 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
                         success: duration(&st.success),
                         fail: duration(&st.fail),
                         queue: duration(&st.queue),
-                        compute_input: Some(pb::StatisticDuration::default()),
-                        compute_infer: duration(&st.compute_infer),
-                        compute_output: Some(pb::StatisticDuration::default()),
+                        compute_input: stage(c.input_ns),
+                        compute_infer: stage(c.infer_ns),
+                        compute_output: stage(c.output_ns),
                     }),
                     batch_stats: Vec::new(),
                 }

@@ -15,12 +15,19 @@ use crate::formats::model_dir::{self, ModelConfig, ModelDirError};
 use crate::scheduler::{BatcherConfig, ModelQueue, Scheduler};
 use crate::telemetry::{ModelInfoLabels, ModelMetrics, ModelStats};
 
+/// The version a flat model directory is served as (Triton's layout numbers versions from 1).
+pub const FLAT_VERSION: &str = "1";
+
 /// One model as the APIs see it.
 #[derive(Debug)]
 pub struct ServedModel {
     pub name: String,
-    /// Content hash of the weight file: changes whenever the weights do.
+    /// The served version: a positive integer in decimal, as Triton's clients (perf_analyzer
+    /// parses it as a number) and the KServe v2 protocol expect. A flat model directory
+    /// (`models/NAME/config.json`) is version 1.
     pub version: String,
+    /// Content hash of the weight file (FNV-1a 64, hex): changes whenever the weights do.
+    pub digest: String,
     pub config: ModelConfig,
     pub parameters: u64,
     pub file_bytes: u64,
@@ -230,7 +237,8 @@ fn load_one(
     let metrics = ModelMetrics::new(&name);
     let engine = backend.engine();
     metrics.set_info(&ModelInfoLabels {
-        version: model.version.clone(),
+        version: FLAT_VERSION.to_string(),
+        digest: model.digest.clone(),
         architecture: model.config.spec.arch.to_string(),
         format: model.config.weights.format.to_string(),
         parameters: model.param_count() as u64,
@@ -247,17 +255,18 @@ fn load_one(
         stats.clone(),
     );
     tracing::info!(
-        "model {name}: {} {s}x{s}, {} params, {} weights ({} bytes), version {}, {engine} engine, warm-up {:.1} ms",
+        "model {name}: {} {s}x{s}, {} params, {} weights ({} bytes), version {FLAT_VERSION} (digest {}), {engine} engine, warm-up {:.1} ms",
         model.config.spec.arch,
         model.param_count(),
         model.config.weights.format,
         model.file_bytes,
-        model.version,
+        model.digest,
         warm.as_secs_f64() * 1e3
     );
     Ok(ServedModel {
         name,
-        version: model.version.clone(),
+        version: FLAT_VERSION.to_string(),
+        digest: model.digest.clone(),
         parameters: model.param_count() as u64,
         file_bytes: model.file_bytes,
         macs,

@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{Backend, BatchOutput};
 use crate::error::Error;
-use crate::telemetry::{ModelMetrics, ModelStats};
+use crate::telemetry::{BatchTimes, ModelMetrics, ModelStats};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatcherConfig {
@@ -452,10 +452,21 @@ fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay
         }) => {
             metrics.batch_upload.record(upload.as_secs_f64());
             metrics.batch_compute.record(forward.as_secs_f64());
-            stats.record_batch(n, compute);
+            let split = Instant::now();
             let classes = batch.backend.num_classes();
-            for (i, entry) in batch.entries.into_iter().enumerate() {
-                let logits = logits[i * classes..(i + 1) * classes].to_vec();
+            let answers: Vec<Vec<f32>> =
+                logits.chunks_exact(classes).map(<[f32]>::to_vec).collect();
+            // Recorded before any answer is sent: a client that reads the statistics after its
+            // answer sees its own request counted.
+            stats.record_batch(
+                n,
+                BatchTimes {
+                    input: upload,
+                    infer: forward,
+                    output: split.elapsed(),
+                },
+            );
+            for (entry, logits) in batch.entries.into_iter().zip(answers) {
                 let _ = entry.reply.send(Ok(Inference {
                     logits,
                     queue: started - entry.enqueued_at,

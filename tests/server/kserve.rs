@@ -257,6 +257,14 @@ async fn model_infer_both_input_forms_match_the_own_api() {
             .count,
         6
     );
+    // Every compute stage counts every computed input: perf_analyzer aborts when the three
+    // counts differ, and reports their times as the server's compute input / infer / output.
+    let is = st.inference_stats.as_ref().unwrap();
+    for stage in [&is.compute_input, &is.compute_infer, &is.compute_output] {
+        let stage = stage.as_ref().unwrap();
+        assert_eq!(stage.count, st.inference_count, "{is:?}");
+    }
+    assert!(is.compute_infer.as_ref().unwrap().ns > 0, "{is:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

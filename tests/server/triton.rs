@@ -32,6 +32,8 @@ async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["model"], M);
     assert_eq!(answer["inference_count"], 2);
+    // Numeric versions: perf_analyzer parses the version as an integer and aborts otherwise.
+    assert_eq!(answer["versions"], serde_json::json!(["1"]));
     let py: Vec<Vec<f32>> = serde_json::from_value(answer["logits"].clone()).unwrap();
 
     let (v, _) = f32_input(2, SEED);
