@@ -365,28 +365,38 @@ impl FastModel {
     }
 
     /// Milliseconds per layer for one image (`split`: each layer spread over the thread pool,
-    /// as batch 1 runs), best of `repeats`; for profiles in benchmarks.
+    /// as batch 1 runs), the median of `repeats`, then a last row `whole image`: the median
+    /// time of the image run untimed (what the layers' sum misses: the hand-offs between
+    /// layers and the timer itself); for profiles in benchmarks.
     pub fn profile(&self, x: &[f32], split: bool, repeats: usize) -> Vec<(String, f64)> {
-        let mut best: Vec<(String, f64)> = Vec::new();
         // Warm-up: caches, page faults, the thread pool and the clock speed settle first (a
         // cold profile reads up to 30% slower than the steady state).
+        let mut logits = vec![0f32; self.spec.num_classes];
         let warm = std::time::Instant::now();
         while warm.elapsed().as_secs_f64() < 0.5 {
-            let mut logits = vec![0f32; self.spec.num_classes];
             self.run(x, &mut logits, split, false);
         }
-        for _ in 0..repeats.max(1) {
-            let mut logits = vec![0f32; self.spec.num_classes];
-            let times = self.run(x, &mut logits, split, true);
-            if best.is_empty() {
-                best = times;
-            } else {
-                for (b, t) in best.iter_mut().zip(times) {
-                    b.1 = b.1.min(t.1);
-                }
-            }
+        let repeats = repeats.max(1);
+        let mut runs: Vec<Vec<(String, f64)>> = Vec::with_capacity(repeats);
+        let mut whole = Vec::with_capacity(repeats);
+        for _ in 0..repeats {
+            runs.push(self.run(x, &mut logits, split, true));
+            let t = std::time::Instant::now();
+            self.run(x, &mut logits, split, false);
+            whole.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        best
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let mut out: Vec<(String, f64)> = (0..runs[0].len())
+            .map(|i| {
+                let name = runs[0][i].0.clone();
+                (name, median(runs.iter().map(|r| r[i].1).collect()))
+            })
+            .collect();
+        out.push(("whole image".into(), median(whole)));
+        out
     }
 
     /// One image through every layer; `split` spreads each layer over the thread pool.
