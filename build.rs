@@ -22,6 +22,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=build.rs");
 
+    // `x86_simd`: the x86-64 kernels (AVX2, AVX-512) and their run-time detection are compiled.
+    // Every use of x86 intrinsics sits behind it, so the `portable` feature builds on x86-64
+    // exactly what an aarch64 (or any non-x86) target gets, and CI tests that configuration.
+    println!("cargo::rustc-check-cfg=cfg(x86_simd)");
+    let x86 = std::env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
+    if x86 && std::env::var_os("CARGO_FEATURE_PORTABLE").is_none() {
+        println!("cargo::rustc-cfg=x86_simd");
+    }
+
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     prost_build::Config::new()
         .protoc_executable(&protoc)

@@ -226,7 +226,7 @@ pub fn conv3x3(
 ) {
     let k = ic * 9;
     let out = OutPtr(out.as_mut_ptr());
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(x86_simd)]
     if ic <= direct::MAX_INPUT_CHANNELS && crate::ops::simd_level() == 2 {
         let work = tasks(&bands(h, w, pool, 4096), oc, split);
         for_tasks(&work, split, |rows, (o0, o1)| {
@@ -307,7 +307,7 @@ pub(super) fn depthwise_rows(
 /// Direct 3x3 convolution for the RGB input layer (AVX-512): an im2col reduction of only
 /// `9 * ic` is too short for a GEMM to run well, so each 8-channel x 16-pixel output tile
 /// accumulates in eight registers over all taps, one load and eight FMAs per tap.
-#[cfg(target_arch = "x86_64")]
+#[cfg(x86_simd)]
 mod direct {
     use std::arch::x86_64::*;
     use std::cell::RefCell;

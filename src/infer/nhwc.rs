@@ -19,18 +19,13 @@ use super::kernels::Act;
 /// Output channels per packed weight panel (two AVX2 registers).
 pub const NR: usize = 16;
 /// Pixels per register tile of the AVX2 GEMM (6 x 2 accumulators + 2 weights + 1 broadcast).
+#[cfg(x86_simd)]
 const MR: usize = 6;
 
 /// Whether the AVX2+FMA kernels run on this CPU.
+#[cfg(x86_simd)]
 fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::ops::simd_level() >= 1
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::ops::simd_level() >= 1
 }
 
 /// Floats aligned to 64 bytes: `Vec` with `off` leading floats skipped.
@@ -172,7 +167,7 @@ impl Gemm1x1 {
         if let Some(a) = add {
             assert!(a.len() >= (n - 1) * ldo + oc, "residual rows");
         }
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(x86_simd)]
         if avx2() {
             // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above, out is the
             // caller's.
@@ -313,7 +308,7 @@ impl Depthwise {
             let rows = [row(0), row(1), row(2)];
             // SAFETY: output row oy - oy0 of the caller's rows.
             let out = unsafe { dst.add((oy - oy0) * ow * c) };
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(x86_simd)]
             if avx2() {
                 // SAFETY: the CPU has AVX2 and FMA; every row is w * c floats (sliced above),
                 // out ow rows of c floats, channels checked.
@@ -360,7 +355,7 @@ impl Depthwise {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(x86_simd)]
 mod avx2 {
     use std::arch::x86_64::*;
 
@@ -713,7 +708,15 @@ mod tests {
     /// every panel width, strided rows, the residual add and each activation.
     #[test]
     fn kernels_match_reference() {
-        eprintln!("nhwc kernels: avx2 {}", avx2());
+        use crate::ops::test_util::report;
+        #[cfg(x86_simd)]
+        report(if avx2() {
+            "nhwc kernels: tested AVX2+FMA and portable"
+        } else {
+            "nhwc kernels: tested portable; AVX2 NOT tested: this CPU lacks AVX2+FMA"
+        });
+        #[cfg(not(x86_simd))]
+        report("nhwc kernels: tested portable; AVX2 NOT tested: built without x86 kernels");
         let mut rng = StdRng::seed_from_u64(3);
         for (ic, oc, n) in [
             (1, 1, 1),

@@ -24,11 +24,12 @@ pub fn pack(w: &[f32], oc: usize, ic: usize) -> Vec<f32> {
 }
 
 /// Floats of one packed `[oc, ic]` matrix.
+#[cfg(x86_simd)]
 pub fn packed_len(oc: usize, ic: usize) -> usize {
     oc.div_ceil(MR) * MR * ic
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(x86_simd)]
 pub mod avx512 {
     use std::arch::x86_64::*;
 

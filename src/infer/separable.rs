@@ -14,7 +14,9 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 
 use super::kernels::{depthwise_rows, epilogue, for_tasks, plane_offset, Act, OutPtr};
-use super::packed::{self, pack, MR};
+#[cfg(x86_simd)]
+use super::packed;
+use super::packed::{pack, MR};
 
 thread_local! {
     /// The band's depthwise result, `[ic, rows * w]`.
@@ -32,7 +34,8 @@ pub struct Separable {
     dw_b: Vec<f32>,
     /// Pointwise weights `[oc, ic]`.
     pw_w: Vec<f32>,
-    /// The same, as `[oc / MR, ic, MR]` (zero rows pad the last tile).
+    /// The same, as `[oc / MR, ic, MR]` (zero rows pad the last tile), for the AVX-512 GEMM.
+    #[cfg_attr(not(x86_simd), allow(dead_code))]
     packed: Vec<f32>,
     /// Pointwise bias, zero-padded to whole tiles.
     pw_b: Vec<f32>,
@@ -101,7 +104,7 @@ impl Separable {
                 dw.resize(ic * n, 0.0);
                 self.depthwise(x, (h, w), (y0, y1), &mut dw, avx);
                 if pool && avx {
-                    #[cfg(target_arch = "x86_64")]
+                    #[cfg(x86_simd)]
                     // SAFETY: AVX-512F checked by the caller; dw is [ic, n]; the band's pooled
                     // rows y0/2.. of every output plane are written by this band only.
                     unsafe {
@@ -149,7 +152,7 @@ impl Separable {
         avx: bool,
     ) {
         let (plane, n) = (h * w, (y1 - y0) * w);
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(x86_simd)]
         if avx {
             // SAFETY: the caller checked AVX-512F; x holds ic planes of h x w, dst ic x n.
             unsafe { avx512::depthwise(x, (self.ic, h, w), (y0, y1), &self.dw_w, &self.dw_b, dst) };
@@ -174,7 +177,7 @@ impl Separable {
     /// `c[o, p] = sum_i w[o, i] * dw[i, p]` (+ bias when `bias`), `c` with row stride `ldc`.
     fn pointwise(&self, dw: &[f32], n: usize, c: *mut f32, ldc: usize, bias: bool, avx: bool) {
         let (ic, oc) = (self.ic, self.oc);
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(x86_simd)]
         if avx {
             let b = bias.then_some(&self.pw_b[..]);
             // SAFETY: AVX-512F checked by the caller; dw is [ic, n]; c addresses oc rows of
@@ -220,7 +223,7 @@ impl Separable {
 
 /// Whether this CPU runs the AVX-512 kernels.
 pub(super) fn avx512() -> bool {
-    cfg!(target_arch = "x86_64") && crate::ops::simd_level() == 2
+    cfg!(x86_simd) && crate::ops::simd_level() == 2
 }
 
 /// Bands of rows for one block: the band's depthwise and pointwise buffers (`channels` floats
@@ -234,7 +237,7 @@ fn bands(h: usize, w: usize, channels: usize, pool: bool, split: bool) -> Vec<(u
     super::kernels::bands(h, w, pool, target)
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(x86_simd)]
 mod avx512 {
     use std::arch::x86_64::*;
 

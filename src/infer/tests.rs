@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use super::kernels::{conv3x3, Act};
 use super::separable::{avx512, Separable};
 use super::{winograd, FastModel};
+use crate::ops::test_util::each_simd_level;
 use crate::zoo::{Arch, Model, ModelSpec};
 
 fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -32,34 +33,56 @@ fn check_model(arch: Arch, size: usize, batches: &[usize]) {
     check_model_within(arch, size, batches, 1e-4);
 }
 
+/// Says whether a kernel test ran its AVX-512 form (never a silent skip).
+fn report_avx512(what: &str) {
+    crate::ops::test_util::report(&if avx512() {
+        format!("{what}: tested AVX-512 and portable")
+    } else if cfg!(x86_simd) {
+        format!("{what}: tested portable; AVX-512 NOT tested: this CPU lacks it")
+    } else {
+        format!("{what}: tested portable; AVX-512 NOT tested: built without x86 kernels")
+    });
+}
+
+/// candle's eval forward is the reference; the fused engine runs every instruction-set level
+/// the CPU has, forced in turn (it picks its kernels per call, so one compiled model runs each).
 fn check_model_within(arch: Arch, size: usize, batches: &[usize], tolerance: f32) {
     let m = model(arch, size, 7);
     let fast = FastModel::compile(&m).unwrap();
     let mut rng = StdRng::seed_from_u64(11);
-    for &n in batches {
-        let x = rand_vec(&mut rng, n * 3 * size * size, 1.0);
-        let xt = Tensor::from_vec(x.clone(), (n, 3, size, size), &Device::Cpu).unwrap();
-        let want: Vec<f32> = m
-            .forward_t(&xt, false)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let got = fast.forward(&x, n);
-        let rel = max_rel(&got, &want);
-        assert!(
-            rel < tolerance,
-            "{arch} {size}x{size} batch {n}: relative error {rel:e}"
-        );
-        // The logits depend on the input: a broken body cannot hide behind the fc bias.
-        if n > 1 {
-            let spread = max_rel(&got[..7], &got[7..14]);
-            assert!(spread > 1e-3, "{arch}: logits do not depend on the input");
+    let cases: Vec<(usize, Vec<f32>, Vec<f32>)> = batches
+        .iter()
+        .map(|&n| {
+            let x = rand_vec(&mut rng, n * 3 * size * size, 1.0);
+            let xt = Tensor::from_vec(x.clone(), (n, 3, size, size), &Device::Cpu).unwrap();
+            let want: Vec<f32> = m
+                .forward_t(&xt, false)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (n, x, want)
+        })
+        .collect();
+    each_simd_level(&format!("engine {arch} {size}x{size}"), |level| {
+        for (n, x, want) in &cases {
+            let n = *n;
+            let got = fast.forward(x, n);
+            let rel = max_rel(&got, want);
+            assert!(
+                rel < tolerance,
+                "{arch} {size}x{size} batch {n} (SIMD level {level}): relative error {rel:e}"
+            );
+            // The logits depend on the input: a broken body cannot hide behind the fc bias.
+            if n > 1 {
+                let spread = max_rel(&got[..7], &got[7..14]);
+                assert!(spread > 1e-3, "{arch}: logits do not depend on the input");
+            }
         }
-    }
+    });
 }
 
 #[test]
@@ -327,6 +350,7 @@ fn conv3x3_kernel_matches_candle() {
 fn separable_kernel_matches_candle() {
     let mut rng = StdRng::seed_from_u64(4);
     let kernels: &[bool] = if avx512() { &[true, false] } else { &[false] };
+    report_avx512("separable kernels");
     for (ic, h, w) in SHAPES.into_iter().chain([(16, 16, 16), (40, 17, 33)]) {
         for (oc, pool) in [(8, false), (5, true), (300, false), (19, true)] {
             if pool && h < 2 {
@@ -375,6 +399,7 @@ fn separable_kernel_matches_candle() {
 
 #[test]
 fn winograd_kernel_matches_candle() {
+    report_avx512("winograd kernels");
     let mut rng = StdRng::seed_from_u64(6);
     for (ic, h, w) in SHAPES
         .into_iter()

@@ -14,7 +14,9 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 
 use super::kernels::{for_tasks, plane_offset, tasks, Act, OutPtr};
-use super::packed::{self, packed_len, MR};
+use super::packed;
+#[cfg(x86_simd)]
+use super::packed::{packed_len, MR};
 use crate::ops::conv2d::matmul;
 use crate::ops::multiversion;
 
@@ -23,6 +25,7 @@ use crate::ops::multiversion;
 #[derive(Debug, Clone)]
 pub struct Weights {
     pub u: Vec<f32>,
+    #[cfg_attr(not(x86_simd), allow(dead_code))]
     pub packed: Vec<f32>,
 }
 
@@ -205,7 +208,7 @@ fn transform_input(
     (v, rows): (&mut [f32], &mut Vec<f32>),
     avx: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(x86_simd)]
     if avx {
         // SAFETY: AVX-512F checked by the caller.
         unsafe { avx512::input_transform(x, shape, tiles, v, rows) };
@@ -225,7 +228,7 @@ fn transform_output(
     out: OutPtr,
     avx: bool,
 ) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(x86_simd)]
     if avx {
         // SAFETY: AVX-512F checked by the caller; see above for `out`.
         unsafe { avx512::output_transform(m, geom, b, (act, pool), out.0) };
@@ -300,7 +303,7 @@ pub(super) fn conv3x3_with(
                             v.as_ptr().wrapping_add(xi * ic * n),
                             m.as_mut_ptr().wrapping_add(xi * mo * n),
                         );
-                        #[cfg(target_arch = "x86_64")]
+                        #[cfg(x86_simd)]
                         if avx {
                             assert_eq!(o0 % MR, 0, "channel slices start on a packed tile");
                             let per = packed_len(oc, ic);
@@ -335,7 +338,7 @@ pub(super) fn conv3x3_with(
 /// The transforms with AVX-512, 16 tiles per vector: the input's stride-2 tile columns come
 /// from even/odd lane permutes of two loads, the outputs' column pairs are interleaved back
 /// the same way, so neither transform touches a scalar.
-#[cfg(target_arch = "x86_64")]
+#[cfg(x86_simd)]
 mod avx512 {
     use std::arch::x86_64::*;
 

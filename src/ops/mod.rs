@@ -139,7 +139,7 @@ pub fn retain_freed_memory() -> bool {
 /// Vector instruction set the CPU kernels run with: 2 = AVX-512, 1 = AVX2 + FMA, 0 = the
 /// build's baseline (detected once). `SLIMSERVE_SIMD=portable|avx2|avx512` caps it (to profile
 /// the AVX2 path on an AVX-512 machine, say); it never raises it past what the CPU has.
-#[cfg(target_arch = "x86_64")]
+#[cfg(x86_simd)]
 pub(crate) fn simd_level() -> u8 {
     use std::sync::OnceLock;
     static LEVEL: OnceLock<u8> = OnceLock::new();
@@ -170,7 +170,7 @@ pub(crate) fn simd_level() -> u8 {
 
 /// The level `SLIMSERVE_SIMD` allows (unset: no cap); an unknown value is reported once and
 /// ignored.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(not(x86_simd), allow(dead_code))]
 fn simd_cap(var: Option<&str>) -> u8 {
     match var.map(str::trim) {
         None | Some("") => u8::MAX,
@@ -188,7 +188,7 @@ fn simd_cap(var: Option<&str>) -> u8 {
 
 /// Off x86-64 the kernels are the portable ones (which the compiler vectorises for the target,
 /// e.g. NEON on aarch64).
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(x86_simd))]
 pub(crate) fn simd_level() -> u8 {
     0
 }
@@ -207,7 +207,7 @@ macro_rules! multiversion {
         $vis fn $name<const $c: u8>($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body<const $c: u8>($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(x86_simd)]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
                 unsafe fn v4<const $c: u8>($($arg: $ty),*) $(-> $ret)? {
@@ -236,7 +236,7 @@ macro_rules! multiversion {
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(x86_simd)]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
                 unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
@@ -323,11 +323,67 @@ pub(crate) mod test_util {
 
     /// When not `u8::MAX`, the instruction-set level every multiversioned kernel runs with
     /// (process-wide, so tests that set it must only lower it: all levels agree).
+    #[cfg(x86_simd)]
     pub static FORCED_SIMD_LEVEL: std::sync::atomic::AtomicU8 =
         std::sync::atomic::AtomicU8::new(u8::MAX);
 
     /// Held by tests that set [`FORCED_SIMD_LEVEL`] or compare results at tight tolerances.
     pub static SIMD_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// The instruction-set levels, by [`super::simd_level`]'s numbering.
+    #[cfg(x86_simd)]
+    pub const SIMD_LEVELS: [&str; 3] = ["portable", "AVX2+FMA", "AVX-512"];
+
+    /// A line on the test run's own stderr, past libtest's capture: shown even when the test
+    /// passes (`eprintln!` is only shown for failures).
+    pub fn report(line: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    }
+
+    /// Runs `f` once per instruction-set level this build and CPU can run, each forced in turn
+    /// (portable, AVX2, AVX-512), and reports (see [`report`]) which ran and which could not,
+    /// and why: a level is never skipped silently. Returns the levels run.
+    pub fn each_simd_level(what: &str, mut f: impl FnMut(u8)) -> Vec<u8> {
+        let _lock = SIMD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(x86_simd)]
+        {
+            use std::sync::atomic::Ordering;
+            /// Lifts the forced level even when `f` panics.
+            struct Unforce;
+            impl Drop for Unforce {
+                fn drop(&mut self) {
+                    FORCED_SIMD_LEVEL.store(u8::MAX, Ordering::Relaxed);
+                }
+            }
+            let best = super::simd_level();
+            let mut ran = Vec::new();
+            for level in 0..SIMD_LEVELS.len() as u8 {
+                let name = SIMD_LEVELS[level as usize];
+                if level > best {
+                    report(&format!(
+                        "{what}: {name} NOT tested: this CPU (or SLIMSERVE_SIMD) lacks it"
+                    ));
+                    continue;
+                }
+                FORCED_SIMD_LEVEL.store(level, Ordering::Relaxed);
+                let _unforce = Unforce;
+                f(level);
+                ran.push(level);
+            }
+            let names: Vec<&str> = ran.iter().map(|&l| SIMD_LEVELS[l as usize]).collect();
+            report(&format!("{what}: tested {}", names.join(", ")));
+            ran
+        }
+        #[cfg(not(x86_simd))]
+        {
+            f(0);
+            report(&format!(
+                "{what}: tested portable; AVX2 and AVX-512 NOT tested: built without x86 kernels"
+            ));
+            vec![0]
+        }
+    }
 
     pub fn rand_tensor(rng: &mut StdRng, dims: &[usize]) -> Tensor {
         let len = dims.iter().product();

@@ -355,9 +355,12 @@ fn next_batch(shared: &Shared) -> Option<Batch> {
                 if !wait {
                     break;
                 }
+                // Woken by new entries; polled for admitted inputs that will never come (their
+                // request failed before reaching the queue): a dropped ticket cannot notify,
+                // since tickets are also dropped under this lock.
                 state = shared
                     .wake
-                    .wait_timeout(state, until - now)
+                    .wait_timeout(state, (until - now).min(ON_THE_WAY_POLL))
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
@@ -389,6 +392,9 @@ fn oldest(state: &State) -> Option<usize> {
         .min_by_key(|&(_, t)| t)
         .map(|(i, _)| i)
 }
+
+/// How often a batch waiting for admitted inputs re-counts them.
+const ON_THE_WAY_POLL: Duration = Duration::from_millis(1);
 
 /// Inputs of this model admitted but neither queued nor in `taken`: on their way to the
 /// queue (being decoded), so worth a short wait.

@@ -134,7 +134,8 @@ async fn a_batch_waits_for_inputs_already_admitted() {
     drop(ticket);
     let inf = lone.wait().await.unwrap();
     assert_eq!(inf.batch_size, 1);
-    assert!(inf.queue < Duration::from_secs(5));
+    // Whether the batcher looked before or after the drop (the window is 10 s).
+    assert!(inf.queue < Duration::from_secs(1), "queued {:?}", inf.queue);
 }
 
 #[tokio::test]
