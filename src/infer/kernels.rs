@@ -125,16 +125,28 @@ pub(super) fn for_tasks(
 }
 
 /// `out` advanced to output plane `o0` of a layer with `(h, w)` inputs.
-pub(super) fn plane_offset(out: OutPtr, o0: usize, (h, w): (usize, usize), pool: bool) -> OutPtr {
+///
+/// # Safety
+/// `out` must address at least `o0` planes of that layer's output (and one past them).
+pub(super) unsafe fn plane_offset(
+    out: OutPtr,
+    o0: usize,
+    (h, w): (usize, usize),
+    pool: bool,
+) -> OutPtr {
     let plane = if pool { (h / 2) * (w / 2) } else { h * w };
-    // SAFETY: o0 < oc, so the offset stays inside the [oc, h', w'] output.
+    // SAFETY: the caller's contract.
     OutPtr(unsafe { out.0.add(o0 * plane) })
 }
 
 multiversion! {
 /// Bias, activation and the optional 2x2 max pool from a band's raw GEMM result
 /// (`[oc, rows * w]`) into the layer's output (`[oc, oh, ow]`).
-pub(super) fn epilogue(
+///
+/// # Safety
+/// `out` must address `b.len()` output planes of `[h', w']` floats (`h' = h / 2` pooled)
+/// whose rows `y0..y1` (pooled: `y0 / 2..y1 / 2`) no other thread reads or writes meanwhile.
+pub(super) unsafe fn epilogue(
     band: &[f32],
     rows: (usize, usize, usize, usize),
     b: &[f32],
@@ -225,12 +237,21 @@ pub fn conv3x3(
     split: bool,
 ) {
     let k = ic * 9;
+    let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+    // The raw-pointer writes below rely on these.
+    assert!(x.len() >= ic * h * w, "input is not {ic}x{h}x{w}");
+    assert!(
+        wt.len() >= oc * k && b.len() >= oc,
+        "weights are not {oc}x{ic}x3x3"
+    );
+    assert!(out.len() >= oc * oh * ow, "output is not {oc}x{oh}x{ow}");
     let out = OutPtr(out.as_mut_ptr());
     #[cfg(x86_simd)]
     if ic <= direct::MAX_INPUT_CHANNELS && crate::ops::simd_level() == 2 {
         let work = tasks(&bands(h, w, pool, 4096), oc, split);
         for_tasks(&work, split, |rows, (o0, o1)| {
-            let dst = plane_offset(out, o0, (h, w), pool);
+            // SAFETY: o0 < oc planes (checked above).
+            let dst = unsafe { plane_offset(out, o0, (h, w), pool) };
             // SAFETY: AVX-512 is present (simd_level 2); dst is plane o0 of the output and
             // this task writes rows `rows` of channels o0..o1 only.
             unsafe {
@@ -268,8 +289,11 @@ pub fn conv3x3(
                         Parallelism::None,
                     );
                 }
-                let dst = plane_offset(out, o0, (h, w), pool);
-                epilogue(&band, (y0, y1, h, w), &b[o0..o1], act, pool, dst);
+                // SAFETY: planes o0..o1 of the checked output; this task's rows y0..y1 only.
+                unsafe {
+                    let dst = plane_offset(out, o0, (h, w), pool);
+                    epilogue(&band, (y0, y1, h, w), &b[o0..o1], act, pool, dst);
+                }
             })
         })
     });
@@ -405,6 +429,9 @@ mod direct {
 
     /// Two tiles, one above the other (the rows of a 2x2 pool window): each weight broadcast
     /// feeds both, 16 accumulators in flight.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F (the reads are bounds-checked by the assert inside).
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_pair(
         pad: &[f32],
@@ -437,6 +464,10 @@ mod direct {
     }
 
     /// One tile: `acc[j][l] = sum over (ci, ky, kx) of w[j][tap] * pad[ci][row + ky][x + l + kx]`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `pad` must hold every row the taps read (`row + 2 + L`
+    /// floats past each channel's offset, as `conv3x3` lays it out).
     #[target_feature(enable = "avx512f")]
     unsafe fn tile(
         pad: &[f32],

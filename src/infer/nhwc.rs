@@ -433,6 +433,11 @@ mod avx2 {
     }
 
     /// `R` pixels x one panel of 16 output channels (`cols` of them stored).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `x` must hold `R` rows at stride `ldx` of `k` floats,
+    /// `w` a panel of `k * 16` floats and `bias` 16, `out` (and `add`, unless null) `R` rows
+    /// at stride `ldo` with `cols` floats each that are this call's own.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]
@@ -489,6 +494,9 @@ mod avx2 {
     }
 
     /// `R` pixels x the first 8 channels of a panel (`cols <= 8` of them stored).
+    ///
+    /// # Safety
+    /// As [`tile`], with `cols <= 8`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     #[allow(clippy::too_many_arguments)]

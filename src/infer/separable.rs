@@ -122,21 +122,28 @@ impl Separable {
                     PW.with(|pw| {
                         let mut pw = pw.borrow_mut();
                         pw.resize(oc * n, 0.0);
-                        self.pointwise(&dw, n, pw.as_mut_ptr(), n, false, avx);
-                        epilogue(
-                            &pw,
-                            (y0, y1, h, w),
-                            &self.pw_b[..oc],
-                            Act::None,
-                            true,
-                            plane_offset(out, 0, (h, w), true),
-                        );
+                        // SAFETY: pw holds oc rows of n; the pooled rows y0/2.. of every
+                        // output plane (checked above) are written by this band only; `avx` is
+                        // the caller's word for the CPU.
+                        unsafe {
+                            self.pointwise(&dw, n, pw.as_mut_ptr(), n, false, avx);
+                            epilogue(
+                                &pw,
+                                (y0, y1, h, w),
+                                &self.pw_b[..oc],
+                                Act::None,
+                                true,
+                                plane_offset(out, 0, (h, w), true),
+                            );
+                        }
                     })
                 } else {
                     // SAFETY: row y0 of plane 0; the GEMM writes rows y0..y1 of every plane,
-                    // which only this band does.
-                    let dst = unsafe { out.0.add(y0 * w) };
-                    self.pointwise(&dw, n, dst, h * w, true, avx);
+                    // which only this band does; `avx` is the caller's word for the CPU.
+                    unsafe {
+                        let dst = out.0.add(y0 * w);
+                        self.pointwise(&dw, n, dst, h * w, true, avx);
+                    }
                 }
             })
         });
@@ -175,7 +182,19 @@ impl Separable {
     }
 
     /// `c[o, p] = sum_i w[o, i] * dw[i, p]` (+ bias when `bias`), `c` with row stride `ldc`.
-    fn pointwise(&self, dw: &[f32], n: usize, c: *mut f32, ldc: usize, bias: bool, avx: bool) {
+    ///
+    /// # Safety
+    /// `dw` holds `ic` rows of `n`; `c` addresses `oc` rows of `n` floats at stride `ldc`
+    /// that no other thread touches meanwhile; with `avx`, the CPU has AVX-512F.
+    unsafe fn pointwise(
+        &self,
+        dw: &[f32],
+        n: usize,
+        c: *mut f32,
+        ldc: usize,
+        bias: bool,
+        avx: bool,
+    ) {
         let (ic, oc) = (self.ic, self.oc);
         #[cfg(x86_simd)]
         if avx {

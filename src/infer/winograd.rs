@@ -138,7 +138,10 @@ fn input_transform(x: &[f32], shape: (usize, usize, usize), tiles: (usize, usize
 
 multiversion! {
 /// `Y = A^T M A` + bias, activation, optional pool, for output channels `o0..o1` of the band.
-fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, usize), b: &[f32], act: Act, pool: bool, out: OutPtr) {
+///
+/// # Safety
+/// As [`transform_output`].
+unsafe fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, usize), b: &[f32], act: Act, pool: bool, out: OutPtr) {
     let (mo, n, ty0, ty1, h, w) = geom;
     let tw = n / (ty1 - ty0);
     let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
@@ -219,8 +222,13 @@ fn transform_input(
 }
 
 /// The output transform: the AVX-512 one when `avx` (the caller checked the CPU), else the
-/// portable one. `out` is plane `o0` of the output; only this task writes its tiles' rows.
-fn transform_output(
+/// portable one.
+///
+/// # Safety
+/// `out` must address plane `o0` of the layer's `[oc, h', w']` output with the `mo` planes
+/// after it, and only this task may write its tiles' rows of them; with `avx`, the CPU must
+/// have AVX-512F.
+unsafe fn transform_output(
     m: &[f32],
     geom: (usize, usize, usize, usize, usize, usize),
     b: &[f32],
@@ -230,12 +238,13 @@ fn transform_output(
 ) {
     #[cfg(x86_simd)]
     if avx {
-        // SAFETY: AVX-512F checked by the caller; see above for `out`.
+        // SAFETY: the caller's contract.
         unsafe { avx512::output_transform(m, geom, b, (act, pool), out.0) };
         return;
     }
     let _ = avx;
-    output_transform(m, geom, b, act, pool, out);
+    // SAFETY: the caller's contract.
+    unsafe { output_transform(m, geom, b, act, pool, out) };
 }
 
 /// 3x3 conv + bias + `act` (+ 2x2 max pool) with transformed weights `u` ([`Weights`]).
@@ -277,6 +286,14 @@ pub(super) fn conv3x3_with(
     if th == 0 || tw == 0 {
         return;
     }
+    // The raw-pointer writes below rely on these.
+    let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+    assert!(x.len() >= ic * h * w, "input is not {ic}x{h}x{w}");
+    assert!(
+        weights.u.len() >= 16 * oc * ic && b.len() >= oc,
+        "weights are not {oc}x{ic}x3x3"
+    );
+    assert!(out.len() >= oc * oh * ow, "output is not {oc}x{oh}x{ow}");
     // Bands of tile rows holding about 1 MiB of V and M.
     let per_row = 16 * (ic + oc) * tw;
     let band = ((1 << 18) / per_row).clamp(1, th);
@@ -326,9 +343,13 @@ pub(super) fn conv3x3_with(
                             );
                         }
                     }
-                    let dst = plane_offset(out, o0, (h, w), pool);
                     let geom = (mo, n, t0, t1, h, w);
-                    transform_output(&m, geom, &b[o0..o1], (act, pool), dst, avx);
+                    // SAFETY: planes o0..o1 of the checked output, this task's tile rows only;
+                    // `avx` is the caller's word for the CPU.
+                    unsafe {
+                        let dst = plane_offset(out, o0, (h, w), pool);
+                        transform_output(&m, geom, &b[o0..o1], (act, pool), dst, avx);
+                    }
                 })
             })
         })

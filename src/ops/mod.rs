@@ -256,6 +256,39 @@ macro_rules! multiversion {
             body($($arg),*)
         }
     };
+    (
+        $(#[$meta:meta])*
+        $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block
+    ) => {
+        $(#[$meta])*
+        #[inline(never)]
+        $vis unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            unsafe fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(x86_simd)]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: the caller upholds `body`'s contract, which is this function's.
+                    unsafe { body($($arg),*) }
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: as above.
+                    unsafe { body($($arg),*) }
+                }
+                match $crate::ops::simd_level() {
+                    // SAFETY: the CPU has the features (detected at run time); the caller
+                    // upholds the function's contract.
+                    2 => return unsafe { v4($($arg),*) },
+                    1 => return unsafe { v3($($arg),*) },
+                    _ => {}
+                }
+            }
+            // SAFETY: the caller upholds the function's contract.
+            unsafe { body($($arg),*) }
+        }
+    };
 }
 pub(crate) use multiversion;
 
