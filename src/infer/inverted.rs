@@ -285,56 +285,96 @@ impl Strided3x3 {
         }
     }
 
-    /// `x` is `[ic, h, w]`; `out` receives `[oh * ow, oc]`.
+    /// `x` is `[ic, h, w]`; `out` receives `[oh * ow, oc]`. The pixels whose nine taps all lie
+    /// inside the image are computed with their inputs gathered straight from it; the border
+    /// pixels (and everything, where the gather kernel does not apply) through an im2col row.
     pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
         let (ic, oc) = (self.ic, self.oc);
         let (oh, ow) = (out_size(h, 2), out_size(w, 2));
         assert!(x.len() >= ic * h * w && out.len() >= oc * oh * ow);
         let k = ic * 9;
+        // Tap (c, ky, kx) relative to the window's top-left input pixel.
+        let offs: Vec<usize> = (0..ic)
+            .flat_map(|c| (0..3).flat_map(move |ky| (0..3).map(move |kx| c * h * w + ky * w + kx)))
+            .collect();
         let tasks = bands(oh, 32768 / (k * ow).max(1), split);
         let outp = OutPtr(out.as_mut_ptr());
         for_tasks(&tasks, split, |(oy0, oy1), _| {
-            let n = (oy1 - oy0) * ow;
+            // SAFETY: the bands are disjoint rows of the [oh * ow, oc] output.
+            let dst = unsafe { rows_mut(outp, (oy0 * ow, oy1 * ow), oc) };
             COLS.with(|cols| {
                 let mut cols = cols.borrow_mut();
-                cols.clear();
-                cols.resize(n * k, 0.0);
-                // cols[p, c * 9 + ky * 3 + kx] = x[c, 2 oy + ky - 1, 2 ox + kx - 1] (0 outside).
-                for (oy, band) in (oy0..oy1).zip(cols.chunks_exact_mut(ow * k)) {
-                    for (ox, px) in band.chunks_exact_mut(k).enumerate() {
-                        if oy >= 1 && 2 * oy + 1 < h && ox >= 1 && 2 * ox + 1 < w {
-                            // Interior: three runs of three pixels per channel.
-                            for c in 0..ic {
-                                for ky in 0..3 {
-                                    let at = c * h * w + (2 * oy + ky - 1) * w + 2 * ox - 1;
-                                    px[c * 9 + ky * 3..][..3].copy_from_slice(&x[at..at + 3]);
-                                }
-                            }
-                            continue;
-                        }
-                        for c in 0..ic {
-                            for ky in 0..3 {
-                                let Some(y) = (2 * oy + ky).checked_sub(1).filter(|&y| y < h)
-                                else {
-                                    continue;
-                                };
-                                let src = &x[c * h * w + y * w..][..w];
-                                for kx in 0..3 {
-                                    if let Some(xx) =
-                                        (2 * ox + kx).checked_sub(1).filter(|&v| v < w)
-                                    {
-                                        px[c * 9 + ky * 3 + kx] = src[xx];
-                                    }
-                                }
-                            }
+                for (oy, row) in (oy0..oy1).zip(dst.chunks_exact_mut(ow * oc)) {
+                    // Interior: 2 oy - 1 >= 0 and 2 oy + 1 < h; 2 ox - 1 >= 0 and 2 ox + 1 < w.
+                    let (i0, i1) = (1, w / 2);
+                    let gathered = oy >= 1
+                        && 2 * oy + 1 < h
+                        && i1 > i0
+                        && self.gemm.run_gather(
+                            x,
+                            (2 * oy - 1) * w + 2 * i0 - 1,
+                            2,
+                            &offs,
+                            i1 - i0,
+                            &mut row[i0 * oc..i1 * oc],
+                            self.act,
+                        );
+                    let rest = if gathered {
+                        [(0, i0), (i1, ow)]
+                    } else {
+                        [(0, ow), (ow, ow)]
+                    };
+                    for (ox0, ox1) in rest {
+                        if ox1 > ox0 {
+                            self.im2col(x, (h, w), oy, (ox0, ox1), &mut cols);
+                            let n = ox1 - ox0;
+                            let dst = &mut row[ox0 * oc..ox1 * oc];
+                            self.gemm.run(&cols, k, n, dst, oc, None, self.act);
                         }
                     }
                 }
-                // SAFETY: the bands are disjoint rows of the [oh * ow, oc] output.
-                let dst = unsafe { rows_mut(outp, (oy0 * ow, oy1 * ow), oc) };
-                self.gemm.run(&cols, k, n, dst, oc, None, self.act);
             })
         });
+    }
+
+    /// `cols[p, c * 9 + ky * 3 + kx] = x[c, 2 oy + ky - 1, 2 ox + kx - 1]` (0 outside) for
+    /// output pixels `ox0..ox1` of row `oy`.
+    fn im2col(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        oy: usize,
+        (ox0, ox1): (usize, usize),
+        cols: &mut Vec<f32>,
+    ) {
+        let (ic, k) = (self.ic, self.ic * 9);
+        cols.clear();
+        cols.resize((ox1 - ox0) * k, 0.0);
+        for (ox, px) in (ox0..ox1).zip(cols.chunks_exact_mut(k)) {
+            if oy >= 1 && 2 * oy + 1 < h && ox >= 1 && 2 * ox + 1 < w {
+                // Interior: three runs of three pixels per channel.
+                for c in 0..ic {
+                    for ky in 0..3 {
+                        let at = c * h * w + (2 * oy + ky - 1) * w + 2 * ox - 1;
+                        px[c * 9 + ky * 3..][..3].copy_from_slice(&x[at..at + 3]);
+                    }
+                }
+                continue;
+            }
+            for c in 0..ic {
+                for ky in 0..3 {
+                    let Some(y) = (2 * oy + ky).checked_sub(1).filter(|&y| y < h) else {
+                        continue;
+                    };
+                    let src = &x[c * h * w + y * w..][..w];
+                    for kx in 0..3 {
+                        if let Some(xx) = (2 * ox + kx).checked_sub(1).filter(|&v| v < w) {
+                            px[c * 9 + ky * 3 + kx] = src[xx];
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

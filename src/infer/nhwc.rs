@@ -136,6 +136,50 @@ impl Gemm1x1 {
         }
     }
 
+    /// [`Self::run`] with each pixel's inputs gathered from `x` instead of a dense row: pixel
+    /// `p`'s input `i` is `x[base + p * step + offs[i]]` (a strided convolution's taps read
+    /// straight from the image), outputs dense (`ldo = oc`), no residual. `false` (nothing
+    /// written) where there is no such kernel: without AVX2, or `oc` not whole panels; the
+    /// caller then packs the inputs itself.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_gather(
+        &self,
+        x: &[f32],
+        base: usize,
+        step: usize,
+        offs: &[usize],
+        n: usize,
+        out: &mut [f32],
+        act: Act,
+    ) -> bool {
+        assert_eq!(offs.len(), self.ic, "one offset per input");
+        if n == 0 {
+            return true;
+        }
+        let last = base + (n - 1) * step + offs.iter().copied().max().unwrap_or(0);
+        assert!(last < x.len(), "gathered input {last} past {}", x.len());
+        assert!(out.len() >= n * self.oc, "output rows");
+        #[cfg(x86_simd)]
+        if avx2() && self.oc.is_multiple_of(NR) {
+            // SAFETY: the CPU has AVX2 and FMA; every gathered index is at most `last` (checked),
+            // out holds n rows of oc (checked) and is borrowed exclusively.
+            unsafe {
+                avx2::gemm_gather(
+                    self,
+                    x.as_ptr().add(base),
+                    step,
+                    offs,
+                    n,
+                    out.as_mut_ptr(),
+                    act,
+                )
+            };
+            return true;
+        }
+        let _ = act;
+        false
+    }
+
     /// [`Self::run`] for the output channels of panels `p0..p1` only.
     ///
     /// # Safety
@@ -432,6 +476,45 @@ mod avx2 {
         }
     }
 
+    /// [`Gemm1x1::run_gather`] on AVX2: whole panels only (`oc % 16 == 0`).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; the bounds as `run_gather` checks them.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_gather(
+        g: &Gemm1x1,
+        x: *const f32,
+        step: usize,
+        offs: &[usize],
+        n: usize,
+        out: *mut f32,
+        act: Act,
+    ) {
+        let (ic, oc) = (g.ic, g.oc);
+        let (lo, hi) = act.bounds();
+        let o = offs.as_ptr();
+        let null = std::ptr::null();
+        for p in 0..g.panels() {
+            let w = g.panels.as_slice().as_ptr().add(p * ic * NR);
+            let bias = g.bias.as_ptr().add(p * NR);
+            let t = (lo, hi, NR);
+            let mut r = 0;
+            while r < n {
+                let (xr, or) = (x.add(r * step), out.add(r * oc + p * NR));
+                match n - r {
+                    1 => tile_g::<1, true>(xr, step, o, ic, w, bias, null, or, oc, t),
+                    2 => tile_g::<2, true>(xr, step, o, ic, w, bias, null, or, oc, t),
+                    3 => tile_g::<3, true>(xr, step, o, ic, w, bias, null, or, oc, t),
+                    4 => tile_g::<4, true>(xr, step, o, ic, w, bias, null, or, oc, t),
+                    5 => tile_g::<5, true>(xr, step, o, ic, w, bias, null, or, oc, t),
+                    _ => tile_g::<MR, true>(xr, step, o, ic, w, bias, null, or, oc, t),
+                }
+                r += MR;
+            }
+        }
+    }
+
     /// `R` pixels x one panel of 16 output channels (`cols` of them stored).
     ///
     /// # Safety
@@ -450,14 +533,38 @@ mod avx2 {
         add: *const f32,
         out: *mut f32,
         ldo: usize,
+        t: (f32, f32, usize),
+    ) {
+        tile_g::<R, false>(x, ldx, std::ptr::null(), k, w, bias, add, out, ldo, t)
+    }
+
+    /// [`tile`], pixel `r`'s input `i` at `x[r * ldx + offs[i]]` when `G` (gathered straight
+    /// from the image, no im2col buffer), else at `x[r * ldx + i]`.
+    ///
+    /// # Safety
+    /// As [`tile`], every gathered element in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_g<const R: usize, const G: bool>(
+        x: *const f32,
+        ldx: usize,
+        offs: *const usize,
+        k: usize,
+        w: *const f32,
+        bias: *const f32,
+        add: *const f32,
+        out: *mut f32,
+        ldo: usize,
         (lo, hi, cols): (f32, f32, usize),
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for i in 0..k {
             let w0 = _mm256_loadu_ps(w.add(i * NR));
             let w1 = _mm256_loadu_ps(w.add(i * NR + 8));
+            let xi = if G { x.add(*offs.add(i)) } else { x.add(i) };
             for (r, a) in acc.iter_mut().enumerate() {
-                let v = _mm256_broadcast_ss(&*x.add(r * ldx + i));
+                let v = _mm256_broadcast_ss(&*xi.add(r * ldx));
                 a[0] = _mm256_fmadd_ps(v, w0, a[0]);
                 a[1] = _mm256_fmadd_ps(v, w1, a[1]);
             }

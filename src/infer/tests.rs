@@ -126,121 +126,135 @@ fn inverted_kernel_matches_candle() {
         Tensor::from_vec(v.to_vec(), shape, &dev).unwrap()
     };
     let bias = |y: Tensor, b: &[f32]| y.broadcast_add(&t(b, (1, b.len(), 1, 1))).unwrap();
-    for (ic, h, w) in [(4, 7, 5), (8, 13, 16), (6, 1, 1), (16, 9, 2), (5, 24, 31)] {
-        for (expand, stride, oc) in [
-            (Some(3), 1, ic),
-            (Some(6), 2, 7),
-            (None, 1, 9),
-            (None, 2, ic),
-        ] {
-            let hid = expand.map_or(ic, |e| e * ic);
-            let residual = stride == 1 && oc == ic;
-            let x = rand_vec(&mut rng, ic * h * w, 1.0);
-            let ew = rand_vec(&mut rng, hid * ic, 0.5);
-            let eb = rand_vec(&mut rng, hid, 0.5);
-            let dw = rand_vec(&mut rng, hid * 9, 0.5);
-            let db = rand_vec(&mut rng, hid, 0.5);
-            let pw = rand_vec(&mut rng, oc * hid, 0.5);
-            let pb = rand_vec(&mut rng, oc, 0.5);
-            let xt = t(&x, (1, ic, h, w));
-            let mut y = xt.clone();
-            if expand.is_some() {
-                y = bias(y.conv2d(&t(&ew, (hid, ic, 1, 1)), 0, 1, 1, 1).unwrap(), &eb)
-                    .clamp(0f32, 6f32)
-                    .unwrap();
-            }
-            y = bias(
-                y.conv2d(&t(&dw, (hid, 1, 3, 3)), 1, stride, 1, hid)
-                    .unwrap(),
-                &db,
-            )
-            .clamp(0f32, 6f32)
-            .unwrap();
-            y = bias(y.conv2d(&t(&pw, (oc, hid, 1, 1)), 0, 1, 1, 1).unwrap(), &pb);
-            if residual {
-                y = (y + &xt).unwrap();
-            }
-            let want: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-            let (oh, ow) = (out_size(h, stride), out_size(w, stride));
-            assert_eq!(want.len(), oc * oh * ow);
-            let block = Inverted::new(
-                ic,
-                stride,
-                expand.map(|_| (ew.clone(), eb.clone())),
-                dw.chunks_exact(9).map(|k| k.try_into().unwrap()).collect(),
-                db.clone(),
-                pw.clone(),
-                pb.clone(),
-                residual,
-            );
-            let x_hwc = to_hwc(&x, (ic, h, w));
-            // run's own choice, then each way of splitting forced.
-            for how in ["run", "run split", "bands", "bands split", "phased"] {
-                if how == "phased" && expand.is_none() {
-                    continue;
+    each_simd_level("inverted, stem and pointwise kernels", |_| {
+        let shapes = [
+            (4, 7, 5),
+            (8, 13, 16),
+            (6, 1, 1),
+            (16, 9, 2),
+            (5, 24, 31),
+            (3, 12, 10),
+        ];
+        for (ic, h, w) in shapes {
+            for (expand, stride, oc) in [
+                (Some(3), 1, ic),
+                (Some(6), 2, 7),
+                (None, 1, 9),
+                (None, 2, ic),
+            ] {
+                let hid = expand.map_or(ic, |e| e * ic);
+                let residual = stride == 1 && oc == ic;
+                let x = rand_vec(&mut rng, ic * h * w, 1.0);
+                let ew = rand_vec(&mut rng, hid * ic, 0.5);
+                let eb = rand_vec(&mut rng, hid, 0.5);
+                let dw = rand_vec(&mut rng, hid * 9, 0.5);
+                let db = rand_vec(&mut rng, hid, 0.5);
+                let pw = rand_vec(&mut rng, oc * hid, 0.5);
+                let pb = rand_vec(&mut rng, oc, 0.5);
+                let xt = t(&x, (1, ic, h, w));
+                let mut y = xt.clone();
+                if expand.is_some() {
+                    y = bias(y.conv2d(&t(&ew, (hid, ic, 1, 1)), 0, 1, 1, 1).unwrap(), &eb)
+                        .clamp(0f32, 6f32)
+                        .unwrap();
                 }
-                let mut out = vec![f32::NAN; want.len()];
-                match how {
-                    "run" | "run split" => block.run(&x_hwc, (h, w), &mut out, how == "run split"),
-                    "bands" | "bands split" => {
-                        block.run_bands(&x_hwc, (h, w), &mut out, how == "bands split")
-                    }
-                    _ => block.run_phased(&x_hwc, (h, w), &mut out),
+                y = bias(
+                    y.conv2d(&t(&dw, (hid, 1, 3, 3)), 1, stride, 1, hid)
+                        .unwrap(),
+                    &db,
+                )
+                .clamp(0f32, 6f32)
+                .unwrap();
+                y = bias(y.conv2d(&t(&pw, (oc, hid, 1, 1)), 0, 1, 1, 1).unwrap(), &pb);
+                if residual {
+                    y = (y + &xt).unwrap();
                 }
-                let rel = max_rel(&to_chw(&out, (oc, oh, ow)), &want);
-                assert!(
-                    rel < 1e-5,
-                    "inverted {ic}x{h}x{w} x{expand:?} /{stride} -> {oc} {how}: {rel:e}"
+                let want: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+                let (oh, ow) = (out_size(h, stride), out_size(w, stride));
+                assert_eq!(want.len(), oc * oh * ow);
+                let block = Inverted::new(
+                    ic,
+                    stride,
+                    expand.map(|_| (ew.clone(), eb.clone())),
+                    dw.chunks_exact(9).map(|k| k.try_into().unwrap()).collect(),
+                    db.clone(),
+                    pw.clone(),
+                    pb.clone(),
+                    residual,
                 );
+                let x_hwc = to_hwc(&x, (ic, h, w));
+                // run's own choice, then each way of splitting forced.
+                for how in ["run", "run split", "bands", "bands split", "phased"] {
+                    if how == "phased" && expand.is_none() {
+                        continue;
+                    }
+                    let mut out = vec![f32::NAN; want.len()];
+                    match how {
+                        "run" | "run split" => {
+                            block.run(&x_hwc, (h, w), &mut out, how == "run split")
+                        }
+                        "bands" | "bands split" => {
+                            block.run_bands(&x_hwc, (h, w), &mut out, how == "bands split")
+                        }
+                        _ => block.run_phased(&x_hwc, (h, w), &mut out),
+                    }
+                    let rel = max_rel(&to_chw(&out, (oc, oh, ow)), &want);
+                    assert!(
+                        rel < 1e-5,
+                        "inverted {ic}x{h}x{w} x{expand:?} /{stride} -> {oc} {how}: {rel:e}"
+                    );
+                }
+            }
+            // The stem (3x3, stride 2) and the pointwise layer: 10 channels (a partial panel) and
+            // 32 (whole panels: the stem gathers its interior pixels' taps from the image).
+            for oc in [10, 32] {
+                let sw = rand_vec(&mut rng, oc * ic * 9, 0.5);
+                let sb = rand_vec(&mut rng, oc, 0.5);
+                let x = rand_vec(&mut rng, ic * h * w, 1.0);
+                let want_stem: Vec<f32> = bias(
+                    t(&x, (1, ic, h, w))
+                        .conv2d(&t(&sw, (oc, ic, 3, 3)), 1, 2, 1, 1)
+                        .unwrap(),
+                    &sb,
+                )
+                .clamp(0f32, 6f32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+                let want_pw: Vec<f32> = bias(
+                    t(&x, (1, ic, h, w))
+                        .conv2d(&t(&sw[..oc * ic], (oc, ic, 1, 1)), 0, 1, 1, 1)
+                        .unwrap(),
+                    &sb,
+                )
+                .relu()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+                let stem = Strided3x3::new(ic, sw.clone(), sb.clone(), Act::Relu6);
+                let pointwise = Pointwise::new(ic, sw[..oc * ic].to_vec(), sb.clone(), Act::Relu);
+                for split in [false, true] {
+                    let mut out = vec![f32::NAN; want_stem.len()];
+                    stem.run(&x, (h, w), &mut out, split);
+                    let (oh, ow) = (out_size(h, 2), out_size(w, 2));
+                    assert!(
+                        max_rel(&to_chw(&out, (oc, oh, ow)), &want_stem) < 1e-5,
+                        "stem {ic}x{h}x{w} split {split}"
+                    );
+                    let mut out = vec![f32::NAN; want_pw.len()];
+                    pointwise.run(&to_hwc(&x, (ic, h, w)), (h, w), &mut out, split);
+                    assert!(
+                        max_rel(&to_chw(&out, (oc, h, w)), &want_pw) < 1e-5,
+                        "pointwise {ic}x{h}x{w} split {split}"
+                    );
+                }
             }
         }
-        // The stem (3x3, stride 2) and the pointwise layer.
-        let oc = 10;
-        let sw = rand_vec(&mut rng, oc * ic * 9, 0.5);
-        let sb = rand_vec(&mut rng, oc, 0.5);
-        let x = rand_vec(&mut rng, ic * h * w, 1.0);
-        let want_stem: Vec<f32> = bias(
-            t(&x, (1, ic, h, w))
-                .conv2d(&t(&sw, (oc, ic, 3, 3)), 1, 2, 1, 1)
-                .unwrap(),
-            &sb,
-        )
-        .clamp(0f32, 6f32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-        let want_pw: Vec<f32> = bias(
-            t(&x, (1, ic, h, w))
-                .conv2d(&t(&sw[..oc * ic], (oc, ic, 1, 1)), 0, 1, 1, 1)
-                .unwrap(),
-            &sb,
-        )
-        .relu()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-        let stem = Strided3x3::new(ic, sw.clone(), sb.clone(), Act::Relu6);
-        let pointwise = Pointwise::new(ic, sw[..oc * ic].to_vec(), sb.clone(), Act::Relu);
-        for split in [false, true] {
-            let mut out = vec![f32::NAN; want_stem.len()];
-            stem.run(&x, (h, w), &mut out, split);
-            let (oh, ow) = (out_size(h, 2), out_size(w, 2));
-            assert!(
-                max_rel(&to_chw(&out, (oc, oh, ow)), &want_stem) < 1e-5,
-                "stem {ic}x{h}x{w} split {split}"
-            );
-            let mut out = vec![f32::NAN; want_pw.len()];
-            pointwise.run(&to_hwc(&x, (ic, h, w)), (h, w), &mut out, split);
-            assert!(
-                max_rel(&to_chw(&out, (oc, h, w)), &want_pw) < 1e-5,
-                "pointwise {ic}x{h}x{w} split {split}"
-            );
-        }
-    }
+    });
 }
 
 /// `[c, h, w]` as `[h * w, c]`.
