@@ -62,6 +62,8 @@ thread_local! {
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The band's GEMM result before bias, activation and pool.
     static BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The zero-padded image of [`conv3x3_gathered`] (taken for the call, not borrowed).
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Bands of output rows `[y0, y1)` covering the rows a layer computes (an odd last row is
@@ -267,6 +269,18 @@ pub fn conv3x3(
         });
         return;
     }
+    if conv3x3_gathered(
+        x,
+        (ic, h, w),
+        &wt[..oc * k],
+        &b[..oc],
+        act,
+        pool,
+        out,
+        split,
+    ) {
+        return;
+    }
     // About 256 KiB of im2col rows per band: the band's columns and result stay in L2.
     let work = tasks(&bands(h, w, pool, 65536 / k), oc, split);
     for_tasks(&work, split, |(y0, y1), (o0, o1)| {
@@ -297,6 +311,91 @@ pub fn conv3x3(
             })
         })
     });
+}
+
+/// [`conv3x3`] for few input channels (the RGB input layer) on AVX2: the image is copied once
+/// into a zero-padded buffer, then each output row is one pass of the packed 6x16 GEMM with every
+/// pixel's `ic * 9` taps gathered straight from it (`nhwc::Gemm1x1::run_gather`, bias and
+/// activation in its store), followed by the 2x2 pool and the transpose into planes. No im2col
+/// buffer. `false` (nothing written) where it does not apply: more than 8 input channels, `oc`
+/// not whole 16-channel panels, or no AVX2.
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_gathered(
+    x: &[f32],
+    (ic, h, w): (usize, usize, usize),
+    wt: &[f32],
+    b: &[f32],
+    act: Act,
+    pool: bool,
+    out: OutPtr,
+    split: bool,
+) -> bool {
+    let (k, oc) = (ic * 9, b.len());
+    if ic > 8 || h == 0 || w == 0 {
+        return false;
+    }
+    let gemm = super::nhwc::Gemm1x1::new(wt, b, k);
+    if !gemm.gathers() {
+        return false;
+    }
+    let (ph, pw) = (h + 2, w + 2);
+    let mut padded = PADDED.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    padded.clear();
+    padded.resize(ic * ph * pw, 0.0);
+    for c in 0..ic {
+        for y in 0..h {
+            let at = c * ph * pw + (y + 1) * pw + 1;
+            padded[at..at + w].copy_from_slice(&x[c * h * w + y * w..][..w]);
+        }
+    }
+    let offs: Vec<usize> = (0..ic)
+        .flat_map(|c| (0..3).flat_map(move |ky| (0..3).map(move |kx| c * ph * pw + ky * pw + kx)))
+        .collect();
+    let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+    let step = if pool { 2 } else { 1 };
+    let work: Vec<_> = bands(h, w, pool, 8192)
+        .into_iter()
+        .map(|(y0, y1)| (y0, y1, 0, oc))
+        .collect();
+    for_tasks(&work, split, |(y0, y1), _| {
+        BAND.with(|rows| {
+            let mut rows = rows.borrow_mut();
+            rows.resize(step * w * oc, 0.0);
+            for y in (y0..y1).step_by(step) {
+                for (r, row) in rows.chunks_exact_mut(w * oc).enumerate() {
+                    // Output row y + r: window rows y + r .. y + r + 2 of the padded image.
+                    let done = gemm.run_gather(&padded, (y + r) * pw, 1, &offs, w, row, act);
+                    assert!(done, "the gather kernel was checked");
+                }
+                if pool {
+                    let (top, bottom) = rows.split_at(w * oc);
+                    for o in 0..oc {
+                        // SAFETY: row y / 2 of plane o < oc of the [oc, oh, ow] output (the
+                        // caller checked its length); only this band writes it.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(out.add(o * oh * ow + y / 2 * ow), ow)
+                        };
+                        for (xo, d) in dst.iter_mut().enumerate() {
+                            let (a, c) = (2 * xo * oc + o, (2 * xo + 1) * oc + o);
+                            *d = top[a].max(top[c]).max(bottom[a]).max(bottom[c]);
+                        }
+                    }
+                } else {
+                    for o in 0..oc {
+                        // SAFETY: row y of plane o < oc of the checked output; this band's.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(out.add(o * h * w + y * w), w)
+                        };
+                        for (xx, d) in dst.iter_mut().enumerate() {
+                            *d = rows[xx * oc + o];
+                        }
+                    }
+                }
+            }
+        })
+    });
+    PADDED.with(|p| *p.borrow_mut() = padded);
+    true
 }
 
 multiversion! {

@@ -136,6 +136,18 @@ impl Gemm1x1 {
         }
     }
 
+    /// Whether [`Self::run_gather`] has a kernel here (AVX2, whole 16-channel panels).
+    pub fn gathers(&self) -> bool {
+        #[cfg(x86_simd)]
+        {
+            avx2() && self.oc.is_multiple_of(NR)
+        }
+        #[cfg(not(x86_simd))]
+        {
+            false
+        }
+    }
+
     /// [`Self::run`] with each pixel's inputs gathered from `x` instead of a dense row: pixel
     /// `p`'s input `i` is `x[base + p * step + offs[i]]` (a strided convolution's taps read
     /// straight from the image), outputs dense (`ldo = oc`), no residual. `false` (nothing
@@ -160,7 +172,7 @@ impl Gemm1x1 {
         assert!(last < x.len(), "gathered input {last} past {}", x.len());
         assert!(out.len() >= n * self.oc, "output rows");
         #[cfg(x86_simd)]
-        if avx2() && self.oc.is_multiple_of(NR) {
+        if self.gathers() {
             // SAFETY: the CPU has AVX2 and FMA; every gathered index is at most `last` (checked),
             // out holds n rows of oc (checked) and is borrowed exclusively.
             unsafe {

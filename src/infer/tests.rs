@@ -329,14 +329,22 @@ const SHAPES: [(usize, usize, usize); 7] = [
     (3, 34, 48),
 ];
 
+/// Every SIMD level: AVX-512's direct kernel, AVX2's gathered GEMM (16 and 32 channels: whole
+/// panels), im2col + GEMM otherwise.
 #[test]
 fn conv3x3_kernel_matches_candle() {
+    each_simd_level("conv3x3 kernels", |_| conv3x3_cases());
+}
+
+fn conv3x3_cases() {
     let mut rng = StdRng::seed_from_u64(3);
     for (ic, h, w) in SHAPES {
         for (oc, act, pool) in [
             (6, Act::Relu, true),
             (3, Act::Relu6, false),
             (40, Act::None, true),
+            (16, Act::Relu6, true),
+            (32, Act::Relu, false),
         ] {
             if pool && h < 2 {
                 continue;
