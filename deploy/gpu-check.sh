@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # GPU check: builds slimserve with candle's CUDA backend (no system CUDA toolkit needed: the
 # toolkit comes from NVIDIA's pip wheels, per shared/GPU.md), then
-#   1. examples/gpu_check: CPU vs GPU logits within 1e-3 for every model under models/ (or
-#      fresh `big` and `student-deeper` if there are none), and GPU throughput per model and
-#      batch size;
+#   1. examples/gpu_check: the server's CPU path vs its GPU path (inputs uploaded as sent,
+#      device-generic ops) within 1e-3, as FP32 and as UINT8 batches, for every model under
+#      models/ (or fresh `big` and `student-deeper` if there are none), and GPU images/s per
+#      model at batch 1, 32, 128 and 256 (upload and compute apart);
 #   2. the server on the GPU: `slimserve --device cuda:0` on loopback, `slimserve classify` of
 #      a test image against each model, clean shutdown on SIGTERM.
 # Run from the repository root on a machine with an NVIDIA driver (H100/H200: sm_90):
 #   bash deploy/gpu-check.sh            # B=/path/to/build-cache to reuse the toolkit venv
-#   bash deploy/gpu-check.sh --build-only   # no GPU needed: build, link, check the stub with nm
+#   bash deploy/gpu-check.sh --build-only   # no GPU needed: build, link, check the stub with nm,
+#                                           # run the device path's ops on the CPU
 # Needs python3 (venv, pip), gcc, cargo and PyPI access for the first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -77,7 +79,18 @@ for bin in "$BIN/slimserve" "$BIN/examples/gpu_check"; do
   echo "$bin: $(nm -D --undefined-only "$bin" | grep -cE ' cu[A-Z]' || true) driver symbols, all in the stub"
 done
 if [ "$BUILD_ONLY" = 1 ]; then
-  echo "gpu-check: --build-only: built and linked, stub checked"
+  echo "== the device path on the CPU: every op device-generic, vs the CPU engine (gpu_check --device cpu)"
+  # The binary needs libcuda.so.1 to start. Without a driver, the link stub stands in, in a
+  # directory of its own used for this run only: with --device cpu no CUDA function is called.
+  RUN_LD=$N/cu13/lib
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1 '; then
+    mkdir -p "$B/cpu-run"
+    ln -sf "$CUDA_HOME/lib/stubs/libcuda.so" "$B/cpu-run/libcuda.so.1"
+    RUN_LD=$B/cpu-run:$RUN_LD
+  fi
+  LD_LIBRARY_PATH=$RUN_LD${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+    "$BIN/examples/gpu_check" --models "$MODELS" --device cpu --batches 1,4 --iters 2
+  echo "gpu-check: --build-only: built and linked, stub checked, device path checked on the CPU"
   exit 0
 fi
 

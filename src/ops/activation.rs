@@ -25,12 +25,21 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// candle's generic form (any device and dtype).
+    /// The activation in candle's generic ops (any device and dtype), with PyTorch's (and the
+    /// CPU op's) gradient: 1 strictly inside the linear range, 0 at its ends. candle's own
+    /// `relu` and `clamp` pass the gradient (or half of it) on at exactly 0 and 6, which a
+    /// ReLU6 after a zero-initialised BatchNorm meets often. Written as `x * mask` (plus 6 where
+    /// the top clips), so a NaN still propagates.
     pub fn generic(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dt = x.dtype();
         match self {
             Activation::Identity => Ok(x.clone()),
-            Activation::Relu => x.relu(),
-            Activation::Relu6 => x.clamp(0f32, 6f32),
+            Activation::Relu => x.mul(&x.gt(0f64)?.to_dtype(dt)?),
+            Activation::Relu6 => {
+                let inside = x.gt(0f64)?.mul(&x.lt(6f64)?)?.to_dtype(dt)?;
+                let top = (x.ge(6f64)?.to_dtype(dt)? * 6.0)?;
+                x.mul(&inside)? + top
+            }
         }
     }
 }
@@ -80,7 +89,7 @@ pub fn activation(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     if act == Activation::Identity {
         return Ok(x.clone());
     }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !super::on_cpu(x) || x.dtype() != DType::F32 {
         return act.generic(x);
     }
     x.contiguous()?.apply_op1(ActivationOp(act))
@@ -161,6 +170,43 @@ mod tests {
     use candle_core::Var;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+
+    /// At the ends of the linear range (exactly 0 and 6) both forms pass no gradient, as
+    /// PyTorch's ReLU/ReLU6; a NaN propagates through the generic form.
+    #[test]
+    fn generic_form_has_pytorchs_gradient_at_the_kinks() {
+        let x = Tensor::new(&[-1f32, 0., 3., 6., 7.], &candle_core::Device::Cpu).unwrap();
+        for (act, value, grad) in [
+            (
+                Activation::Relu,
+                [0f32, 0., 3., 6., 7.],
+                [0f32, 0., 1., 1., 1.],
+            ),
+            (
+                Activation::Relu6,
+                [0., 0., 3., 6., 6.],
+                [0., 0., 1., 0., 0.],
+            ),
+        ] {
+            for (what, f) in [
+                (
+                    "generic",
+                    &(|x: &Tensor| act.generic(x)) as &dyn Fn(&Tensor) -> _,
+                ),
+                ("cpu op", &|x: &Tensor| activation(x, act)),
+            ] {
+                let v = Var::from_tensor(&x).unwrap();
+                let y = f(v.as_tensor()).unwrap();
+                let g = y.sum_all().unwrap().backward().unwrap();
+                let g: Vec<f32> = g.get(v.as_tensor()).unwrap().to_vec1().unwrap();
+                assert_eq!(y.to_vec1::<f32>().unwrap(), value, "{act:?} {what}");
+                assert_eq!(g, grad, "{act:?} {what} gradient");
+            }
+            let nan = Tensor::new(&[f32::NAN, 1.], &candle_core::Device::Cpu).unwrap();
+            let y: Vec<f32> = act.generic(&nan).unwrap().to_vec1().unwrap();
+            assert!(y[0].is_nan() && y[1] == 1.0, "{act:?}: {y:?}");
+        }
+    }
 
     #[test]
     fn forward_and_gradient_match_generic() {

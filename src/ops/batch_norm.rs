@@ -108,7 +108,7 @@ fn batch_norm_train_impl(
     if m < 2 {
         bail!("batch_norm_train: expected more than 1 value per channel when training, got input of shape {dims:?}");
     }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !super::on_cpu(x) || x.dtype() != DType::F32 {
         let y = generic(
             x,
             gamma,
@@ -119,7 +119,11 @@ fn batch_norm_train_impl(
             momentum,
             act,
         )?;
-        return if pool { y.max_pool2d(2) } else { Ok(y) };
+        return if pool {
+            super::max_pool::max_pool2x2(&y)
+        } else {
+            Ok(y)
+        };
     }
     let _t = OpTimer::start("bn stats");
     let x = x.contiguous()?;
@@ -212,7 +216,7 @@ pub fn batch_norm_eval(
             );
         }
     }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !super::on_cpu(x) || x.dtype() != DType::F32 {
         // candle_nn::BatchNorm's eval formula.
         let shape: Vec<usize> = (0..dims.len())
             .map(|i| if i == 1 { c } else { 1 })
@@ -224,7 +228,11 @@ pub fn batch_norm_eval(
             .broadcast_mul(&gamma.reshape(shape)?)?
             .broadcast_add(&beta.reshape(shape)?)?;
         let y = activation(&y, act)?;
-        return if pool2 { y.max_pool2d(2) } else { Ok(y) };
+        return if pool2 {
+            super::max_pool::max_pool2x2(&y)
+        } else {
+            Ok(y)
+        };
     }
     let v = |t: &Tensor| t.to_dtype(DType::F64)?.to_vec1::<f64>();
     let op = BatchNormTrain {

@@ -67,7 +67,7 @@ pub fn conv2d(
             w.dtype()
         );
     }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !super::on_cpu(x) || x.dtype() != DType::F32 {
         let y = x.conv2d(w, padding, stride, 1, groups)?;
         return match bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),

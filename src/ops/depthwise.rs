@@ -9,6 +9,11 @@
 //! depthwise layer (groups = channels) costs C separate im2col + matmul calls, which makes
 //! depthwise-separable networks very slow on the CPU. Here the CPU forward and both backward
 //! kernels are direct loops, parallel over (batch, channel) planes with rayon.
+//!
+//! Off the CPU (and inside [`super::with_device_generic_ops`]) the same convolution is
+//! [`depthwise_conv3x3_shifted`]: nine shifted multiply-adds with per-channel weights in
+//! candle's device-generic ops, about 20 kernel launches per layer on a GPU where the grouped
+//! convolution would launch one convolution per channel (16 to 960 per layer).
 
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -17,12 +22,12 @@ use super::{f32_slice, multiversion, needs_grad, sum16, with_f32_slices, OpTimer
 
 /// y[n,c] = sum_{ky,kx} w[c,0,ky,kx] * x[n,c,h+ky-1,w+kx-1] (zero padding). x: [N,C,H,W] f32, w: [C,1,3,3] f32 -> [N,C,H,W].
 ///
-/// On the CPU this runs the custom op (with backprop support); on other devices it falls back to
-/// candle's grouped `conv2d`, which there also accepts the other float dtypes.
+/// On the CPU this runs the custom op (with backprop support); on other devices
+/// [`depthwise_conv3x3_shifted`], which there also accepts the other float dtypes.
 pub fn depthwise_conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let c = check_args(x, w)?;
-    if !x.device().is_cpu() {
-        return x.conv2d(w, 1, 1, 1, c);
+    check_args(x, w)?;
+    if !super::on_cpu(x) {
+        return depthwise_conv3x3_shifted(x, w, None, 1);
     }
     // The kernels index planes directly, so strided views are copied once here.
     x.contiguous()?
@@ -39,13 +44,87 @@ pub fn depthwise_conv3x3_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> candle_core
             b.dims()
         );
     }
-    if !x.device().is_cpu() {
-        return x
-            .conv2d(w, 1, 1, 1, c)?
-            .broadcast_add(&b.reshape((1, c, 1, 1))?);
+    if !super::on_cpu(x) {
+        return depthwise_conv3x3_shifted(x, w, Some(b), 1);
     }
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, DepthwiseConv3x3Bias)
+}
+
+/// The depthwise 3x3 convolution (zero padding 1) with stride `stride` and an optional bias
+/// `b` [C], in candle's device-generic ops: nine shifted views of the padded input, each
+/// multiplied by its tap's per-channel weight and summed. Differentiable through candle's
+/// autograd; runs on any device and float dtype. A stride `s` > 1 splits the padded input into
+/// its `s * s` phases (rows and columns `a, a + s, ...`) once, so each tap is a plain window of
+/// one phase and no output is computed only to be dropped.
+///
+/// Output: `[N, C, (H - 1) / s + 1, (W - 1) / s + 1]`, as `conv2d(x, w, padding 1, stride s,
+/// groups C)`.
+pub fn depthwise_conv3x3_shifted(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let c = check_args(x, w)?;
+    if stride == 0 {
+        bail!("depthwise_conv3x3: stride must be at least 1");
+    }
+    let (n, _, h, wd) = x.dims4()?;
+    if h == 0 || wd == 0 {
+        bail!("depthwise_conv3x3: empty input of shape {:?}", x.dims());
+    }
+    let s = stride;
+    let (oh, ow) = ((h - 1) / s + 1, (wd - 1) / s + 1);
+    // Tap (ky, kx) of output (i, j) reads padded row ky + s*i = s*(ky/s + i) + ky%s: row
+    // ky/s + i of phase ky%s. Each phase needs oh + 2/s rows.
+    let (hq, wq) = (oh + 2 / s, ow + 2 / s);
+    // Zero padding 1 on top/left; at the bottom/right exactly what makes s*hq rows, s*wq columns.
+    let fit = |t: Tensor, dim: usize, len: usize, want: usize| -> candle_core::Result<Tensor> {
+        t.pad_with_zeros(dim, 1, want.saturating_sub(len + 1))?
+            .narrow(dim, 0, want)
+    };
+    let xp = fit(fit(x.clone(), 2, h, s * hq)?, 3, wd, s * wq)?;
+    let phases: Vec<Tensor> = if s == 1 {
+        vec![xp]
+    } else {
+        let split = xp.reshape((n, c, hq, s, wq, s))?;
+        let mut phases = Vec::with_capacity(s * s);
+        for a in 0..s {
+            for bb in 0..s {
+                phases.push(
+                    split
+                        .narrow(3, a, 1)?
+                        .narrow(5, bb, 1)?
+                        .reshape((n, c, hq, wq))?
+                        .contiguous()?,
+                );
+            }
+        }
+        phases
+    };
+    let mut acc: Option<Tensor> = None;
+    for ky in 0..3 {
+        for kx in 0..3 {
+            let tap = phases[(ky % s) * s + kx % s]
+                .narrow(2, ky / s, oh)?
+                .narrow(3, kx / s, ow)?;
+            let wk = w
+                .narrow(2, ky, 1)?
+                .narrow(3, kx, 1)?
+                .reshape((1, c, 1, 1))?;
+            let term = tap.broadcast_mul(&wk)?;
+            acc = Some(match acc {
+                None => term,
+                Some(a) => (a + term)?,
+            });
+        }
+    }
+    let y = acc.expect("nine taps");
+    match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, c, 1, 1))?),
+        None => Ok(y),
+    }
 }
 
 /// Checks shapes and dtypes; returns C.
@@ -68,7 +147,7 @@ fn check_args(x: &Tensor, w: &Tensor) -> candle_core::Result<usize> {
             w.dtype()
         );
     }
-    if x.device().is_cpu() && x.dtype() != DType::F32 {
+    if super::on_cpu(x) && x.dtype() != DType::F32 {
         bail!(
             "depthwise_conv3x3: only f32 is supported on the CPU, got {:?}",
             x.dtype()
@@ -576,6 +655,84 @@ mod tests {
         let x = rand_tensor(&mut rng, &[1, 4, 5, 5]);
         let w = rand_tensor(&mut rng, &[4, 1, 3, 3]);
         assert!(depthwise_conv3x3_bias(&x, &w, &rand_tensor(&mut rng, &[3])).is_err());
+    }
+
+    /// The device-generic form (what `--device cuda` runs) against the CPU custom op: outputs
+    /// and all three gradients within 1e-5, on odd shapes, at strides 1, 2 and 3 (the CPU
+    /// reference for stride s is the stride-1 op's rows and columns 0, s, 2s, ...).
+    #[test]
+    fn shifted_form_matches_the_cpu_op() {
+        const TIGHT: f32 = 1e-5;
+        let mut rng = StdRng::seed_from_u64(0xd1ce);
+        for (dims, stride) in [
+            ([1usize, 1, 1, 1], 1),
+            ([2, 3, 5, 7], 1),
+            ([1, 17, 13, 2], 1),
+            ([2, 16, 32, 32], 1),
+            ([1, 1, 1, 1], 2),
+            ([2, 3, 5, 7], 2),
+            ([1, 24, 14, 14], 2),
+            ([2, 17, 13, 8], 2),
+            ([1, 5, 10, 11], 3),
+        ] {
+            let [n, c, h, wd] = dims;
+            let (oh, ow) = ((h - 1) / stride + 1, (wd - 1) / stride + 1);
+            let x = rand_tensor(&mut rng, &dims);
+            let w = rand_tensor(&mut rng, &[c, 1, 3, 3]);
+            let b = rand_tensor(&mut rng, &[c]);
+            let r = rand_tensor(&mut rng, &[n, c, oh, ow]);
+            let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
+                let (xv, wv, bv) = (
+                    Var::from_tensor(&x).unwrap(),
+                    Var::from_tensor(&w).unwrap(),
+                    Var::from_tensor(&b).unwrap(),
+                );
+                let y = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+                (y, get(&xv), get(&wv), get(&bv))
+            };
+            let keep = |y: Tensor| {
+                // Rows and columns 0, s, 2s, ... of the stride-1 output.
+                let rows: Vec<u32> = (0..oh as u32).map(|i| i * stride as u32).collect();
+                let cols: Vec<u32> = (0..ow as u32).map(|i| i * stride as u32).collect();
+                let idx = |v: Vec<u32>| Tensor::new(v, &Device::Cpu).unwrap();
+                y.index_select(&idx(rows), 2)
+                    .unwrap()
+                    .index_select(&idx(cols), 3)
+                    .unwrap()
+            };
+            let cpu = run(&|x, w, b| keep(depthwise_conv3x3_bias(x, w, b).unwrap()));
+            let shifted = run(&|x, w, b| depthwise_conv3x3_shifted(x, w, Some(b), stride).unwrap());
+            let what = ["y", "dx", "dw", "db"];
+            for (k, (a, e)) in [
+                (&shifted.0, &cpu.0),
+                (&shifted.1, &cpu.1),
+                (&shifted.2, &cpu.2),
+                (&shifted.3, &cpu.3),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let err = rel_err(a, e);
+                assert!(
+                    err <= TIGHT,
+                    "{} {dims:?} stride {stride}: rel err {err}",
+                    what[k]
+                );
+            }
+            // Without a bias, and through the public entry point off the CPU.
+            if stride == 1 {
+                let want = depthwise_conv3x3(&x, &w).unwrap();
+                let got =
+                    super::super::with_device_generic_ops(|| depthwise_conv3x3(&x, &w)).unwrap();
+                assert!(rel_err(&got, &want) <= TIGHT, "{dims:?} without bias");
+            }
+        }
+        let x = rand_tensor(&mut rng, &[1, 4, 5, 5]);
+        let w = rand_tensor(&mut rng, &[4, 1, 3, 3]);
+        let err = depthwise_conv3x3_shifted(&x, &w, None, 0).unwrap_err();
+        assert!(err.to_string().contains("stride"), "{err}");
     }
 
     #[test]

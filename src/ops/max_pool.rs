@@ -23,8 +23,8 @@ pub fn max_pool2x2(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.rank() != 4 {
         bail!("max_pool2x2: x must be [N,C,H,W], got shape {:?}", x.dims());
     }
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return x.max_pool2d(2);
+    if !super::on_cpu(x) || x.dtype() != DType::F32 {
+        return max_pool2x2_generic(x);
     }
     let (_, _, h, w) = x.dims4()?;
     if h < 2 || w < 2 {
@@ -34,6 +34,26 @@ pub fn max_pool2x2(x: &Tensor) -> candle_core::Result<Tensor> {
         );
     }
     x.contiguous()?.apply_op1(MaxPool2x2)
+}
+
+/// The 2x2/2 max pool in candle's device-generic ops: the even part of each plane reshaped to
+/// `[N, C, H/2, 2, W/2, 2]` and reduced by `max` over the two window axes. Unlike candle's
+/// `max_pool2d`, whose backward scales the gradient of a unique maximum by 1/4 (candle 0.11),
+/// its gradient is the max's: 1 to the maximum (to each of tied maxima).
+fn max_pool2x2_generic(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / 2, w / 2);
+    if oh == 0 || ow == 0 {
+        bail!(
+            "max_pool2x2: input {:?} is smaller than the 2x2 window",
+            x.dims()
+        );
+    }
+    x.narrow(2, 0, 2 * oh)?
+        .narrow(3, 0, 2 * ow)?
+        .reshape((n, c, oh, 2, ow, 2))?
+        .max(5)?
+        .max(3)
 }
 
 struct MaxPool2x2;
@@ -189,6 +209,30 @@ mod tests {
             // fraction of maxima in the window (1/4 for a unique maximum) instead of dividing.
             assert_eq!(rel_err(&gx, &naive_grad(&x, &r)), 0.0, "{:?}", x.dims());
         }
+    }
+
+    /// What `--device cuda` runs (the reshape-and-max form), on the CPU: the same outputs and,
+    /// with random (untied) inputs, the same gradient as the custom op; odd sizes drop their
+    /// last row or column as the op does; too-small inputs are refused.
+    #[test]
+    fn device_generic_form_matches_the_cpu_op() {
+        use crate::ops::with_device_generic_ops;
+        let mut rng = StdRng::seed_from_u64(19);
+        let sizes = [2, 3, 4, 7, 16, 33];
+        for _ in 0..20 {
+            let n = rng.random_range(1..=3);
+            let c = rng.random_range(1..=5);
+            let h = sizes[rng.random_range(0..sizes.len())];
+            let w = sizes[rng.random_range(0..sizes.len())];
+            let x = rand_tensor(&mut rng, &[n, c, h, w]);
+            let r = rand_tensor(&mut rng, &[n, c, h / 2, w / 2]);
+            let (y, gx) = with_device_generic_ops(|| grad(&x, &r, |x| max_pool2x2(x).unwrap()));
+            let (y_ref, gx_ref) = grad(&x, &r, |x| max_pool2x2(x).unwrap());
+            assert_eq!(rel_err(&y, &y_ref), 0.0, "{:?}", x.dims());
+            assert_eq!(rel_err(&gx, &gx_ref), 0.0, "{:?}", x.dims());
+        }
+        let small = rand_tensor(&mut rng, &[1, 1, 1, 4]);
+        assert!(with_device_generic_ops(|| max_pool2x2(&small)).is_err());
     }
 
     #[test]

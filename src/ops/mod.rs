@@ -24,25 +24,45 @@ use candle_core::{bail, CpuStorage, Layout, Storage, Tensor};
 
 thread_local! {
     static GENERIC: Cell<bool> = const { Cell::new(false) };
+    static OFF_CPU: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Sets a thread-local flag for the duration of `f`, restoring it even if `f` panics.
+fn with_flag<R>(flag: &'static std::thread::LocalKey<Cell<bool>>, f: impl FnOnce() -> R) -> R {
+    struct Restore(&'static std::thread::LocalKey<Cell<bool>>, bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            self.0.with(|g| g.set(self.1));
+        }
+    }
+    let _restore = Restore(flag, flag.with(|g| g.replace(true)));
+    f()
 }
 
 /// Runs `f` with the model layers on candle's generic operations instead of the custom ops of
 /// this module (for this thread only): the reference path in tests and the "before" column
 /// of `benches/train_step.rs`. The depthwise op is kept, as it was before the others existed.
 pub fn with_generic_ops<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            GENERIC.with(|g| g.set(self.0));
-        }
-    }
-    let _restore = Restore(GENERIC.with(|g| g.replace(true)));
-    f()
+    with_flag(&GENERIC, f)
 }
 
 /// Whether the layers use the custom ops (false inside [`with_generic_ops`]).
 pub fn fast_ops_enabled() -> bool {
     !GENERIC.with(|g| g.get())
+}
+
+/// Runs `f` with every op of this module taking the path it takes off the CPU (candle's
+/// device-generic operations: the shifted-multiply-add depthwise, candle's pool, activations,
+/// BatchNorm and convolution), on CPU tensors, for this thread only. This is how the numerics of
+/// what `--device cuda` runs are tested on a machine without a GPU.
+pub fn with_device_generic_ops<R>(f: impl FnOnce() -> R) -> R {
+    with_flag(&OFF_CPU, f)
+}
+
+/// Whether an op on `x` runs its CPU kernel: `x` is on the CPU and the thread is not inside
+/// [`with_device_generic_ops`].
+pub fn on_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && !OFF_CPU.with(|g| g.get())
 }
 
 static PROFILING: AtomicBool = AtomicBool::new(false);

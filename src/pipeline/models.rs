@@ -228,11 +228,15 @@ fn load_one(
         .build(device)
         .map_err(|source| LoadError::Model { source })?;
     let macs = built.macs();
-    let backend = Backend::new(built, device.clone(), &model.config.preprocessing);
-    let warm = backend.warm_up(1).map_err(|message| LoadError::Warmup {
+    let warmup_error = |message: String| LoadError::Warmup {
         model: name.clone(),
         message,
-    })?;
+    };
+    let backend = Backend::new(built, device.clone(), &model.config.preprocessing)
+        .map_err(|e| warmup_error(e.to_string()))?;
+    let warm = backend
+        .warm_up(options.batching.max_batch_size)
+        .map_err(warmup_error)?;
     let s = model.config.spec.input_size;
     let metrics = ModelMetrics::new(&name);
     let engine = backend.engine();

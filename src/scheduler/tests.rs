@@ -16,11 +16,7 @@ const SIZE: usize = 32;
 fn backend(seed: u64) -> Arc<Backend> {
     let spec = ModelSpec::new(Arch::Student, 3, SIZE);
     let (_, model) = crate::zoo::test_models::input_dependent(&spec, seed);
-    Arc::new(Backend::new(
-        model,
-        Device::Cpu,
-        &Preprocessing::for_input(SIZE),
-    ))
+    Arc::new(Backend::new(model, Device::Cpu, &Preprocessing::for_input(SIZE)).unwrap())
 }
 
 fn config(delay: Duration, queue: usize) -> BatcherConfig {

@@ -12,6 +12,11 @@ use crate::grpc::KServeInput;
 use crate::pipeline::ShadowRule;
 use crate::preprocess::DEFAULT_MAX_PIXELS;
 
+/// `--max-batch-size` when unset, on the CPU.
+pub const DEFAULT_CPU_MAX_BATCH: usize = 32;
+/// `--max-batch-size` when unset, with `--device cuda`.
+pub const DEFAULT_GPU_MAX_BATCH: usize = 128;
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Directory holding one sub-directory per model (config.json + weights). Change it to
@@ -36,11 +41,13 @@ pub struct Config {
     #[arg(long, env = "SLIMSERVE_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
 
-    /// Most inputs per forward pass. Raise it on a GPU for throughput; lower it to cut the
-    /// latency a large batch adds on a CPU.
-    #[arg(long, env = "SLIMSERVE_MAX_BATCH_SIZE", default_value_t = 32,
+    /// Most inputs per forward pass. Default: 32 on the CPU (where a batch runs image by image
+    /// on the cores and larger ones only add latency), 128 with `--device cuda` (where one
+    /// forward pass over many images is what fills the GPU). Batches never wait at low load
+    /// (see --max-batch-delay), so a large maximum costs nothing when traffic is light.
+    #[arg(long, env = "SLIMSERVE_MAX_BATCH_SIZE",
           value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub max_batch_size: u32,
+    pub max_batch_size: Option<u32>,
 
     /// Longest a batch waits for more inputs after its first (e.g. 2ms, 500us; 0 = take what
     /// is queued). It only waits while more of the model's inputs are already admitted and
@@ -123,6 +130,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// The largest batch: `--max-batch-size`, else the device's default (32 on the CPU, 128 on
+    /// a GPU).
+    pub fn effective_max_batch_size(&self) -> usize {
+        match (self.max_batch_size, self.device) {
+            (Some(n), _) => n as usize,
+            (None, DeviceSpec::Cpu) => DEFAULT_CPU_MAX_BATCH,
+            (None, DeviceSpec::Cuda(_)) => DEFAULT_GPU_MAX_BATCH,
+        }
+    }
+
     /// The defaults, as `slimserve serve` with no flags and no environment would have them.
     pub fn with_models(models: impl Into<PathBuf>) -> Self {
         Self {
@@ -131,7 +148,7 @@ impl Config {
             metrics_addr: "0.0.0.0:8002".parse().expect("valid address"),
             default_model: None,
             device: DeviceSpec::Cpu,
-            max_batch_size: 32,
+            max_batch_size: None,
             max_batch_delay: Duration::from_millis(2),
             max_queue_size: 256,
             max_in_flight: 512,
@@ -193,6 +210,43 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Parses serve flags as the binary does (environment variables aside).
+    fn parse(args: &[&str]) -> Config {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: Config,
+        }
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("slimserve").chain(args.iter().copied()))
+            .unwrap()
+            .config
+    }
+
+    #[test]
+    fn max_batch_size_defaults_follow_the_device_and_the_flag_wins() {
+        // The environment would override the defaults under test.
+        if std::env::var_os("SLIMSERVE_MAX_BATCH_SIZE").is_some() {
+            panic!("unset SLIMSERVE_MAX_BATCH_SIZE to run this test");
+        }
+        assert_eq!(parse(&[]).effective_max_batch_size(), 32);
+        assert_eq!(parse(&["--device", "cuda"]).effective_max_batch_size(), 128);
+        assert_eq!(
+            parse(&["--device", "cuda:1"]).effective_max_batch_size(),
+            128
+        );
+        let set = parse(&["--device", "cuda", "--max-batch-size", "8"]);
+        assert_eq!(set.effective_max_batch_size(), 8);
+        assert_eq!(
+            parse(&["--max-batch-size", "256"]).effective_max_batch_size(),
+            256
+        );
+        assert_eq!(
+            Config::with_models("m").effective_max_batch_size(),
+            DEFAULT_CPU_MAX_BATCH
+        );
+    }
 
     #[test]
     fn durations() {

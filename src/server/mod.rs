@@ -172,7 +172,7 @@ impl Server {
             default_model: config.default_model.clone(),
             shadows: config.shadow.clone(),
             batching: BatcherConfig {
-                max_batch_size: config.max_batch_size as usize,
+                max_batch_size: config.effective_max_batch_size(),
                 max_batch_delay: config.max_batch_delay,
                 queue_capacity: config.max_queue_size,
                 max_in_flight: config.max_in_flight,

@@ -12,9 +12,9 @@ use candle_nn::{BatchNorm, BatchNormConfig, Init, VarBuilder};
 use crate::ops::activation::{self, Activation};
 use crate::ops::batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_pool2};
 use crate::ops::conv2d::conv2d;
-use crate::ops::depthwise::{depthwise_conv3x3, depthwise_conv3x3_bias};
-use crate::ops::fast_ops_enabled;
+use crate::ops::depthwise::{depthwise_conv3x3, depthwise_conv3x3_bias, depthwise_conv3x3_shifted};
 use crate::ops::max_pool::max_pool2x2;
+use crate::ops::{fast_ops_enabled, on_cpu};
 
 /// BatchNorm settings of the reference models (PyTorch defaults).
 pub const BN_EPS: f64 = 1e-5;
@@ -124,6 +124,13 @@ fn subsample(y: &Tensor, s: usize) -> Result<Tensor> {
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let depthwise = self.depthwise3x3_stride();
+        if let Some(stride) = depthwise {
+            if !on_cpu(x) {
+                // Off the CPU: shifted multiply-adds at the layer's stride, bias included
+                // (candle's grouped convolution would run one convolution per channel).
+                return depthwise_conv3x3_shifted(x, &self.weight, self.bias.as_ref(), stride);
+            }
+        }
         if fast_ops_enabled() {
             // Custom ops with the bias fused in.
             if let Some(stride) = depthwise {

@@ -318,6 +318,94 @@ fn eval_output_matches_generic_ops_for_every_architecture() {
     }
 }
 
+/// What `--device cuda` computes (every op on its device-generic path: shifted-multiply-add
+/// depthwise at the layer's stride, reshape-and-max pool, candle's BatchNorm, activations and
+/// convolutions), run here on the CPU: eval outputs equal the CPU path's for every architecture,
+/// and a train step's loss and gradients match for the students and MobileNetV2 (stride-2
+/// depthwise, residual adds, pools).
+#[test]
+fn device_generic_path_matches_the_cpu_path() {
+    use crate::ops::with_device_generic_ops;
+    for arch in Arch::ALL {
+        let size = arch.min_input_size();
+        let (_, m) = Model::init_seeded(&spec(arch, size), &Device::Cpu, 6).unwrap();
+        let x = seeded_input(0xde71, &[2, 3, size, size]);
+        m.forward_t(&x, true).unwrap();
+        let cpu = m.forward_t(&x, false).unwrap();
+        let device = with_device_generic_ops(|| m.forward_t(&x, false)).unwrap();
+        let err = rel_err(&device, &cpu);
+        assert!(err <= 1e-5, "{arch}: eval rel err {err}");
+    }
+    // MobileNetV2 in eval mode: in train mode its deep layers normalise by batch statistics of
+    // a few values per channel (2x2 pixels x 8 images at features.10; channels that ReLU6 left
+    // constant divide by sqrt(eps)), which amplifies float rounding from layer to layer
+    // (running means 2% apart). Eval mode still runs every op's backward.
+    for (arch, train) in [
+        (Arch::Student, true),
+        (Arch::StudentDeeper, true),
+        (Arch::MobileNetV2, false),
+    ] {
+        let size = arch.min_input_size();
+        let s = spec(arch, size);
+        let (vm_cpu, cpu) = Model::init_seeded(&s, &Device::Cpu, 12).unwrap();
+        let (vm_dev, dev) = Model::init_seeded(&s, &Device::Cpu, 12).unwrap();
+        let x = seeded_input(0x7ea1, &[8, 3, size, size]);
+        let y = Tensor::new(&[1u32, 5, 10, 0, 3, 3, 7, 9], &Device::Cpu).unwrap();
+        let step = |m: &Model| {
+            let logits = m.forward_t(&x, train).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+            (loss.clone(), loss.backward().unwrap())
+        };
+        let (loss_cpu, g_cpu) = step(&cpu);
+        let (loss_dev, g_dev) = with_device_generic_ops(|| step(&dev));
+        assert!(rel_err(&loss_dev, &loss_cpu) <= 1e-5, "{arch}: loss");
+        let (a, b) = (vm_cpu.data().lock().unwrap(), vm_dev.data().lock().unwrap());
+        // Gradients are judged against the largest gradient of the model: sums that cancel
+        // (a conv bias before a BatchNorm) have no scale of their own, while a wrong path
+        // (candle's max_pool2d backward: 1/4 of the gradient) is off by the gradient itself.
+        let max_abs = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let scale = a
+            .values()
+            .filter_map(|v| g_cpu.get(v.as_tensor()))
+            .map(max_abs)
+            .fold(0f32, f32::max);
+        assert!(scale > 0.0);
+        let mut compared = 0;
+        for (key, v) in a.iter() {
+            // A conv bias right before a BatchNorm has a true gradient of 0 in train mode:
+            // both paths give rounding noise there.
+            let feeds_bn = train
+                && key
+                    .strip_suffix(".0.bias")
+                    .is_some_and(|p| a.contains_key(&format!("{p}.1.running_mean")));
+            if feeds_bn {
+                continue;
+            }
+            if is_running_stat(key) {
+                let err = rel_err(b[key].as_tensor(), v.as_tensor());
+                assert!(err <= 1e-5, "{arch} {key}: running stat rel err {err}");
+                continue;
+            }
+            let gc = g_cpu.get(v.as_tensor()).expect("cpu grad");
+            let gd = g_dev.get(b[key].as_tensor()).expect("device-path grad");
+            let err = max_abs(&(gd - gc).unwrap()) / scale;
+            assert!(
+                err <= 1e-4,
+                "{arch} {key}: grad err {err} of the largest gradient"
+            );
+            compared += 1;
+        }
+        assert!(compared >= 6, "{arch}: {compared} gradients");
+    }
+}
+
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let scale = b
         .abs()

@@ -49,7 +49,7 @@ async fn health_is_not_serving_until_warm_and_while_draining() {
 async fn graceful_shutdown_answers_accepted_requests_and_refuses_new_ones() {
     const M: &str = "drain";
     let mut s = TestServer::start(&[M], |c| {
-        c.max_batch_size = 1;
+        c.max_batch_size = Some(1);
         c.inject_compute_delay = Duration::from_millis(300);
     })
     .await;

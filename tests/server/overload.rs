@@ -10,7 +10,7 @@ use crate::common::*;
 
 /// Batches of one that take 400 ms: the second request waits in the queue.
 fn slow(c: &mut slimserve::server::Config) {
-    c.max_batch_size = 1;
+    c.max_batch_size = Some(1);
     c.max_batch_delay = Duration::ZERO;
     c.inject_compute_delay = Duration::from_millis(400);
 }
