@@ -23,7 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::grpc::pb::inference as kpb;
 use crate::grpc::pb::slimserve::v1 as pb;
-use crate::server::config::parse_duration;
+use crate::server::config::parse_span;
 use crate::telemetry::code_name;
 use kpb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use pb::classifier_client::ClassifierClient;
@@ -66,9 +66,9 @@ pub struct LoadShape {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: u64,
 
-    /// Longest a run may take (e.g. 30s, 2m); it stops at whichever of --requests and this
-    /// comes first.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// Longest a run may take, with its unit (e.g. 30s, 2m); it stops at whichever of
+    /// --requests and this comes first.
+    #[arg(long, default_value = "60s", value_parser = parse_span)]
     pub duration: Duration,
 
     /// Target request rate per second across all workers (0 = as fast as answers come back).
@@ -81,8 +81,8 @@ pub struct LoadShape {
     #[arg(long, default_value_t = 0)]
     pub warmup: u64,
 
-    /// Per-request deadline (sent as grpc-timeout).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// Per-request deadline, with its unit (sent as grpc-timeout).
+    #[arg(long, default_value = "30s", value_parser = parse_span)]
     pub timeout: Duration,
 
     /// HTTP/2 connections the workers share (requests are multiplexed on each).

@@ -120,7 +120,7 @@ pub struct Config {
     pub shadow: Vec<ShadowRule>,
 
     /// After SIGTERM/SIGINT, how long accepted requests may take to finish before exit.
-    #[arg(long, env = "SLIMSERVE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "SLIMSERVE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_span)]
     pub shutdown_timeout: Duration,
 
     /// Fault injection: extra time added to every batch's compute, to rehearse overload
@@ -177,6 +177,22 @@ impl Config {
                 .max(1)
         })
     }
+}
+
+/// Parses a length of time that needs its unit (`30s`, `2m`, `500ms`; `0` = zero): the run
+/// lengths and timeouts, where a bare `30` would read as 30 milliseconds to the parser and as
+/// 30 seconds to the user.
+pub fn parse_span(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.') {
+        let zero = t.parse::<f64>().is_ok_and(|v| v == 0.0);
+        if !zero {
+            return Err(format!(
+                "`{t}` needs a unit: e.g. {t}s or {t}ms (ns, us, ms, s or m)"
+            ));
+        }
+    }
+    parse_duration(s)
 }
 
 /// Parses `250us`, `2ms`, `1.5s`, `1m`; a bare number is milliseconds (`0` = zero).
@@ -256,5 +272,12 @@ mod tests {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3 weeks").is_err());
+        // Run lengths and timeouts need a unit.
+        assert_eq!(parse_span("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_span("0").unwrap(), Duration::ZERO);
+        let err = parse_span("4").unwrap_err();
+        assert!(err.contains("needs a unit") && err.contains("4s"), "{err}");
+        assert!(parse_span("2.5").is_err());
+        assert!(parse_span("fast").is_err());
     }
 }

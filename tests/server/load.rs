@@ -147,7 +147,7 @@ async fn load_counts_every_request_by_status_and_writes_json() {
         );
     }
 
-    // Clear failures: an unknown model, an empty image folder, no server.
+    // Clear failures: an unknown model, an empty image folder, no server, a bare duration.
     let empty = s.dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     for (args, needle) in [
@@ -173,6 +173,11 @@ async fn load_counts_every_request_by_status_and_writes_json() {
         (
             vec!["--addr", "127.0.0.1:1"],
             "cannot connect to 127.0.0.1:1",
+        ),
+        // A bare number would read as milliseconds: a run length needs its unit.
+        (
+            vec!["--addr", &addr, "--duration", "4"],
+            "`4` needs a unit: e.g. 4s or 4ms",
         ),
     ] {
         let out = load(args.iter().map(|a| a.to_string()).collect()).await;
