@@ -22,11 +22,15 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then photo=$1; shift; fi
 if [ $# -gt 0 ] && [ "$1" = "--" ]; then shift; fi
 extra=("$@")
 
-if ! command -v ghz >/dev/null 2>&1; then
+# ghz on PATH, else the one `bash .ci/setup` builds (pinned) into .ci/bin.
+ghz=$(command -v ghz || true)
+if [ -z "$ghz" ] && [ -x .ci/bin/ghz ]; then ghz=.ci/bin/ghz; fi
+if [ -z "$ghz" ]; then
   cat >&2 <<'EOF'
-ghz.sh: ghz is not installed (or not on PATH).
-  Install a release binary from the ghz project's GitHub releases page, `brew install ghz`, or
-  `go install github.com/bojand/ghz/cmd/ghz@latest`; see loadtest/README.md.
+ghz.sh: ghz is not installed (not on PATH, no .ci/bin/ghz).
+  `bash .ci/setup` builds the pinned version into .ci/bin with Go; or install a release binary
+  from the ghz project's GitHub releases page, `brew install ghz`, or
+  `go install github.com/bojand/ghz/cmd/ghz@v0.120.0`; see loadtest/README.md.
   Without ghz, `slimserve load` drives the same requests (see loadtest/README.md).
 EOF
   exit 127
@@ -47,7 +51,7 @@ failed=0
 for config in ${CONFIGS:-loadtest/*.json}; do
   name=$(basename "$config" .json)
   echo "== $name ($config) -> $out/$name.json"
-  if ghz --config "$config" --format json --output "$out/$name.json" "${extra[@]}" "${host_arg[@]}"; then
+  if "$ghz" --config "$config" --format json --output "$out/$name.json" "${extra[@]}" "${host_arg[@]}"; then
     python3 - "$out/$name.json" <<'PY' || true
 import json, sys
 r = json.load(open(sys.argv[1]))
