@@ -237,6 +237,9 @@ fn load_one(
     let warm = backend
         .warm_up(options.batching.max_batch_size)
         .map_err(warmup_error)?;
+    // Fault injection (`--inject-compute-delay`): the warm-up is a batch too, so loading takes
+    // at least that long (what tests of the loading state rely on).
+    std::thread::sleep(scheduler.compute_delay());
     let s = model.config.spec.input_size;
     let metrics = ModelMetrics::new(&name);
     let engine = backend.engine();

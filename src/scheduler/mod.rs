@@ -253,6 +253,7 @@ struct Queue {
 pub struct Scheduler {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
+    compute_delay: Duration,
 }
 
 impl Scheduler {
@@ -270,7 +271,13 @@ impl Scheduler {
         Ok(Self {
             shared,
             thread: Some(thread),
+            compute_delay,
         })
+    }
+
+    /// The injected per-batch delay (zero in production); model warm-ups pay it too.
+    pub fn compute_delay(&self) -> Duration {
+        self.compute_delay
     }
 
     /// Adds a model (already built and warmed up) and returns its queue.

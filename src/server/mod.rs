@@ -49,6 +49,10 @@ pub enum ServerError {
     Thread(std::io::Error),
 }
 
+/// How long connections may take to close after the drain (their last answers flushed) before
+/// the rest are dropped.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// gRPC service names whose health is reported (plus "" for the whole server).
 const HEALTH_SERVICES: &[&str] = &[
     "",
@@ -153,12 +157,31 @@ impl Server {
             config.models.display()
         );
 
-        let stop = |grpc_task: tokio::task::JoinHandle<_>,
-                    metrics_task: tokio::task::JoinHandle<_>| async move {
+        let stop = |mut grpc_task: tokio::task::JoinHandle<_>,
+                    mut metrics_task: tokio::task::JoinHandle<_>| async move {
             let _ = stop_grpc.send(());
             let _ = stop_metrics.send(());
-            let grpc_result: Result<Result<(), tonic::transport::Error>, _> = grpc_task.await;
-            let _ = metrics_task.await;
+            // The listeners close and each connection gets a GOAWAY, then the server task waits
+            // for every connection to end. A client that never finishes the HTTP/2 handshake
+            // (a half-open connection) or never reads would hold that forever: after
+            // CLOSE_GRACE the remaining connections are dropped.
+            let grpc_result: Result<Result<(), tonic::transport::Error>, _> =
+                match tokio::time::timeout(CLOSE_GRACE, &mut grpc_task).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(
+                            "connections still open {CLOSE_GRACE:?} after the drain (clients that never finished their handshake or never read): closing them"
+                        );
+                        grpc_task.abort();
+                        Ok(Ok(()))
+                    }
+                };
+            if tokio::time::timeout(CLOSE_GRACE, &mut metrics_task)
+                .await
+                .is_err()
+            {
+                metrics_task.abort();
+            }
             match grpc_result {
                 Ok(r) => r.map_err(ServerError::from),
                 Err(join) => panic!("gRPC server task panicked: {join}"),

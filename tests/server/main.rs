@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod deploy;
+mod faults;
 mod ghz;
 mod kserve;
 mod lifecycle;
