@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use slimserve::client::{self, ClassifyArgs};
-use slimserve::load::{self, compare::CompareArgs, LoadArgs};
+use slimserve::load::{self, compare::CompareArgs, soak::SoakArgs, LoadArgs};
 use slimserve::server::{self, shutdown, Config};
 
 #[derive(Debug, Parser)]
@@ -38,6 +38,10 @@ enum Command {
     /// concurrency level, and print one table: size, accuracy, throughput, p50/p99, and the
     /// server-side queue/compute split read from /metrics.
     Compare(CompareArgs),
+    /// Soak a running server: mixed valid, oversize, malformed and cancelled requests on both
+    /// APIs at high concurrency for a long time, its resident memory sampled; fails on a status
+    /// a request's kind does not allow or on memory growth after the warm-up.
+    Soak(SoakArgs),
 }
 
 #[tokio::main]
@@ -50,6 +54,7 @@ async fn main() -> ExitCode {
         Some(Command::Compare(args)) => load::compare::compare(&args)
             .await
             .map(|rows| print!("{}", load::compare::markdown(&rows))),
+        Some(Command::Soak(args)) => soak(args).await,
         None => serve(cli.serve).await,
     };
     match result {
@@ -69,6 +74,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     server::run(config, shutdown::signal()).await?;
+    Ok(())
+}
+
+async fn soak(args: SoakArgs) -> anyhow::Result<()> {
+    let report = load::soak::soak(&args).await?;
+    print!("{report}");
+    if !report.passed {
+        anyhow::bail!(
+            "soak failed: {} unexpected outcome(s), memory growth {:.1} MiB (limit {:.1})",
+            report.unexpected,
+            report.growth_mib,
+            report.max_growth_mib
+        );
+    }
     Ok(())
 }
 

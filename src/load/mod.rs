@@ -9,6 +9,7 @@
 pub mod compare;
 pub mod prom;
 mod report;
+pub mod soak;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -117,7 +118,7 @@ pub struct LoadArgs {
 
 /// One prepared request body.
 #[derive(Debug, Clone)]
-enum Payload {
+pub(crate) enum Payload {
     Image(Bytes),
     /// Preprocessed CHW f32, little-endian.
     Tensor(Bytes),
@@ -258,7 +259,7 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Random preprocessed tensors in [0, 1): a few distinct ones, used in turn.
-fn random_tensors(size: usize, seed: u64, count: usize) -> Vec<Payload> {
+pub(crate) fn random_tensors(size: usize, seed: u64, count: usize) -> Vec<Payload> {
     (0..count as u64)
         .map(|k| {
             let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k + 1);

@@ -461,3 +461,91 @@ async fn bad_shadow_rules_stop_start_up_with_a_clear_error() {
         assert!(err.to_string().contains(needle), "{rules:?}: {err}");
     }
 }
+
+/// `slimserve soak` against a live server (this test process, whose memory it samples): every
+/// kind of request is sent and ends only as its kind allows; the report is written; a memory
+/// limit it cannot meet makes it fail with a message; a missing process is a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_sends_every_kind_and_judges_statuses_and_memory() {
+    let s = TestServer::start(&["soak-a", "soak-b"], |c| c.max_message_bytes = 1 << 20).await;
+    let addr = s.grpc.to_string();
+    let pid = std::process::id().to_string();
+    let out_json = s.dir.path().join("soak.json");
+    let soak = |extra: Vec<String>| {
+        let mut args: Vec<String> = [
+            "soak",
+            "--addr",
+            &addr,
+            "--server-pid",
+            &pid,
+            "--duration",
+            "3s",
+            "--warmup",
+            "1s",
+            "--concurrency",
+            "8",
+            "--oversize-bytes",
+            "1048577",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra);
+        tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+    };
+    // Memory is not judged here (other tests share this process): a limit nobody reaches.
+    let out = soak(vec![
+        "--max-growth-mib".into(),
+        "100000".into(),
+        "--json".into(),
+        out_json.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("PASS: 0 unexpected"), "{stdout}");
+    let report = json(&out_json);
+    let outcomes = report["outcomes"].as_object().unwrap();
+    let only = |kind: &str, code: &str| {
+        let o = outcomes[kind].as_object().unwrap();
+        assert!(o[code].as_u64().unwrap() > 0, "{kind}: {o:?}");
+        assert_eq!(o.len(), 1, "{kind}: {o:?}");
+    };
+    only("valid_image", "OK");
+    only("valid_tensor", "OK");
+    only("malformed_image", "INVALID_ARGUMENT");
+    only("malformed_tensor", "INVALID_ARGUMENT");
+    only("oversize", "RESOURCE_EXHAUSTED");
+    assert!(outcomes.contains_key("cancelled"), "{outcomes:?}");
+    assert!(report["rss_samples"].as_array().unwrap().len() >= 3);
+    assert_eq!(report["unexpected"], 0);
+    // A limit below any growth fails the run, saying why.
+    let out = soak(vec!["--max-growth-mib=-1".into()]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("soak failed") && stderr.contains("limit -1.0"),
+        "{stderr}"
+    );
+    // No such process.
+    let out = tokio::task::spawn_blocking({
+        let addr = addr.clone();
+        move || {
+            Command::new(BIN)
+                .args(["soak", "--addr", &addr, "--server-pid", "4294967295"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no such process"), "{stderr}");
+    s.stop().await.unwrap();
+}
