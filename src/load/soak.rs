@@ -42,8 +42,10 @@ pub struct SoakArgs {
     #[arg(long, default_value = "10m", value_parser = parse_span)]
     pub duration: Duration,
 
-    /// First part of the run whose memory growth is not judged (allocator pools, caches,
-    /// per-thread buffers fill up); the baseline is the largest sample of its last quarter.
+    /// First part of the run whose memory is not judged (allocator pools, caches, per-thread
+    /// buffers fill up). Growth is the median RSS of the run's last window minus that of the
+    /// first window after the warm-up (windows of min(60 s, a quarter of the judged part)):
+    /// a leak grows it, a transient peak under load does not.
     #[arg(long, default_value = "60s", value_parser = parse_span)]
     pub warmup: Duration,
 
@@ -138,7 +140,11 @@ pub struct SoakReport {
     /// Requests whose outcome their kind does not allow.
     pub unexpected: u64,
     pub rss_start_mib: f64,
+    /// Median of the first window after the warm-up.
     pub rss_baseline_mib: f64,
+    /// Median of the last window of the run.
+    pub rss_final_mib: f64,
+    /// The peak after the warm-up (transient: in-flight decoded inputs, HTTP/2 buffers).
     pub rss_max_after_warmup_mib: f64,
     pub rss_end_mib: f64,
     pub growth_mib: f64,
@@ -163,10 +169,11 @@ impl std::fmt::Display for SoakReport {
         }
         writeln!(
             f,
-            "server RSS (pid {}): start {:.1} MiB, after warm-up {:.1}, max after warm-up {:.1}, end {:.1}: growth {:.1} MiB (limit {:.1})",
+            "server RSS (pid {}): start {:.1} MiB; median of the first window after warm-up {:.1}, of the last window {:.1}; peak after warm-up {:.1}, end {:.1}: growth {:.1} MiB (limit {:.1})",
             self.server_pid,
             self.rss_start_mib,
             self.rss_baseline_mib,
+            self.rss_final_mib,
             self.rss_max_after_warmup_mib,
             self.rss_end_mib,
             self.growth_mib,
@@ -193,6 +200,44 @@ fn rss_mib(pid: u32) -> Result<f64> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{path}: no VmRSS line"))?;
     Ok(kb / 1024.0)
+}
+
+/// RSS figures from (seconds, MiB) samples.
+struct Judged {
+    baseline: f64,
+    last: f64,
+    max_after: f64,
+}
+
+/// Medians of the first window after `warm` and of the run's last window (the window:
+/// min(60 s, a quarter of the judged part), at least one sample each), and the peak after `warm`.
+fn judge(samples: &[(f64, f64)], warm: f64) -> Judged {
+    let end = samples.last().map_or(0.0, |s| s.0);
+    let window = (0.25 * (end - warm)).clamp(0.0, 60.0);
+    let after: Vec<(f64, f64)> = samples.iter().copied().filter(|s| s.0 > warm).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let first: Vec<f64> = after
+        .iter()
+        .filter(|s| s.0 <= warm + window)
+        .map(|s| s.1)
+        .collect();
+    let last: Vec<f64> = after
+        .iter()
+        .filter(|s| s.0 >= end - window)
+        .map(|s| s.1)
+        .collect();
+    let fallback = samples.last().map_or(0.0, |s| s.1);
+    let baseline = median(first)
+        .or(after.first().map(|s| s.1))
+        .unwrap_or(fallback);
+    Judged {
+        baseline,
+        last: median(last).unwrap_or(fallback),
+        max_after: after.iter().map(|s| s.1).fold(baseline, f64::max),
+    }
 }
 
 /// The request bodies every worker shares.
@@ -359,17 +404,7 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
     samples.push((started.elapsed().as_secs_f64(), rss_end));
 
     let warm = args.warmup.as_secs_f64();
-    let baseline = samples
-        .iter()
-        .filter(|(t, _)| *t >= warm * 0.75 && *t <= warm)
-        .map(|s| s.1)
-        .fold(rss_start, f64::max);
-    let max_after = samples
-        .iter()
-        .filter(|(t, _)| *t > warm)
-        .map(|s| s.1)
-        .fold(baseline, f64::max);
-    let growth = max_after - baseline;
+    let judged = judge(&samples, warm);
     let outcomes = Arc::try_unwrap(outcomes)
         .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
         .unwrap_or_default();
@@ -396,13 +431,14 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
         outcomes: by_kind,
         unexpected,
         rss_start_mib: rss_start,
-        rss_baseline_mib: baseline,
-        rss_max_after_warmup_mib: max_after,
+        rss_baseline_mib: judged.baseline,
+        rss_final_mib: judged.last,
+        rss_max_after_warmup_mib: judged.max_after,
         rss_end_mib: rss_end,
-        growth_mib: growth,
+        growth_mib: judged.last - judged.baseline,
         max_growth_mib: args.max_growth_mib,
         rss_samples: samples,
-        passed: unexpected == 0 && growth <= args.max_growth_mib,
+        passed: unexpected == 0 && judged.last - judged.baseline <= args.max_growth_mib,
     };
     if let Some(path) = &args.json {
         crate::formats::model_dir::write_atomic(path, &serde_json::to_vec_pretty(&report)?)
@@ -449,6 +485,24 @@ mod tests {
         ] {
             assert!(PATTERN.contains(&k), "{k:?}");
         }
+    }
+
+    /// A transient peak is not growth; a steady climb is.
+    #[test]
+    fn growth_is_the_last_window_against_the_first_after_warm_up() {
+        // 10 s warm-up at 100 MiB, then flat at 200 with a peak to 400, back to 205.
+        let mut flat: Vec<(f64, f64)> = (0..=10).map(|t| (t as f64, 100.0)).collect();
+        flat.extend((11..=50).map(|t| (t as f64, if t == 30 { 400.0 } else { 200.0 })));
+        flat.extend((51..=100).map(|t| (t as f64, 205.0)));
+        let j = judge(&flat, 10.0);
+        assert_eq!((j.baseline, j.last, j.max_after), (200.0, 205.0, 400.0));
+        // 1 MiB a second after the warm-up.
+        let climb: Vec<(f64, f64)> = (0..=100).map(|t| (t as f64, 100.0 + t as f64)).collect();
+        let j = judge(&climb, 10.0);
+        assert!(j.last - j.baseline > 60.0, "{} {}", j.baseline, j.last);
+        // Too few samples for windows: first after warm-up and the last.
+        let j = judge(&[(0.0, 10.0), (1.5, 20.0), (3.0, 25.0)], 1.0);
+        assert_eq!((j.baseline, j.last), (20.0, 25.0));
     }
 
     #[test]
