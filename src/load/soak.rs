@@ -43,9 +43,9 @@ pub struct SoakArgs {
     pub duration: Duration,
 
     /// First part of the run whose memory is not judged (allocator pools, caches, per-thread
-    /// buffers fill up). Growth is the median RSS of the run's last window minus that of the
-    /// first window after the warm-up (windows of min(60 s, a quarter of the judged part)):
-    /// a leak grows it, a transient peak under load does not.
+    /// buffers fill up). Growth is idle to idle: the RSS 5 s after the last request minus the
+    /// RSS after a 5 s pause that follows the warm-up. A leak grows it; the memory that
+    /// in-flight requests hold under load (a transient peak) does not.
     #[arg(long, default_value = "60s", value_parser = parse_span)]
     pub warmup: Duration,
 
@@ -140,13 +140,12 @@ pub struct SoakReport {
     /// Requests whose outcome their kind does not allow.
     pub unexpected: u64,
     pub rss_start_mib: f64,
-    /// Median of the first window after the warm-up.
-    pub rss_baseline_mib: f64,
-    /// Median of the last window of the run.
-    pub rss_final_mib: f64,
-    /// The peak after the warm-up (transient: in-flight decoded inputs, HTTP/2 buffers).
-    pub rss_max_after_warmup_mib: f64,
-    pub rss_end_mib: f64,
+    /// Once the warm-up's requests are answered and the server has been idle for 5 s.
+    pub rss_idle_after_warmup_mib: f64,
+    /// The peak under the judged load (in-flight decoded inputs, HTTP/2 buffers: transient).
+    pub rss_peak_under_load_mib: f64,
+    /// Idle again, 5 s after the last request.
+    pub rss_idle_end_mib: f64,
     pub growth_mib: f64,
     pub max_growth_mib: f64,
     /// (seconds since the start, MiB), one a second.
@@ -169,13 +168,12 @@ impl std::fmt::Display for SoakReport {
         }
         writeln!(
             f,
-            "server RSS (pid {}): start {:.1} MiB; median of the first window after warm-up {:.1}, of the last window {:.1}; peak after warm-up {:.1}, end {:.1}: growth {:.1} MiB (limit {:.1})",
+            "server RSS (pid {}): start {:.1} MiB; idle after the warm-up {:.1}; peak under load {:.1}; idle at the end {:.1}: growth {:.1} MiB (limit {:.1})",
             self.server_pid,
             self.rss_start_mib,
-            self.rss_baseline_mib,
-            self.rss_final_mib,
-            self.rss_max_after_warmup_mib,
-            self.rss_end_mib,
+            self.rss_idle_after_warmup_mib,
+            self.rss_peak_under_load_mib,
+            self.rss_idle_end_mib,
             self.growth_mib,
             self.max_growth_mib
         )?;
@@ -200,44 +198,6 @@ fn rss_mib(pid: u32) -> Result<f64> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{path}: no VmRSS line"))?;
     Ok(kb / 1024.0)
-}
-
-/// RSS figures from (seconds, MiB) samples.
-struct Judged {
-    baseline: f64,
-    last: f64,
-    max_after: f64,
-}
-
-/// Medians of the first window after `warm` and of the run's last window (the window:
-/// min(60 s, a quarter of the judged part), at least one sample each), and the peak after `warm`.
-fn judge(samples: &[(f64, f64)], warm: f64) -> Judged {
-    let end = samples.last().map_or(0.0, |s| s.0);
-    let window = (0.25 * (end - warm)).clamp(0.0, 60.0);
-    let after: Vec<(f64, f64)> = samples.iter().copied().filter(|s| s.0 > warm).collect();
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied()
-    };
-    let first: Vec<f64> = after
-        .iter()
-        .filter(|s| s.0 <= warm + window)
-        .map(|s| s.1)
-        .collect();
-    let last: Vec<f64> = after
-        .iter()
-        .filter(|s| s.0 >= end - window)
-        .map(|s| s.1)
-        .collect();
-    let fallback = samples.last().map_or(0.0, |s| s.1);
-    let baseline = median(first)
-        .or(after.first().map(|s| s.1))
-        .unwrap_or(fallback);
-    Judged {
-        baseline,
-        last: median(last).unwrap_or(fallback),
-        max_after: after.iter().map(|s| s.1).fold(baseline, f64::max),
-    }
 }
 
 /// The request bodies every worker shares.
@@ -308,6 +268,70 @@ async fn send(
     }
 }
 
+/// Quiet time before an idle memory sample.
+const QUIET: Duration = Duration::from_secs(5);
+
+/// What the workers of a phase share.
+struct Phase<'a> {
+    target: &'a Target,
+    concurrency: usize,
+    models: &'a Arc<Vec<ModelFacts>>,
+    bodies: &'a Arc<Bodies>,
+    outcomes: &'a Arc<Mutex<BTreeMap<(Kind, String), u64>>>,
+    next: &'a Arc<AtomicU64>,
+    pid: u32,
+    started: Instant,
+}
+
+impl Phase<'_> {
+    /// Closed-loop workers until `stop_at` (requests in flight then are waited for), the
+    /// server's RSS sampled once a second meanwhile.
+    async fn run(&self, stop_at: Instant, samples: &mut Vec<(f64, f64)>) -> Result<()> {
+        let mut workers = Vec::new();
+        for w in 0..self.concurrency {
+            let channel = self.target.channels[w % self.target.channels.len()].clone();
+            let (models, bodies, outcomes, next) = (
+                self.models.clone(),
+                self.bodies.clone(),
+                self.outcomes.clone(),
+                self.next.clone(),
+            );
+            workers.push(tokio::spawn(async move {
+                let mut mine: BTreeMap<(Kind, String), u64> = BTreeMap::new();
+                while Instant::now() < stop_at {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let kind = PATTERN[i as usize % PATTERN.len()];
+                    let m = (i as usize / PATTERN.len()) % models.len();
+                    let outcome = send(
+                        kind,
+                        channel.clone(),
+                        &models[m],
+                        &bodies.tensors[m],
+                        &bodies,
+                        i,
+                    )
+                    .await;
+                    *mine.entry((kind, outcome)).or_insert(0) += 1;
+                }
+                let mut all = outcomes.lock().unwrap_or_else(|e| e.into_inner());
+                for (k, n) in mine {
+                    *all.entry(k).or_insert(0) += n;
+                }
+            }));
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        while Instant::now() < stop_at {
+            tick.tick().await;
+            samples.push((self.started.elapsed().as_secs_f64(), rss_mib(self.pid)?));
+        }
+        for w in workers {
+            w.await.context("a soak worker panicked")?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs the soak; the report says whether it passed.
 pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
     if args.warmup >= args.duration {
@@ -354,57 +378,38 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
         oversize: Bytes::from(vec![0u8; args.oversize_bytes]),
     });
     let started = Instant::now();
-    let stop_at = started + args.duration;
     let outcomes: Arc<Mutex<BTreeMap<(Kind, String), u64>>> = Arc::default();
     let next = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for w in 0..args.concurrency as usize {
-        let channel = target.channels[w % target.channels.len()].clone();
-        let (models, bodies, outcomes, next) = (
-            models.clone(),
-            bodies.clone(),
-            outcomes.clone(),
-            next.clone(),
-        );
-        workers.push(tokio::spawn(async move {
-            let mut mine: BTreeMap<(Kind, String), u64> = BTreeMap::new();
-            while Instant::now() < stop_at {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let kind = PATTERN[i as usize % PATTERN.len()];
-                let m = (i as usize / PATTERN.len()) % models.len();
-                let outcome = send(
-                    kind,
-                    channel.clone(),
-                    &models[m],
-                    &bodies.tensors[m],
-                    &bodies,
-                    i,
-                )
-                .await;
-                *mine.entry((kind, outcome)).or_insert(0) += 1;
-            }
-            let mut all = outcomes.lock().unwrap_or_else(|e| e.into_inner());
-            for (k, n) in mine {
-                *all.entry(k).or_insert(0) += n;
-            }
-        }));
-    }
-    // Memory, once a second, while the workers run.
     let mut samples = vec![(0.0, rss_start)];
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    while Instant::now() < stop_at {
-        tick.tick().await;
-        samples.push((started.elapsed().as_secs_f64(), rss_mib(args.server_pid)?));
-    }
-    for w in workers {
-        w.await.context("a soak worker panicked")?;
-    }
+    let shared = Phase {
+        target: &target,
+        concurrency: args.concurrency as usize,
+        models: &models,
+        bodies: &bodies,
+        outcomes: &outcomes,
+        next: &next,
+        pid: args.server_pid,
+        started,
+    };
+    // Warm-up traffic, a quiet pause, the idle baseline; the judged traffic, a pause, the
+    // idle end. Idle to idle: what the server keeps once its requests are gone.
+    shared.run(started + args.warmup, &mut samples).await?;
+    tokio::time::sleep(QUIET).await;
+    let idle_baseline = rss_mib(args.server_pid)?;
+    samples.push((started.elapsed().as_secs_f64(), idle_baseline));
+    let judged_from = started.elapsed().as_secs_f64();
+    shared
+        .run(Instant::now() + (args.duration - args.warmup), &mut samples)
+        .await?;
+    tokio::time::sleep(QUIET).await;
     let rss_end = rss_mib(args.server_pid)?;
     samples.push((started.elapsed().as_secs_f64(), rss_end));
-
+    let peak = samples
+        .iter()
+        .filter(|s| s.0 >= judged_from)
+        .map(|s| s.1)
+        .fold(idle_baseline, f64::max);
     let warm = args.warmup.as_secs_f64();
-    let judged = judge(&samples, warm);
     let outcomes = Arc::try_unwrap(outcomes)
         .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
         .unwrap_or_default();
@@ -431,14 +436,13 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
         outcomes: by_kind,
         unexpected,
         rss_start_mib: rss_start,
-        rss_baseline_mib: judged.baseline,
-        rss_final_mib: judged.last,
-        rss_max_after_warmup_mib: judged.max_after,
-        rss_end_mib: rss_end,
-        growth_mib: judged.last - judged.baseline,
+        rss_idle_after_warmup_mib: idle_baseline,
+        rss_peak_under_load_mib: peak,
+        rss_idle_end_mib: rss_end,
+        growth_mib: rss_end - idle_baseline,
         max_growth_mib: args.max_growth_mib,
         rss_samples: samples,
-        passed: unexpected == 0 && judged.last - judged.baseline <= args.max_growth_mib,
+        passed: unexpected == 0 && rss_end - idle_baseline <= args.max_growth_mib,
     };
     if let Some(path) = &args.json {
         crate::formats::model_dir::write_atomic(path, &serde_json::to_vec_pretty(&report)?)
@@ -485,24 +489,6 @@ mod tests {
         ] {
             assert!(PATTERN.contains(&k), "{k:?}");
         }
-    }
-
-    /// A transient peak is not growth; a steady climb is.
-    #[test]
-    fn growth_is_the_last_window_against_the_first_after_warm_up() {
-        // 10 s warm-up at 100 MiB, then flat at 200 with a peak to 400, back to 205.
-        let mut flat: Vec<(f64, f64)> = (0..=10).map(|t| (t as f64, 100.0)).collect();
-        flat.extend((11..=50).map(|t| (t as f64, if t == 30 { 400.0 } else { 200.0 })));
-        flat.extend((51..=100).map(|t| (t as f64, 205.0)));
-        let j = judge(&flat, 10.0);
-        assert_eq!((j.baseline, j.last, j.max_after), (200.0, 205.0, 400.0));
-        // 1 MiB a second after the warm-up.
-        let climb: Vec<(f64, f64)> = (0..=100).map(|t| (t as f64, 100.0 + t as f64)).collect();
-        let j = judge(&climb, 10.0);
-        assert!(j.last - j.baseline > 60.0, "{} {}", j.baseline, j.last);
-        // Too few samples for windows: first after warm-up and the last.
-        let j = judge(&[(0.0, 10.0), (1.5, 20.0), (3.0, 25.0)], 1.0);
-        assert_eq!((j.baseline, j.last), (20.0, 25.0));
     }
 
     #[test]

@@ -525,11 +525,11 @@ async fn soak_sends_every_kind_and_judges_statuses_and_memory() {
     assert!(report["rss_samples"].as_array().unwrap().len() >= 3);
     assert_eq!(report["unexpected"], 0);
     // A limit below any growth fails the run, saying why.
-    let out = soak(vec!["--max-growth-mib=-1".into()]).await.unwrap();
+    let out = soak(vec!["--max-growth-mib=-100000".into()]).await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("soak failed") && stderr.contains("limit -1.0"),
+        stderr.contains("soak failed") && stderr.contains("limit -100000.0"),
         "{stderr}"
     );
     // No such process.
