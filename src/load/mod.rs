@@ -321,6 +321,49 @@ struct Sample {
     code: tonic::Code,
 }
 
+/// A Classify request for `model` (top 1), with its deadline.
+pub(crate) fn classify_request(
+    model: &ModelFacts,
+    input: pb::classify_request::Input,
+    id: u64,
+    timeout: Duration,
+) -> tonic::Request<pb::ClassifyRequest> {
+    let mut req = tonic::Request::new(pb::ClassifyRequest {
+        model: model.name.clone(),
+        top_k: 1,
+        input: Some(input),
+        id: id.to_string(),
+        include_logits: false,
+    });
+    req.set_timeout(timeout);
+    req
+}
+
+/// A ModelInfer request carrying `data` as the raw FP32 `[1, 3, S, S]` input at `model`'s
+/// size (whatever its length: the soak sends short ones on purpose), with its deadline.
+pub(crate) fn infer_request(
+    model: &ModelFacts,
+    data: Bytes,
+    id: u64,
+    timeout: Duration,
+) -> tonic::Request<kpb::ModelInferRequest> {
+    let s = model.input_size as i64;
+    let mut req = tonic::Request::new(kpb::ModelInferRequest {
+        model_name: model.name.clone(),
+        id: id.to_string(),
+        inputs: vec![kpb::model_infer_request::InferInputTensor {
+            name: crate::grpc::INPUT_NCHW.into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 3, s, s],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![data],
+        ..Default::default()
+    });
+    req.set_timeout(timeout);
+    req
+}
+
 async fn send(
     api: Api,
     channel: Channel,
@@ -340,40 +383,17 @@ async fn send(
                     data: b.clone(),
                 }),
             };
-            let mut req = tonic::Request::new(pb::ClassifyRequest {
-                model: model.name.clone(),
-                top_k: 1,
-                input: Some(input),
-                id: id.to_string(),
-                include_logits: false,
-            });
-            req.set_timeout(timeout);
             ClassifierClient::new(channel)
                 .max_decoding_message_size(64 << 20)
-                .classify(req)
+                .classify(classify_request(model, input, id, timeout))
                 .await
                 .map(|_| ())
         }
-        (Api::Kserve, Payload::Tensor(b)) => {
-            let mut req = tonic::Request::new(kpb::ModelInferRequest {
-                model_name: model.name.clone(),
-                id: id.to_string(),
-                inputs: vec![kpb::model_infer_request::InferInputTensor {
-                    name: crate::grpc::INPUT_NCHW.into(),
-                    datatype: "FP32".into(),
-                    shape: vec![1, 3, s, s],
-                    ..Default::default()
-                }],
-                raw_input_contents: vec![b.clone()],
-                ..Default::default()
-            });
-            req.set_timeout(timeout);
-            GrpcInferenceServiceClient::new(channel)
-                .max_decoding_message_size(64 << 20)
-                .model_infer(req)
-                .await
-                .map(|_| ())
-        }
+        (Api::Kserve, Payload::Tensor(b)) => GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .model_infer(infer_request(model, b.clone(), id, timeout))
+            .await
+            .map(|_| ()),
         (Api::Kserve, Payload::Image(_)) => unreachable!("payloads() refuses images for KServe"),
     };
     match result {

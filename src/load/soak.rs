@@ -16,7 +16,9 @@ use clap::Args;
 use prost::bytes::Bytes;
 use tonic::transport::Channel;
 
-use super::{image_files, random_tensors, ModelFacts, Payload, Target};
+use super::{
+    classify_request, image_files, infer_request, random_tensors, ModelFacts, Payload, Target,
+};
 use crate::grpc::pb::inference as kpb;
 use crate::grpc::pb::slimserve::v1 as pb;
 use crate::server::config::parse_span;
@@ -217,34 +219,15 @@ async fn send(
     bodies: &Bodies,
     i: u64,
 ) -> String {
-    let s = model.input_size as i64;
+    const TIMEOUT: Duration = Duration::from_secs(30);
     let classify = |image: Bytes| {
-        let mut req = tonic::Request::new(pb::ClassifyRequest {
-            model: model.name.clone(),
-            top_k: 1,
-            input: Some(pb::classify_request::Input::Image(image)),
-            id: i.to_string(),
-            include_logits: false,
-        });
-        req.set_timeout(Duration::from_secs(30));
+        let req = classify_request(model, pb::classify_request::Input::Image(image), i, TIMEOUT);
         let mut client =
             ClassifierClient::new(channel.clone()).max_encoding_message_size(usize::MAX);
         async move { client.classify(req).await.map(|_| ()) }
     };
     let infer = |data: Bytes| {
-        let mut req = tonic::Request::new(kpb::ModelInferRequest {
-            model_name: model.name.clone(),
-            id: i.to_string(),
-            inputs: vec![kpb::model_infer_request::InferInputTensor {
-                name: crate::grpc::INPUT_NCHW.into(),
-                datatype: "FP32".into(),
-                shape: vec![1, 3, s, s],
-                ..Default::default()
-            }],
-            raw_input_contents: vec![data],
-            ..Default::default()
-        });
-        req.set_timeout(Duration::from_secs(30));
+        let req = infer_request(model, data, i, TIMEOUT);
         let mut client = GrpcInferenceServiceClient::new(channel.clone());
         async move { client.model_infer(req).await.map(|_| ()) }
     };

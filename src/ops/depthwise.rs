@@ -616,6 +616,25 @@ mod tests {
         assert!(rel_err(&gw, &gw_ref) <= TOL);
     }
 
+    /// `f(x, w, b)` and the gradients of `sum(f(x, w, b) * r)` with respect to x, w and b.
+    fn value_and_grads(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        r: &Tensor,
+        f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
+    ) -> (Tensor, Tensor, Tensor, Tensor) {
+        let (xv, wv, bv) = (
+            Var::from_tensor(x).unwrap(),
+            Var::from_tensor(w).unwrap(),
+            Var::from_tensor(b).unwrap(),
+        );
+        let y = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+        let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
+        (y, get(&xv), get(&wv), get(&bv))
+    }
+
     #[test]
     fn bias_variant_matches_conv_plus_bias() {
         let mut rng = StdRng::seed_from_u64(77);
@@ -631,15 +650,7 @@ mod tests {
             let b = rand_tensor(&mut rng, &[c]);
             let r = rand_tensor(&mut rng, &dims);
             let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
-                let (xv, wv, bv) = (
-                    Var::from_tensor(&x).unwrap(),
-                    Var::from_tensor(&w).unwrap(),
-                    Var::from_tensor(&b).unwrap(),
-                );
-                let y = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
-                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
-                (y, get(&xv), get(&wv), get(&bv))
+                value_and_grads(&x, &w, &b, &r, f)
             };
             let fast = run(&|x, w, b| depthwise_conv3x3_bias(x, w, b).unwrap());
             let slow = run(&|x, w, b| {
@@ -682,15 +693,7 @@ mod tests {
             let b = rand_tensor(&mut rng, &[c]);
             let r = rand_tensor(&mut rng, &[n, c, oh, ow]);
             let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor| {
-                let (xv, wv, bv) = (
-                    Var::from_tensor(&x).unwrap(),
-                    Var::from_tensor(&w).unwrap(),
-                    Var::from_tensor(&b).unwrap(),
-                );
-                let y = f(xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
-                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                let get = |v: &Var| g.get(v.as_tensor()).unwrap().clone();
-                (y, get(&xv), get(&wv), get(&bv))
+                value_and_grads(&x, &w, &b, &r, f)
             };
             let keep = |y: Tensor| {
                 // Rows and columns 0, s, 2s, ... of the stride-1 output.

@@ -191,17 +191,24 @@ mod tests {
         Tensor::from_vec(gx, x.dims(), &Device::Cpu).unwrap()
     }
 
+    /// A random input [N, C, H, W] with odd and even sizes, and an upstream gradient of the
+    /// pooled shape.
+    fn random_case(rng: &mut StdRng) -> (Tensor, Tensor) {
+        let sizes = [2, 3, 4, 7, 16, 33];
+        let n = rng.random_range(1..=3);
+        let c = rng.random_range(1..=5);
+        let h = sizes[rng.random_range(0..sizes.len())];
+        let w = sizes[rng.random_range(0..sizes.len())];
+        let x = rand_tensor(rng, &[n, c, h, w]);
+        let r = rand_tensor(rng, &[n, c, h / 2, w / 2]);
+        (x, r)
+    }
+
     #[test]
     fn matches_generic_max_pool_on_odd_and_even_sizes() {
         let mut rng = StdRng::seed_from_u64(9);
-        let sizes = [2, 3, 4, 7, 16, 33];
         for _ in 0..30 {
-            let n = rng.random_range(1..=3);
-            let c = rng.random_range(1..=5);
-            let h = sizes[rng.random_range(0..sizes.len())];
-            let w = sizes[rng.random_range(0..sizes.len())];
-            let x = rand_tensor(&mut rng, &[n, c, h, w]);
-            let r = rand_tensor(&mut rng, &[n, c, h / 2, w / 2]);
+            let (x, r) = random_case(&mut rng);
             let (y, gx) = grad(&x, &r, |x| max_pool2x2(x).unwrap());
             let y_ref = x.max_pool2d(2).unwrap();
             assert_eq!(rel_err(&y, &y_ref), 0.0, "{:?}", x.dims());
@@ -218,14 +225,8 @@ mod tests {
     fn device_generic_form_matches_the_cpu_op() {
         use crate::ops::with_device_generic_ops;
         let mut rng = StdRng::seed_from_u64(19);
-        let sizes = [2, 3, 4, 7, 16, 33];
         for _ in 0..20 {
-            let n = rng.random_range(1..=3);
-            let c = rng.random_range(1..=5);
-            let h = sizes[rng.random_range(0..sizes.len())];
-            let w = sizes[rng.random_range(0..sizes.len())];
-            let x = rand_tensor(&mut rng, &[n, c, h, w]);
-            let r = rand_tensor(&mut rng, &[n, c, h / 2, w / 2]);
+            let (x, r) = random_case(&mut rng);
             let (y, gx) = with_device_generic_ops(|| grad(&x, &r, |x| max_pool2x2(x).unwrap()));
             let (y_ref, gx_ref) = grad(&x, &r, |x| max_pool2x2(x).unwrap());
             assert_eq!(rel_err(&y, &y_ref), 0.0, "{:?}", x.dims());

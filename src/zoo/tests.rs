@@ -304,16 +304,28 @@ fn seeded_init_is_reproducible_and_follows_pytorch_defaults() {
 /// existed) for every architecture, with non-trivial running statistics.
 #[test]
 fn eval_output_matches_generic_ops_for_every_architecture() {
-    use crate::ops::with_generic_ops;
+    eval_matches_for_every_architecture(5, 0xe7a1, 3, &|f| crate::ops::with_generic_ops(f));
+}
+
+/// An eval forward pass, to be run inside a mode switch.
+type Forward<'a> = dyn FnMut() -> candle_core::Result<Tensor> + 'a;
+
+/// For every architecture, after one train step (running statistics away from (0, 1)): the
+/// eval output run inside `wrap` equals the plain CPU path's within 1e-5.
+fn eval_matches_for_every_architecture(
+    seed: u64,
+    input_seed: u64,
+    batch: usize,
+    wrap: &dyn Fn(&mut Forward) -> candle_core::Result<Tensor>,
+) {
     for arch in Arch::ALL {
         let size = arch.min_input_size();
-        let (_, m) = Model::init_seeded(&spec(arch, size), &Device::Cpu, 5).unwrap();
-        let x = seeded_input(0xe7a1, &[3, 3, size, size]);
-        // One train step moves the running statistics away from (0, 1).
+        let (_, m) = Model::init_seeded(&spec(arch, size), &Device::Cpu, seed).unwrap();
+        let x = seeded_input(input_seed, &[batch, 3, size, size]);
         m.forward_t(&x, true).unwrap();
-        let fast = m.forward_t(&x, false).unwrap();
-        let generic = with_generic_ops(|| m.forward_t(&x, false)).unwrap();
-        let err = rel_err(&fast, &generic);
+        let cpu = m.forward_t(&x, false).unwrap();
+        let other = wrap(&mut || m.forward_t(&x, false)).unwrap();
+        let err = rel_err(&other, &cpu);
         assert!(err <= 1e-5, "{arch}: eval rel err {err}");
     }
 }
@@ -326,16 +338,7 @@ fn eval_output_matches_generic_ops_for_every_architecture() {
 #[test]
 fn device_generic_path_matches_the_cpu_path() {
     use crate::ops::with_device_generic_ops;
-    for arch in Arch::ALL {
-        let size = arch.min_input_size();
-        let (_, m) = Model::init_seeded(&spec(arch, size), &Device::Cpu, 6).unwrap();
-        let x = seeded_input(0xde71, &[2, 3, size, size]);
-        m.forward_t(&x, true).unwrap();
-        let cpu = m.forward_t(&x, false).unwrap();
-        let device = with_device_generic_ops(|| m.forward_t(&x, false)).unwrap();
-        let err = rel_err(&device, &cpu);
-        assert!(err <= 1e-5, "{arch}: eval rel err {err}");
-    }
+    eval_matches_for_every_architecture(6, 0xde71, 2, &|f| with_device_generic_ops(f));
     // MobileNetV2 in eval mode: in train mode its deep layers normalise by batch statistics of
     // a few values per channel (2x2 pixels x 8 images at features.10; channels that ReLU6 left
     // constant divide by sqrt(eps)), which amplifies float rounding from layer to layer
