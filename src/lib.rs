@@ -14,6 +14,8 @@ pub mod backend;
 pub mod client;
 pub mod error;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod infer;
 pub mod load;

@@ -211,14 +211,20 @@ impl LoadedModel {
 
 pub fn read_config(dir: &Path) -> Result<ModelConfig, ModelDirError> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let config: ModelConfig = serde_json::from_str(&text).map_err(|e| ModelDirError::Config {
-        path: path.clone(),
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    parse_config(&path, &bytes)
+}
+
+/// Parses and validates the bytes of a `config.json` (`path` names it in errors).
+pub fn parse_config(path: &Path, bytes: &[u8]) -> Result<ModelConfig, ModelDirError> {
+    let config: ModelConfig = serde_json::from_slice(bytes).map_err(|e| ModelDirError::Config {
+        path: path.to_path_buf(),
         msg: e.to_string(),
     })?;
-    config
-        .validate()
-        .map_err(|msg| ModelDirError::Config { path, msg })?;
+    config.validate().map_err(|msg| ModelDirError::Config {
+        path: path.to_path_buf(),
+        msg,
+    })?;
     Ok(config)
 }
 
@@ -236,7 +242,19 @@ pub fn read(dir: &Path) -> Result<LoadedModel, ModelDirError> {
     let config = read_config(dir)?;
     let path = dir.join(&config.weights.file);
     let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-    let (format, tensors) = weights::decode(&bytes).map_err(|source| ModelDirError::Weights {
+    from_parts(dir, config, &bytes)
+}
+
+/// A model directory whose files are already in memory: `config` (validated) and the bytes of
+/// its weight file, decoded (and dequantized) and checked against `config.weights.format`.
+/// Errors name the files as they would be in `dir`.
+pub fn from_parts(
+    dir: &Path,
+    config: ModelConfig,
+    bytes: &[u8],
+) -> Result<LoadedModel, ModelDirError> {
+    let path = dir.join(&config.weights.file);
+    let (format, tensors) = weights::decode(bytes).map_err(|source| ModelDirError::Weights {
         path: path.clone(),
         source,
     })?;
@@ -255,7 +273,7 @@ pub fn read(dir: &Path) -> Result<LoadedModel, ModelDirError> {
         config,
         tensors,
         file_bytes: bytes.len() as u64,
-        digest: format!("{:016x}", crate::fnv1a64(&bytes)),
+        digest: format!("{:016x}", crate::fnv1a64(bytes)),
     })
 }
 

@@ -43,7 +43,7 @@ fn check_top_k(requested: u32, model: &ServedModel) -> Result<usize, Error> {
 }
 
 /// The own API's request as the pipeline's.
-fn to_request(
+pub(super) fn to_request(
     req: pb::ClassifyRequest,
     deadline: Option<Instant>,
 ) -> Result<pipeline::Request, Error> {

@@ -145,7 +145,7 @@ fn input_bytes(
 }
 
 /// Checks the request's one input and output names and returns it as the pipeline's.
-fn to_request(
+pub(super) fn to_request(
     mut req: pb::ModelInferRequest,
     deadline: Option<Instant>,
 ) -> Result<(pipeline::Request, String), Error> {

@@ -16,7 +16,23 @@ use tonic::transport::server::Router;
 pub use classifier::ClassifierService;
 pub use kserve::{KServeInput, KServeService, INPUT_IMAGE, INPUT_NCHW, OUTPUT_LOGITS};
 
-use crate::pipeline::Pipeline;
+use crate::error::Error;
+use crate::pipeline::{self, Pipeline};
+
+/// The own API's `ClassifyRequest` as the pipeline's request: checked as the handler checks
+/// it, payload not yet validated (what the fuzz targets drive).
+pub fn classify_request(
+    req: pb::slimserve::v1::ClassifyRequest,
+) -> Result<pipeline::Request, Error> {
+    classifier::to_request(req, None)
+}
+
+/// KServe's `ModelInferRequest` as the pipeline's request, as [`classify_request`].
+pub fn model_infer_request(
+    req: pb::inference::ModelInferRequest,
+) -> Result<pipeline::Request, Error> {
+    kserve::to_request(req, None).map(|(req, _id)| req)
+}
 
 /// Code generated from `proto/` by build.rs.
 pub mod pb {

@@ -5,9 +5,8 @@
 
 use prost::bytes::Bytes;
 
-use super::models::ServedModel;
 use crate::error::Error;
-use crate::preprocess;
+use crate::preprocess::{self, Preprocessing};
 use crate::scheduler::Input;
 
 /// The two tensor forms a model accepts.
@@ -78,19 +77,15 @@ impl RawTensor {
     }
 }
 
-/// Decodes an encoded image and resizes/crops it as the model was trained.
-pub fn image(bytes: &[u8], model: &ServedModel, max_pixels: u64) -> Result<Input, Error> {
-    let pp = &model.config.preprocessing;
+/// Decodes an encoded image and resizes/crops it as the model was trained (`pp`).
+pub fn image(bytes: &[u8], pp: &Preprocessing, max_pixels: u64) -> Result<Input, Error> {
     let rgb = preprocess::decode_for(bytes, max_pixels, pp.resize as u32)?;
-    Ok(Input::Chw(preprocess::image_to_input(
-        &rgb,
-        &model.config.preprocessing,
-    )))
+    Ok(Input::Chw(preprocess::image_to_input(&rgb, pp)))
 }
 
-/// Validates a raw tensor and splits it into per-item inputs (views of its buffer).
-pub fn tensor(t: &RawTensor, model: &ServedModel, max_batch: usize) -> Result<Vec<Input>, Error> {
-    let s = model.input_size();
+/// Validates a raw tensor for model `model` of input side `s` and splits it into per-item
+/// inputs (views of its buffer).
+pub fn tensor(t: &RawTensor, model: &str, s: usize, max_batch: usize) -> Result<Vec<Input>, Error> {
     let item = t.layout.item_dims(s);
     let expected = if t.batched {
         format!(
@@ -111,7 +106,7 @@ pub fn tensor(t: &RawTensor, model: &ServedModel, max_batch: usize) -> Result<Ve
             "{} has shape {}; model `{}` expects {} {expected}",
             t.what,
             fmt_shape(&t.shape),
-            model.name,
+            model,
             t.layout.datatype()
         ))
     };

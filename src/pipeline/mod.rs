@@ -148,7 +148,10 @@ impl Pipeline {
                     .decoder
                     .run(move || {
                         let t = Instant::now();
-                        (input::image(&bytes, &m, max_pixels), t.elapsed())
+                        (
+                            input::image(&bytes, &m.config.preprocessing, max_pixels),
+                            t.elapsed(),
+                        )
                     })
                     .await
                     .map_err(|panic| Error::Internal(format!("decoding panicked: {panic}")))?;
@@ -156,7 +159,7 @@ impl Pipeline {
                 vec![image?]
             }
             Payload::Tensor(t) => {
-                let inputs = input::tensor(&t, model, max_batch)?;
+                let inputs = input::tensor(&t, &model.name, model.input_size(), max_batch)?;
                 let per_input = started.elapsed().as_secs_f64() / inputs.len() as f64;
                 model.metrics.preprocess_tensor.record(per_input);
                 inputs

@@ -186,6 +186,14 @@ impl ModelSpec {
                 self.arch, self.input_size
             ));
         }
+        // A config is a file anyone can edit: a side of 100,000 would have the warm-up batch
+        // allocate tens of gigabytes before anything could refuse it.
+        if self.input_size > MAX_INPUT_SIZE {
+            return bad(format!(
+                "input size {} is over the limit of {MAX_INPUT_SIZE}",
+                self.input_size
+            ));
+        }
         let expected_len = self.arch.default_widths().len();
         if self.widths.len() != expected_len {
             return bad(format!(
@@ -212,6 +220,9 @@ impl ModelSpec {
         }
     }
 }
+
+/// The largest input side a model may declare.
+pub const MAX_INPUT_SIZE: usize = 2048;
 
 /// Multiply-accumulates per image and trainable parameters, tallied layer by layer.
 #[derive(Debug, Default, Clone, Copy)]

@@ -154,6 +154,15 @@ fn plain_nets_size_their_classifier_from_the_input() {
     }
     let err = spec(Arch::Big, 63).validate().unwrap_err().to_string();
     assert!(err.contains("at least 64"), "{err}");
+    // A config anyone can edit must not make the warm-up allocate gigabytes.
+    assert!(spec(Arch::Student, super::MAX_INPUT_SIZE)
+        .validate()
+        .is_ok());
+    let err = spec(Arch::Student, super::MAX_INPUT_SIZE + 1)
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("over the limit of 2048"), "{err}");
 }
 
 #[test]

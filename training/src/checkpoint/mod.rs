@@ -387,3 +387,10 @@ fn materialize(t: &TensorRef, storages: &Storages<'_>) -> Result<Tensor, String>
 
 #[cfg(test)]
 mod tests;
+
+/// The fuzz target `checkpoint` (`fuzz/`) and its regression tests: every tensor of a
+/// checkpoint held in memory, in any of the formats [`read_bytes`] takes. Returns how many.
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) -> Result<usize, CheckpointError> {
+    read_bytes(data, None).map(|tensors| tensors.len())
+}
