@@ -18,6 +18,10 @@ pub struct ClassifyArgs {
     #[arg(long, env = "SLIMSERVE_MODEL")]
     pub model: Option<String>,
 
+    /// Version of the model (e.g. 3); default: the newest version served.
+    #[arg(long)]
+    pub model_version: Option<String>,
+
     /// Labels to print per image.
     #[arg(long, default_value_t = 3)]
     pub top_k: u32,
@@ -124,6 +128,7 @@ pub async fn classify(
         })?;
         let request = pb::ClassifyRequest {
             model: args.model.clone().unwrap_or_default(),
+            model_version: args.model_version.clone().unwrap_or_default(),
             top_k: args.top_k,
             input: Some(pb::classify_request::Input::Image(bytes.into())),
             ..Default::default()

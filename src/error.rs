@@ -14,7 +14,7 @@ pub enum Error {
     /// An item of a batch request failed; the batch fails with the item's code.
     #[error("requests[{index}]: {source}")]
     Item { index: usize, source: Box<Error> },
-    #[error("model `{model}` has no version `{version}`; it serves version `{serving}`")]
+    #[error("model `{model}` has no version `{version}` loaded; it serves version(s) {serving}")]
     VersionNotFound {
         model: String,
         version: String,
@@ -53,6 +53,12 @@ pub enum Error {
     Internal(String),
     #[error("{0} is not implemented by this server")]
     Unimplemented(String),
+    /// A repository operation this server's `--model-control` mode does not allow.
+    #[error("{0}")]
+    ModelControl(String),
+    /// An explicit load whose model failed to load; the versions served before stay.
+    #[error("model `{model}` failed to load: {reason}")]
+    LoadFailed { model: String, reason: String },
 }
 
 impl Error {

@@ -43,8 +43,16 @@ pub const DROPPED_INPUTS_TOTAL: &str = "slimserve_dropped_inputs_total";
 pub const SHADOW_REQUESTS_TOTAL: &str = "slimserve_shadow_requests_total";
 /// Largest absolute difference between the source's and the shadow's logits (histogram).
 pub const SHADOW_LOGIT_GAP: &str = "slimserve_shadow_logit_gap";
-/// Always 1; labels describe the served model (gauge).
+/// 1 while the version is served, 0 once unloaded; labels describe it (gauge).
 pub const MODEL_INFO: &str = "slimserve_model_info";
+/// Version loads by `model`, `version` and `result` (`success`, `failure`) (counter).
+pub const MODEL_LOADS_TOTAL: &str = "slimserve_model_loads_total";
+/// Versions taken out of service, by `model` and `version` (counter).
+pub const MODEL_UNLOADS_TOTAL: &str = "slimserve_model_unloads_total";
+/// Reading, validating, compiling and warming up one version, by `model` (histogram).
+pub const MODEL_LOAD_DURATION_SECONDS: &str = "slimserve_model_load_duration_seconds";
+/// Versions of the model being served (gauge).
+pub const MODEL_VERSIONS_LOADED: &str = "slimserve_model_versions_loaded";
 
 /// Latency buckets: about 1.5x apart from 0.25 ms to 10 s, so p50 and p99 interpolate
 /// within a few tens of percent anywhere between 0.5 ms and 10 s.
@@ -159,14 +167,71 @@ fn describe() {
     );
     describe_gauge!(
         MODEL_INFO,
-        "Served model: architecture, weight format, parameters, file bytes, version, device, engine"
+        "Model version: architecture, weight format, parameters, file bytes, device, engine; 1 while served, 0 once unloaded"
     );
+    describe_counter!(
+        MODEL_LOADS_TOTAL,
+        Unit::Count,
+        "Model version loads by result (success, failure)"
+    );
+    describe_counter!(
+        MODEL_UNLOADS_TOTAL,
+        Unit::Count,
+        "Model versions taken out of service"
+    );
+    describe_histogram!(
+        MODEL_LOAD_DURATION_SECONDS,
+        Unit::Seconds,
+        "Reading, validating, compiling and warming up one model version"
+    );
+    describe_gauge!(
+        MODEL_VERSIONS_LOADED,
+        Unit::Count,
+        "Versions of the model being served"
+    );
+}
+
+/// Counts one version load (`ok`: served; otherwise it failed) and its duration.
+pub fn count_load(model: &str, version: u64, ok: bool, took: Duration) {
+    metrics::counter!(
+        MODEL_LOADS_TOTAL,
+        "model" => model.to_string(),
+        "version" => version.to_string(),
+        "result" => if ok { "success" } else { "failure" },
+    )
+    .increment(1);
+    metrics::histogram!(MODEL_LOAD_DURATION_SECONDS, "model" => model.to_string())
+        .record(took.as_secs_f64());
+    if ok {
+        // The version's unload series exists from its load on (at 0), so that rates and
+        // dashboards see it before its first unload.
+        metrics::counter!(
+            MODEL_UNLOADS_TOTAL,
+            "model" => model.to_string(),
+            "version" => version.to_string(),
+        )
+        .increment(0);
+    }
+}
+
+/// Counts one version taken out of service.
+pub fn count_unload(model: &str, version: u64) {
+    metrics::counter!(
+        MODEL_UNLOADS_TOTAL,
+        "model" => model.to_string(),
+        "version" => version.to_string(),
+    )
+    .increment(1);
+}
+
+/// Sets how many versions of `model` are served.
+pub fn set_versions_loaded(model: &str, n: usize) {
+    metrics::gauge!(MODEL_VERSIONS_LOADED, "model" => model.to_string()).set(n as f64);
 }
 
 /// What the model info series says about a model.
 #[derive(Debug, Clone)]
 pub struct ModelInfoLabels {
-    pub version: String,
     /// Content hash of the weight file.
     pub digest: String,
     pub architecture: String,
@@ -183,6 +248,7 @@ pub struct ModelInfoLabels {
 #[derive(Debug, Clone)]
 pub struct ModelMetrics {
     model: String,
+    version: String,
     pub request_duration: Histogram,
     /// Decode + resize + crop of an encoded image.
     pub preprocess_image: Histogram,
@@ -199,21 +265,23 @@ pub struct ModelMetrics {
 }
 
 impl ModelMetrics {
-    pub fn new(model: &str) -> Self {
+    pub fn new(model: &str, version: &str) -> Self {
         let m = model.to_string();
+        let v = version.to_string();
         Self {
-            request_duration: metrics::histogram!(REQUEST_DURATION_SECONDS, "model" => m.clone()),
-            preprocess_image: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone(), "kind" => "image"),
-            preprocess_tensor: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone(), "kind" => "tensor"),
-            queue_wait: metrics::histogram!(QUEUE_WAIT_SECONDS, "model" => m.clone()),
-            batch_compute: metrics::histogram!(BATCH_COMPUTE_DURATION_SECONDS, "model" => m.clone()),
-            batch_upload: metrics::histogram!(BATCH_UPLOAD_DURATION_SECONDS, "model" => m.clone()),
-            batch_size: metrics::histogram!(BATCH_SIZE_INPUTS, "model" => m.clone()),
-            queue_depth: metrics::gauge!(QUEUE_DEPTH_INPUTS, "model" => m.clone()),
-            in_flight: metrics::gauge!(IN_FLIGHT_INPUTS, "model" => m.clone()),
-            dropped_deadline: metrics::counter!(DROPPED_INPUTS_TOTAL, "model" => m.clone(), "reason" => "deadline"),
-            dropped_cancelled: metrics::counter!(DROPPED_INPUTS_TOTAL, "model" => m.clone(), "reason" => "cancelled"),
+            request_duration: metrics::histogram!(REQUEST_DURATION_SECONDS, "model" => m.clone(), "version" => v.clone()),
+            preprocess_image: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone(), "version" => v.clone(), "kind" => "image"),
+            preprocess_tensor: metrics::histogram!(PREPROCESS_DURATION_SECONDS, "model" => m.clone(), "version" => v.clone(), "kind" => "tensor"),
+            queue_wait: metrics::histogram!(QUEUE_WAIT_SECONDS, "model" => m.clone(), "version" => v.clone()),
+            batch_compute: metrics::histogram!(BATCH_COMPUTE_DURATION_SECONDS, "model" => m.clone(), "version" => v.clone()),
+            batch_upload: metrics::histogram!(BATCH_UPLOAD_DURATION_SECONDS, "model" => m.clone(), "version" => v.clone()),
+            batch_size: metrics::histogram!(BATCH_SIZE_INPUTS, "model" => m.clone(), "version" => v.clone()),
+            queue_depth: metrics::gauge!(QUEUE_DEPTH_INPUTS, "model" => m.clone(), "version" => v.clone()),
+            in_flight: metrics::gauge!(IN_FLIGHT_INPUTS, "model" => m.clone(), "version" => v.clone()),
+            dropped_deadline: metrics::counter!(DROPPED_INPUTS_TOTAL, "model" => m.clone(), "version" => v.clone(), "reason" => "deadline"),
+            dropped_cancelled: metrics::counter!(DROPPED_INPUTS_TOTAL, "model" => m.clone(), "version" => v.clone(), "reason" => "cancelled"),
             model: m,
+            version: v,
         }
     }
 
@@ -221,12 +289,16 @@ impl ModelMetrics {
         &self.model
     }
 
-    /// Publishes the model info series (value 1).
-    pub fn set_info(&self, info: &ModelInfoLabels) {
-        metrics::gauge!(
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// Publishes the model info series (value 1) and returns it, to be set to 0 on unload.
+    pub fn set_info(&self, info: &ModelInfoLabels) -> Gauge {
+        let gauge = metrics::gauge!(
             MODEL_INFO,
             "model" => self.model.clone(),
-            "version" => info.version.clone(),
+            "version" => self.version.clone(),
             "digest" => info.digest.clone(),
             "architecture" => info.architecture.clone(),
             "format" => info.format.clone(),
@@ -235,17 +307,19 @@ impl ModelMetrics {
             "input_size" => info.input_size.to_string(),
             "device" => info.device.clone(),
             "engine" => info.engine.clone(),
-        )
-        .set(1.0);
+        );
+        gauge.set(1.0);
+        gauge
     }
 }
 
 /// Counts a finished request. `model` is empty when the request named no servable model
 /// (unknown names are not used as labels, so clients cannot grow the series set).
-pub fn count_request(model: &str, method: &'static str, code: tonic::Code) {
+pub fn count_request(model: &str, version: &str, method: &'static str, code: tonic::Code) {
     metrics::counter!(
         REQUESTS_TOTAL,
         "model" => model.to_string(),
+        "version" => version.to_string(),
         "method" => method,
         "code" => code_name(code),
     )

@@ -455,6 +455,17 @@ pub fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// Hands freed heap memory back to the operating system, after a model version is unloaded:
+/// glibc keeps freed chunks of its arenas mapped otherwise, so RSS would not come down.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory at the top of glibc's heaps to the system;
+    // it takes no pointers and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

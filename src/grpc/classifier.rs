@@ -78,7 +78,7 @@ pub(super) fn to_request(
     };
     Ok(pipeline::Request {
         model: req.model,
-        version: String::new(),
+        version: req.model_version,
         payload,
         deadline,
     })
@@ -131,11 +131,10 @@ async fn classify_one(
     Result<pb::ClassifyResponse, Error>,
 ) {
     // top_k is checked against the model before anything is decoded or computed.
-    let top_k = match pipeline
-        .models()
-        .and_then(|m| m.get(&req.model))
-        .and_then(|m| check_top_k(req.top_k, m))
-    {
+    let top_k = match pipeline.models().and_then(|m| {
+        m.get_version(&req.model, &req.model_version)
+            .and_then(|m| check_top_k(req.top_k, m))
+    }) {
         Ok(k) => k,
         Err(e) => return (None, Err(e)),
     };

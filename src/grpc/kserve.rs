@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use super::pb::inference as pb;
 use super::{deadline_of, finish};
 use crate::error::Error;
-use crate::pipeline::{self, Layout, Payload, Pipeline, RawTensor, ServedModel};
+use crate::pipeline::{self, Layout, Payload, Pipeline, RawTensor, Repository, ServedModel};
 
 pub const INPUT_NCHW: &str = "input";
 pub const INPUT_IMAGE: &str = "image";
@@ -64,14 +64,47 @@ impl KServeService {
         Self { pipeline, declared }
     }
 
-    fn model(&self, name: &str, version: &str) -> Result<&Arc<ServedModel>, Error> {
+    fn model(&self, name: &str, version: &str) -> Result<Arc<ServedModel>, Error> {
         let models = self.pipeline.models()?;
         if name.is_empty() {
             return Err(Error::invalid("the request names no model"));
         }
-        let model = models.get(name)?;
-        model.check_version(version)?;
-        Ok(model)
+        models.get_version(name, version).cloned()
+    }
+
+    /// Runs a repository operation off the runtime (loading compiles and warms up models).
+    async fn repository_op(
+        &self,
+        op: impl FnOnce(&Repository) -> Result<(), Error> + Send + 'static,
+    ) -> Result<(), Error> {
+        let repo = self.pipeline.repository()?.clone();
+        tokio::task::spawn_blocking(move || op(&repo))
+            .await
+            .map_err(|e| Error::Internal(format!("repository operation panicked: {e}")))?
+    }
+}
+
+/// Repository load/unload parameters: none is supported but `unload_dependents` (no
+/// ensembles here, so it changes nothing); others are refused rather than ignored.
+fn check_parameters(
+    parameters: &std::collections::HashMap<String, pb::ModelRepositoryParameter>,
+    allowed: &[&str],
+) -> Result<(), Error> {
+    match parameters.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(key) => Err(Error::invalid(format!(
+            "parameter `{key}` is not supported (config overrides and model files are read from the repository)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn check_repository(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name == "models" {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "unknown repository `{name}`: this server has one (--models); leave repository_name empty"
+        )))
     }
 }
 
@@ -278,9 +311,15 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
         let req = request.into_inner();
         let m = self.model(&req.name, &req.version)?;
         let s = m.input_size();
+        let versions = self
+            .pipeline
+            .models()?
+            .versions(&m.name)
+            .map(|v| v.keys().map(u64::to_string).collect())
+            .unwrap_or_else(|_| vec![m.version.clone()]);
         Ok(Response::new(pb::ModelMetadataResponse {
             name: m.name.clone(),
-            versions: vec![m.version.clone()],
+            versions,
             platform: PLATFORM.into(),
             inputs: vec![tensor_meta(self.declared.name(), self.declared.layout(), s)],
             outputs: vec![pb::model_metadata_response::TensorMetadata {
@@ -362,10 +401,14 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let req = request.into_inner();
         let models = self.pipeline.models()?;
-        let selected: Vec<&Arc<ServedModel>> = if req.name.is_empty() {
-            models.iter().collect()
-        } else {
-            vec![self.model(&req.name, &req.version)?]
+        let selected: Vec<Arc<ServedModel>> = match (req.name.is_empty(), req.version.is_empty()) {
+            (true, _) => models.iter().cloned().collect(),
+            // Triton: a model without a version gives every version's statistics.
+            (false, true) => {
+                self.model(&req.name, "")?;
+                models.versions(&req.name)?.values().cloned().collect()
+            }
+            (false, false) => vec![self.model(&req.name, &req.version)?],
         };
         let model_stats = selected
             .into_iter()
@@ -392,5 +435,50 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for KServeService {
             })
             .collect();
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let req = request.into_inner();
+        check_repository(&req.repository_name)?;
+        let models = self
+            .pipeline
+            .repository()?
+            .index(req.ready)
+            .into_iter()
+            .map(|e| pb::repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version.map(|v| v.to_string()).unwrap_or_default(),
+                state: e.state.name().into(),
+                reason: e.state.reason().into(),
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let req = request.into_inner();
+        check_repository(&req.repository_name)?;
+        check_parameters(&req.parameters, &[])?;
+        let name = req.model_name;
+        self.repository_op(move |repo| repo.load(&name)).await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let req = request.into_inner();
+        check_repository(&req.repository_name)?;
+        check_parameters(&req.parameters, &["unload_dependents"])?;
+        let name = req.model_name;
+        self.repository_op(move |repo| repo.unload(&name)).await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 }

@@ -135,7 +135,12 @@ pub(crate) fn finish<T>(
         Ok(_) => tonic::Code::Ok,
         Err(e) => status::code(e),
     };
-    crate::telemetry::count_request(model.map_or("", |m| m.name.as_str()), method, code);
+    crate::telemetry::count_request(
+        model.map_or("", |m| m.name.as_str()),
+        model.map_or("", |m| m.version.as_str()),
+        method,
+        code,
+    );
     if let Some(m) = model {
         if result.is_ok() {
             m.metrics.request_duration.record(elapsed.as_secs_f64());

@@ -26,6 +26,7 @@ pub fn code(e: &Error) -> Code {
         Error::Backend { .. } | Error::Internal(_) => Code::Internal,
         Error::Item { source, .. } => code(source),
         Error::Unimplemented(_) => Code::Unimplemented,
+        Error::ModelControl(_) | Error::LoadFailed { .. } => Code::FailedPrecondition,
     }
 }
 
@@ -135,7 +136,7 @@ fn rewrite_oversize<R>(response: &mut http::Response<R>, limit: usize, method: &
     if let Ok(v) = http::HeaderValue::from_str(&text) {
         headers.insert("grpc-message", v);
     }
-    crate::telemetry::count_request("", method_name(method), Code::ResourceExhausted);
+    crate::telemetry::count_request("", "", method_name(method), Code::ResourceExhausted);
 }
 
 /// Method names as `'static` metric labels (unknown ones collapse to `other`).

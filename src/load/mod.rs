@@ -334,6 +334,7 @@ pub(crate) fn classify_request(
         input: Some(input),
         id: id.to_string(),
         include_logits: false,
+        model_version: String::new(),
     });
     req.set_timeout(timeout);
     req

@@ -14,6 +14,7 @@ mod decode;
 pub mod drain;
 pub mod input;
 pub mod models;
+pub mod repository;
 pub mod shadow;
 
 use std::sync::{Arc, OnceLock};
@@ -25,6 +26,7 @@ pub use decode::DecodePool;
 pub use drain::{Drain, RequestGuard};
 pub use input::{Layout, RawTensor};
 pub use models::{LoadError, LoadOptions, Models, ServedModel};
+pub use repository::{ModelControl, Repository};
 pub use shadow::ShadowRule;
 
 use crate::error::Error;
@@ -69,8 +71,8 @@ pub struct Limits {
 /// What every RPC handler shares.
 #[derive(Debug)]
 pub struct Pipeline {
-    /// Set once, when every model is loaded and warmed up.
-    models: OnceLock<Models>,
+    /// Set once, when the start-up models are loaded and warmed up.
+    repository: OnceLock<Arc<Repository>>,
     pub drain: Drain,
     pub limits: Limits,
     /// Bounded and below compute's priority, so decoding never starves inference.
@@ -80,27 +82,33 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(limits: Limits, decode_threads: usize) -> std::io::Result<Self> {
         Ok(Self {
-            models: OnceLock::new(),
+            repository: OnceLock::new(),
             drain: Drain::default(),
             limits,
             decoder: DecodePool::new(decode_threads)?,
         })
     }
 
-    /// Publishes the loaded models (once); requests are answered from then on.
-    pub fn set_models(&self, models: Models) {
-        if self.models.set(models).is_err() {
-            panic!("models are set once");
+    /// Publishes the repository with its start-up models loaded (once); requests are
+    /// answered from then on.
+    pub fn set_repository(&self, repository: Arc<Repository>) {
+        if self.repository.set(repository).is_err() {
+            panic!("the repository is set once");
         }
     }
 
-    /// The models once loaded (for metadata calls that need no drain guard).
-    pub fn models(&self) -> Result<&Models, Error> {
-        self.models.get().ok_or(Error::Starting)
+    /// The repository, once its start-up models are loaded.
+    pub fn repository(&self) -> Result<&Arc<Repository>, Error> {
+        self.repository.get().ok_or(Error::Starting)
+    }
+
+    /// The served model versions now (for metadata calls that need no drain guard).
+    pub fn models(&self) -> Result<Arc<Models>, Error> {
+        Ok(self.repository()?.snapshot())
     }
 
     pub fn is_ready(&self) -> bool {
-        self.models.get().is_some() && !self.drain.is_draining()
+        self.repository.get().is_some() && !self.drain.is_draining()
     }
 
     pub fn decode_threads(&self) -> usize {
@@ -117,8 +125,12 @@ impl Pipeline {
             Ok(g) => g,
             Err(e) => return (None, Err(e)),
         };
-        let model = match self.models().and_then(|m| m.get(&req.model)) {
-            Ok(m) => m.clone(),
+        // The version resolved now is held until answered, whatever is published meanwhile.
+        let model = match self
+            .models()
+            .and_then(|m| m.get_version(&req.model, &req.version).cloned())
+        {
+            Ok(m) => m,
             Err(e) => return (None, Err(e)),
         };
         let result = self.run(&model, req).await;
@@ -130,7 +142,6 @@ impl Pipeline {
         model: &Arc<ServedModel>,
         req: Request,
     ) -> Result<Response, Error> {
-        model.check_version(&req.version)?;
         let max_batch = model.max_batch_size();
         let claimed = match &req.payload {
             Payload::Image(_) => 1,
@@ -166,7 +177,8 @@ impl Pipeline {
             }
         };
         let preprocess = started.elapsed();
-        let shadow = self.models()?.shadow(&model.name);
+        let models = self.models()?;
+        let shadow = models.shadow(&model.name);
         let mut pending = Vec::with_capacity(inputs.len());
         for input in inputs {
             let one = ticket

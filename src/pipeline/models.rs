@@ -1,6 +1,7 @@
-//! The served models: discovery under `--models`, loading (each weight file read once and each
-//! model built once, on its device), warm-up, registration with the shared scheduler, and
-//! lookup by name.
+//! The served models: loading one model version (its weight file read once, the model built
+//! once on its device, warmed up, registered with the shared scheduler), the immutable set of
+//! served versions that requests resolve against ([`Models`], swapped whole by the
+//! [`super::repository::Repository`]), and lookup by name and version.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use crate::scheduler::{BatcherConfig, ModelQueue, Scheduler};
 use crate::telemetry::{ModelInfoLabels, ModelMetrics, ModelStats};
 
 /// The version a flat model directory is served as (Triton's layout numbers versions from 1).
-pub const FLAT_VERSION: &str = "1";
+pub const FLAT_VERSION: u64 = 1;
 
 /// One model as the APIs see it.
 #[derive(Debug)]
@@ -24,8 +25,9 @@ pub struct ServedModel {
     pub name: String,
     /// The served version: a positive integer in decimal, as Triton's clients (perf_analyzer
     /// parses it as a number) and the KServe v2 protocol expect. A flat model directory
-    /// (`models/NAME/config.json`) is version 1.
+    /// (`models/NAME/config.json`) is version 1; `models/NAME/N/` is version N.
     pub version: String,
+    pub version_number: u64,
     /// Content hash of the weight file (FNV-1a 64, hex): changes whenever the weights do.
     pub digest: String,
     pub config: ModelConfig,
@@ -38,6 +40,19 @@ pub struct ServedModel {
     pub queue: ModelQueue,
     pub metrics: ModelMetrics,
     pub stats: Arc<ModelStats>,
+    /// The `slimserve_model_info` series, set to 0 when this version is dropped.
+    info: metrics::Gauge,
+}
+
+impl Drop for ServedModel {
+    /// Runs when the last holder lets go: the served set no longer lists this version and every
+    /// request that resolved to it has its answer (each holds it until then).
+    fn drop(&mut self) {
+        self.queue.retire();
+        self.info.set(0.0);
+        crate::backend::release_memory();
+        tracing::info!("model {} version {}: unloaded", self.name, self.version);
+    }
 }
 
 impl ServedModel {
@@ -52,38 +67,61 @@ impl ServedModel {
     pub fn max_batch_size(&self) -> usize {
         self.queue.config().max_batch_size
     }
-
-    /// Accepts the empty version or this model's.
-    pub fn check_version(&self, version: &str) -> Result<(), Error> {
-        if version.is_empty() || version == self.version {
-            Ok(())
-        } else {
-            Err(Error::VersionNotFound {
-                model: self.name.clone(),
-                version: version.to_string(),
-                serving: self.version.clone(),
-            })
-        }
-    }
 }
 
-/// Every served model, by name, with the shadow rules between them.
-#[derive(Debug, Default)]
+/// Every served model version, by name and version, with the shadow rules between models: one
+/// immutable snapshot. Requests resolve against the snapshot current when they arrive and hold
+/// the version they got until answered; the repository publishes a new snapshot to swap.
+#[derive(Debug, Default, Clone)]
 pub struct Models {
-    by_name: BTreeMap<String, Arc<ServedModel>>,
-    default: Option<String>,
+    pub(super) by_name: BTreeMap<String, BTreeMap<u64, Arc<ServedModel>>>,
+    pub(super) default: Option<String>,
     /// Source model name -> its mirror.
-    shadows: HashMap<String, Shadow>,
+    pub(super) shadows: Arc<HashMap<String, Shadow>>,
 }
 
 impl Models {
-    /// The named model; the empty name means the default model.
+    /// The named model's newest served version; the empty name means the default model.
     pub fn get(&self, name: &str) -> Result<&Arc<ServedModel>, Error> {
-        let name = if name.is_empty() {
-            self.default.as_deref().ok_or(Error::NoModels)?
+        self.get_version(name, "")
+    }
+
+    /// The named model at `version` (decimal), or its newest served version when `version` is
+    /// empty; the empty name means the default model.
+    pub fn get_version(&self, name: &str, version: &str) -> Result<&Arc<ServedModel>, Error> {
+        let versions = self.versions(name)?;
+        let found = if version.is_empty() {
+            versions.values().next_back()
         } else {
-            name
+            version.parse::<u64>().ok().and_then(|v| versions.get(&v))
         };
+        found.ok_or_else(|| Error::VersionNotFound {
+            model: self.resolve(name).unwrap_or(name).to_string(),
+            version: version.to_string(),
+            serving: if versions.is_empty() {
+                "none".into()
+            } else {
+                versions
+                    .keys()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        })
+    }
+
+    fn resolve<'a>(&'a self, name: &'a str) -> Result<&'a str, Error> {
+        if name.is_empty() {
+            self.default.as_deref().ok_or(Error::NoModels)
+        } else {
+            Ok(name)
+        }
+    }
+
+    /// Every served version of the named model (the empty name: the default model), oldest
+    /// first.
+    pub fn versions(&self, name: &str) -> Result<&BTreeMap<u64, Arc<ServedModel>>, Error> {
+        let name = self.resolve(name)?;
         self.by_name.get(name).ok_or_else(|| Error::ModelNotFound {
             name: name.to_string(),
             available: if self.by_name.is_empty() {
@@ -98,10 +136,22 @@ impl Models {
         })
     }
 
+    /// Every served version of every model, by name then version.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
-        self.by_name.values()
+        self.by_name.values().flat_map(|v| v.values())
     }
 
+    /// The newest served version of each model.
+    pub fn latest(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
+        self.by_name.values().filter_map(|v| v.values().next_back())
+    }
+
+    /// Names of the models with at least one version served.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// How many models (not versions) are served.
     pub fn len(&self) -> usize {
         self.by_name.len()
     }
@@ -136,6 +186,9 @@ pub enum LoadError {
     DefaultModel { name: String, available: String },
     #[error("--shadow {rule}: {message}")]
     Shadow { rule: String, message: String },
+    /// A model directory whose layout or version policy cannot be served.
+    #[error("{problem} (start with --skip-bad-models to serve the others)")]
+    Layout { problem: String },
 }
 
 /// What loading needs to know.
@@ -178,52 +231,20 @@ pub fn discover(root: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(dirs)
 }
 
-/// Reads, builds on `device` and warms up every model directory, then registers each with the
-/// scheduler (blocking: run it off the runtime). Bad models stop start-up with an error naming
-/// the file, or are logged and skipped with `--skip-bad-models`.
-pub fn load_all(
-    options: &LoadOptions,
-    device: &Device,
-    scheduler: &Scheduler,
-) -> Result<Models, LoadError> {
-    let mut by_name = BTreeMap::new();
-    for dir in discover(&options.dir)? {
-        match load_one(&dir, options, device, scheduler) {
-            Ok(model) => {
-                by_name.insert(model.name.clone(), Arc::new(model));
-            }
-            Err(LoadError::Model { source }) if options.skip_bad_models => {
-                tracing::warn!("skipping model {}: {source}", dir.display());
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let default = match &options.default_model {
-        Some(name) if !by_name.contains_key(name) => {
-            return Err(LoadError::DefaultModel {
-                name: name.clone(),
-                available: by_name.keys().cloned().collect::<Vec<_>>().join(", "),
-            })
-        }
-        Some(name) => Some(name.clone()),
-        None => by_name.keys().next().cloned(),
-    };
-    let shadows = shadows(&by_name, &options.shadows)?;
-    Ok(Models {
-        by_name,
-        default,
-        shadows,
-    })
-}
-
-fn load_one(
+/// Reads version `version` of model `name` from `dir` (`config.json` + weights), builds it on
+/// `device`, warms it up at every batch size it will run, and registers its queue with the
+/// scheduler (blocking: run it off the runtime). Nothing is served until the caller publishes
+/// it in a [`Models`] snapshot; if the caller drops it instead, its queue is retired.
+pub fn load_version(
     dir: &Path,
+    name: &str,
+    version: u64,
     options: &LoadOptions,
     device: &Device,
     scheduler: &Scheduler,
 ) -> Result<ServedModel, LoadError> {
     let model = model_dir::read(dir).map_err(|source| LoadError::Model { source })?;
-    let name = model.name();
+    let name = name.to_string();
     let built = model
         .build(device)
         .map_err(|source| LoadError::Model { source })?;
@@ -241,10 +262,10 @@ fn load_one(
     // at least that long (what tests of the loading state rely on).
     std::thread::sleep(scheduler.compute_delay());
     let s = model.config.spec.input_size;
-    let metrics = ModelMetrics::new(&name);
+    let version_str = version.to_string();
+    let metrics = ModelMetrics::new(&name, &version_str);
     let engine = backend.engine();
-    metrics.set_info(&ModelInfoLabels {
-        version: FLAT_VERSION.to_string(),
+    let info = metrics.set_info(&ModelInfoLabels {
         digest: model.digest.clone(),
         architecture: model.config.spec.arch.to_string(),
         format: model.config.weights.format.to_string(),
@@ -262,7 +283,7 @@ fn load_one(
         stats.clone(),
     );
     tracing::info!(
-        "model {name}: {} {s}x{s}, {} params, {} weights ({} bytes), version {FLAT_VERSION} (digest {}), {engine} engine, warm-up {:.1} ms",
+        "model {name} version {version}: {} {s}x{s}, {} params, {} weights ({} bytes, digest {}), {engine} engine, warm-up {:.1} ms",
         model.config.spec.arch,
         model.param_count(),
         model.config.weights.format,
@@ -272,7 +293,8 @@ fn load_one(
     );
     Ok(ServedModel {
         name,
-        version: FLAT_VERSION.to_string(),
+        version: version_str,
+        version_number: version,
         digest: model.digest.clone(),
         parameters: model.param_count() as u64,
         file_bytes: model.file_bytes,
@@ -282,13 +304,14 @@ fn load_one(
         queue,
         metrics,
         stats,
+        info,
     })
 }
 
 /// Checks each `--shadow` rule, refusing rules that name a model not served, give one
 /// source two targets, or pair models whose inputs or labels differ.
-fn shadows(
-    by_name: &BTreeMap<String, Arc<ServedModel>>,
+pub(super) fn shadows(
+    models: &Models,
     rules: &[ShadowRule],
 ) -> Result<HashMap<String, Shadow>, LoadError> {
     let mut out: HashMap<String, Shadow> = HashMap::new();
@@ -298,10 +321,10 @@ fn shadows(
             message,
         };
         let served = |name: &str| {
-            by_name.get(name).ok_or_else(|| {
+            models.get(name).map_err(|_| {
                 fail(format!(
                     "no model named `{name}` is served ({})",
-                    by_name.keys().cloned().collect::<Vec<_>>().join(", ")
+                    models.names().collect::<Vec<_>>().join(", ")
                 ))
             })
         };

@@ -155,6 +155,16 @@ impl ModelQueue {
         &self.config
     }
 
+    /// Takes the queue out of the scheduler for good (its model version is unloaded): its
+    /// backend, with the weights and buffers, is dropped once no batch holds it. Entries
+    /// still queued belong to clients that have gone and are dropped unanswered.
+    pub fn retire(&self) {
+        let retired = self.shared.lock().queues[self.slot].take();
+        if let Some(q) = retired {
+            self.metrics.queue_depth.decrement(q.entries.len() as f64);
+        }
+    }
+
     /// Admits `inputs` inputs, or refuses at once when the in-flight limit would be passed.
     pub fn admit(&self, inputs: usize) -> Result<Ticket, Error> {
         let refused = || Error::TooManyInFlight {
@@ -190,7 +200,11 @@ impl ModelQueue {
                     model: self.model.to_string(),
                 });
             }
-            let q = &mut state.queues[self.slot];
+            let Some(q) = state.queues[self.slot].as_mut() else {
+                return Err(Error::ExecutorGone {
+                    model: self.model.to_string(),
+                });
+            };
             if q.entries.len() >= q.capacity {
                 return Err(Error::QueueFull {
                     model: self.model.to_string(),
@@ -232,7 +246,9 @@ impl Shared {
 
 #[derive(Debug, Default)]
 struct State {
-    queues: Vec<Queue>,
+    /// By slot; a retired model version's slot is `None` (never reused, so a slot names one
+    /// version for the scheduler's life).
+    queues: Vec<Option<Queue>>,
     stopping: bool,
 }
 
@@ -291,7 +307,7 @@ impl Scheduler {
         let model: Arc<str> = metrics.model().into();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
         let mut state = self.shared.lock();
-        state.queues.push(Queue {
+        state.queues.push(Some(Queue {
             entries: VecDeque::new(),
             capacity: config.queue_capacity.max(1),
             backend,
@@ -300,7 +316,7 @@ impl Scheduler {
             stats,
             in_flight: in_flight.clone(),
             model: model.clone(),
-        });
+        }));
         ModelQueue {
             slot: state.queues.len() - 1,
             model,
@@ -324,16 +340,24 @@ impl Drop for Scheduler {
 
 /// A batch taken from one model's queue.
 struct Batch {
-    slot: usize,
     entries: Vec<Entry>,
     backend: Arc<Backend>,
+    metrics: ModelMetrics,
+    stats: Arc<ModelStats>,
+    model: Arc<str>,
 }
 
 fn compute_loop(shared: &Shared, compute_delay: Duration) {
     // Reused across batches: a fresh 25 MB buffer per batch would cost its page faults.
     let mut buffer: Vec<f32> = Vec::new();
     while let Some(batch) = next_batch(shared) {
-        run_batch(shared, batch, &mut buffer, compute_delay);
+        let backend = run_batch(batch, &mut buffer, compute_delay);
+        if let Some(last) = Arc::into_inner(backend) {
+            // The last batch of a model version unloaded meanwhile: its weights and buffers
+            // go here, on this thread, so this is where memory goes back to the system.
+            drop(last);
+            crate::backend::release_memory();
+        }
     }
 }
 
@@ -342,23 +366,31 @@ fn next_batch(shared: &Shared) -> Option<Batch> {
     let mut state = shared.lock();
     loop {
         if let Some(slot) = oldest(&state) {
-            let until = Instant::now() + state.queues[slot].config.max_batch_delay;
+            let until = match &state.queues[slot] {
+                Some(q) => Instant::now() + q.config.max_batch_delay,
+                None => continue,
+            };
             let mut entries = Vec::new();
             loop {
-                take_live(&mut state.queues[slot], &mut entries);
-                let q = &state.queues[slot];
+                // Retired while this batch waited: its entries' clients have all gone (every
+                // waiting request holds its model version, which holds the queue).
+                let Some(q) = state.queues[slot].as_mut() else {
+                    entries.clear();
+                    break;
+                };
+                take_live(q, &mut entries);
                 let max = q.config.max_batch_size.max(1);
+                let on_the_way = on_the_way(q, entries.len());
                 let now = Instant::now();
-                let others_queued = state
-                    .queues
-                    .iter()
-                    .enumerate()
-                    .any(|(i, q)| i != slot && !q.entries.is_empty());
+                let others_queued =
+                    state.queues.iter().enumerate().any(|(i, q)| {
+                        i != slot && q.as_ref().is_some_and(|q| !q.entries.is_empty())
+                    });
                 let wait = entries.len() < max
                     && now < until
                     && !others_queued
                     && !state.stopping
-                    && on_the_way(q, entries.len()) > 0;
+                    && on_the_way > 0;
                 if !wait {
                     break;
                 }
@@ -371,15 +403,16 @@ fn next_batch(shared: &Shared) -> Option<Batch> {
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
             }
-            if entries.is_empty() {
+            let Some(q) = state.queues[slot].as_ref().filter(|_| !entries.is_empty()) else {
                 // Every taken entry was expired or cancelled.
                 continue;
-            }
-            let backend = state.queues[slot].backend.clone();
+            };
             return Some(Batch {
-                slot,
                 entries,
-                backend,
+                backend: q.backend.clone(),
+                metrics: q.metrics.clone(),
+                stats: q.stats.clone(),
+                model: q.model.clone(),
             });
         }
         if state.stopping {
@@ -395,7 +428,11 @@ fn oldest(state: &State) -> Option<usize> {
         .queues
         .iter()
         .enumerate()
-        .filter_map(|(i, q)| q.entries.front().map(|e| (i, e.enqueued_at)))
+        .filter_map(|(i, q)| {
+            q.as_ref()
+                .and_then(|q| q.entries.front())
+                .map(|e| (i, e.enqueued_at))
+        })
         .min_by_key(|&(_, t)| t)
         .map(|(i, _)| i)
 }
@@ -436,15 +473,18 @@ fn take_live(q: &mut Queue, batch: &mut Vec<Entry>) {
     }
 }
 
-fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay: Duration) {
-    let (metrics, stats, model) = {
-        let state = shared.lock();
-        let q = &state.queues[batch.slot];
-        (q.metrics.clone(), q.stats.clone(), q.model.clone())
-    };
-    let n = batch.entries.len();
+/// Runs one batch and answers its entries; returns the batch's backend.
+fn run_batch(batch: Batch, buffer: &mut Vec<f32>, compute_delay: Duration) -> Arc<Backend> {
+    let Batch {
+        entries,
+        backend,
+        metrics,
+        stats,
+        model,
+    } = batch;
+    let n = entries.len();
     let started = Instant::now();
-    for entry in &batch.entries {
+    for entry in &entries {
         let queued = started - entry.enqueued_at;
         metrics.queue_wait.record(queued.as_secs_f64());
         stats.queue.add(1, queued);
@@ -453,8 +493,8 @@ fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay
     if !compute_delay.is_zero() {
         std::thread::sleep(compute_delay);
     }
-    let inputs: Vec<&Input> = batch.entries.iter().map(|e| &e.input).collect();
-    let result = batch.backend.run(&inputs, buffer);
+    let inputs: Vec<&Input> = entries.iter().map(|e| &e.input).collect();
+    let result = backend.run(&inputs, buffer);
     // Answers report the whole time on the compute thread (upload and forward pass).
     let compute = started.elapsed();
     match result {
@@ -466,7 +506,7 @@ fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay
             metrics.batch_upload.record(upload.as_secs_f64());
             metrics.batch_compute.record(forward.as_secs_f64());
             let split = Instant::now();
-            let classes = batch.backend.num_classes();
+            let classes = backend.num_classes();
             let answers: Vec<Vec<f32>> =
                 logits.chunks_exact(classes).map(<[f32]>::to_vec).collect();
             // Recorded before any answer is sent: a client that reads the statistics after its
@@ -479,7 +519,7 @@ fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay
                     output: split.elapsed(),
                 },
             );
-            for (entry, logits) in batch.entries.into_iter().zip(answers) {
+            for (entry, logits) in entries.into_iter().zip(answers) {
                 let _ = entry.reply.send(Ok(Inference {
                     logits,
                     queue: started - entry.enqueued_at,
@@ -493,11 +533,12 @@ fn run_batch(shared: &Shared, batch: Batch, buffer: &mut Vec<f32>, compute_delay
                 model: model.to_string(),
                 message,
             };
-            for entry in batch.entries {
+            for entry in entries {
                 let _ = entry.reply.send(Err(err.clone()));
             }
         }
     }
+    backend
 }
 
 #[cfg(test)]

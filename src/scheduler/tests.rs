@@ -32,7 +32,7 @@ fn queue(s: &Scheduler, name: &str, seed: u64, cfg: BatcherConfig) -> ModelQueue
     s.add_model(
         backend(seed),
         cfg,
-        ModelMetrics::new(name),
+        ModelMetrics::new(name, "1"),
         Arc::new(ModelStats::default()),
     )
 }

@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::backend::DeviceSpec;
 use crate::grpc::KServeInput;
-use crate::pipeline::ShadowRule;
+use crate::pipeline::{ModelControl, ShadowRule};
 use crate::preprocess::DEFAULT_MAX_PIXELS;
 
 /// `--max-batch-size` when unset, on the CPU.
@@ -19,10 +19,45 @@ pub const DEFAULT_GPU_MAX_BATCH: usize = 128;
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Directory holding one sub-directory per model (config.json + weights). Change it to
-    /// serve models from elsewhere, e.g. a mounted volume.
+    /// The model repository: one sub-directory per model, either flat (config.json + weights,
+    /// served as version 1) or one numbered sub-directory per version (NAME/1/, NAME/2/, ...)
+    /// with an optional NAME/policy.json choosing the versions served (default: the newest
+    /// that loads). Change it to serve models from elsewhere, e.g. a mounted volume.
     #[arg(long, env = "SLIMSERVE_MODELS", default_value = "models")]
     pub models: PathBuf,
+
+    /// How the served models may change while serving: `none` (load at start-up, never
+    /// change), `poll` (rescan --models every --repository-poll-secs and load, swap or unload
+    /// what changed, without dropping a request) or `explicit` (KServe RepositoryModelLoad /
+    /// RepositoryModelUnload, e.g. tritonclient's load_model; only over TLS or on a loopback
+    /// --grpc-addr unless --allow-remote-model-control).
+    #[arg(
+        long,
+        env = "SLIMSERVE_MODEL_CONTROL",
+        value_enum,
+        default_value = "none"
+    )]
+    pub model_control: ModelControl,
+
+    /// Seconds between rescans of --models with `--model-control poll`.
+    #[arg(long, env = "SLIMSERVE_REPOSITORY_POLL_SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub repository_poll_secs: u64,
+
+    /// With `--model-control explicit`: a model to load at start-up (repeat the flag or
+    /// separate by commas; `*` loads every model). Others wait for RepositoryModelLoad.
+    #[arg(
+        long = "load-model",
+        env = "SLIMSERVE_LOAD_MODEL",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub load_model: Vec<String>,
+
+    /// Serve RepositoryModelLoad/Unload (`--model-control explicit`) on a non-loopback
+    /// address without TLS. Anyone who reaches the port could then swap the models.
+    #[arg(long, env = "SLIMSERVE_ALLOW_REMOTE_MODEL_CONTROL")]
+    pub allow_remote_model_control: bool,
 
     /// gRPC listen address (own API, KServe v2, health, reflection). 8001 is Triton's gRPC
     /// port, which perf_analyzer and tritonclient expect.
@@ -140,10 +175,40 @@ impl Config {
         }
     }
 
+    /// Refuses `--model-control explicit` where anyone on the network could use it: a
+    /// non-loopback --grpc-addr without TLS, unless --allow-remote-model-control.
+    pub fn check_model_control(&self) -> Result<(), String> {
+        let exposed = !self.grpc_addr.ip().is_loopback() && self.tls_cert.is_none();
+        if self.model_control == ModelControl::Explicit
+            && exposed
+            && !self.allow_remote_model_control
+        {
+            return Err(format!(
+                "--model-control explicit lets any client that reaches {} load and unload models, \
+                 and it is neither loopback nor TLS: bind a loopback address (--grpc-addr \
+                 127.0.0.1:{}), serve TLS (--tls-cert/--tls-key), or pass \
+                 --allow-remote-model-control",
+                self.grpc_addr,
+                self.grpc_addr.port()
+            ));
+        }
+        if self.model_control != ModelControl::Explicit && !self.load_model.is_empty() {
+            return Err(
+                "--load-model needs --model-control explicit (the other modes load every model)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     /// The defaults, as `slimserve serve` with no flags and no environment would have them.
     pub fn with_models(models: impl Into<PathBuf>) -> Self {
         Self {
             models: models.into(),
+            model_control: ModelControl::None,
+            repository_poll_secs: 15,
+            load_model: Vec::new(),
+            allow_remote_model_control: false,
             grpc_addr: "0.0.0.0:8001".parse().expect("valid address"),
             metrics_addr: "0.0.0.0:8002".parse().expect("valid address"),
             default_model: None,

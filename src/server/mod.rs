@@ -14,6 +14,7 @@ pub mod transport;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -24,7 +25,8 @@ pub use config::Config;
 
 use crate::backend::DeviceError;
 use crate::grpc;
-use crate::pipeline::{self, LoadError, LoadOptions, Pipeline};
+use crate::pipeline::repository::StartupModels;
+use crate::pipeline::{self, LoadError, LoadOptions, ModelControl, Pipeline, Repository};
 use crate::scheduler::{BatcherConfig, Scheduler};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// How long connections may take to close after the drain (their last answers flushed) before
@@ -77,6 +81,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 impl Server {
     /// Checks the device and TLS files, then binds both ports (port 0 picks a free one).
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        config.check_model_control().map_err(ServerError::Config)?;
         let device = config.device.open()?;
         tls::server_tls(&config)?;
         let bind = |addr: SocketAddr| async move {
@@ -184,6 +189,8 @@ impl Server {
             }
             match grpc_result {
                 Ok(r) => r.map_err(ServerError::from),
+                // The runtime is going away under us (its owner stopped waiting).
+                Err(join) if join.is_cancelled() => Ok(()),
                 Err(join) => panic!("gRPC server task panicked: {join}"),
             }
         };
@@ -204,9 +211,13 @@ impl Server {
         };
         let scheduler = Arc::new(scheduler);
         let loader = scheduler.clone();
+        let (control, startup) = (
+            config.model_control,
+            StartupModels(config.load_model.clone()),
+        );
         let loading = async move {
             tokio::task::spawn_blocking(move || {
-                pipeline::models::load_all(&options, &device, &loader)
+                Repository::start(options, control, &startup, device, loader)
             })
             .await
             .expect("model loading does not panic")
@@ -218,26 +229,50 @@ impl Server {
                 return stop(grpc_task, metrics_task).await;
             }
         };
-        let models = match models {
-            Ok(models) => models,
+        let repository = match models {
+            Ok(repository) => repository,
             Err(e) => {
                 stop(grpc_task, metrics_task).await?;
                 return Err(e.into());
             }
         };
-        if models.is_empty() {
+        let models = repository.snapshot();
+        if models.is_empty() && control == ModelControl::Explicit {
+            tracing::info!(
+                "model control explicit: no model loaded at start-up (load them with RepositoryModelLoad, or --load-model)"
+            );
+        } else if models.is_empty() {
             tracing::warn!(
-                "no models found in {}: serving none (put model directories there and restart)",
-                config.models.display()
+                "no models found in {}: serving none (put model directories there{})",
+                config.models.display(),
+                if control == ModelControl::Poll {
+                    "; they are picked up on the next poll"
+                } else {
+                    " and restart"
+                }
             );
         } else {
             tracing::info!(
-                "serving {} model(s), default {}",
+                "serving {} model(s), default {}; model control {:?}",
                 models.len(),
-                models.default_name().unwrap_or("-")
+                models.default_name().unwrap_or("-"),
+                control
             );
         }
-        pipeline.set_models(models);
+        drop(models);
+        let stop_polling = Arc::new(AtomicBool::new(false));
+        let poller = match control {
+            ModelControl::Poll => Some(
+                repository
+                    .spawn_poller(
+                        std::time::Duration::from_secs(config.repository_poll_secs),
+                        stop_polling.clone(),
+                    )
+                    .map_err(ServerError::Thread)?,
+            ),
+            _ => None,
+        };
+        pipeline.set_repository(repository);
         for name in HEALTH_SERVICES {
             health
                 .set_service_status(*name, ServingStatus::Serving)
@@ -250,6 +285,7 @@ impl Server {
             config.shutdown_timeout
         );
         pipeline.drain.start();
+        stop_polling.store(true, Ordering::Relaxed);
         for name in HEALTH_SERVICES {
             health
                 .set_service_status(*name, ServingStatus::NotServing)
@@ -262,6 +298,10 @@ impl Server {
             tracing::warn!("shutdown timeout passed with requests still running; closing anyway");
         }
         let result = stop(grpc_task, metrics_task).await;
+        if let Some(poller) = poller {
+            // A pass in progress finishes (at most one model load).
+            let _ = tokio::task::spawn_blocking(move || poller.join()).await;
+        }
         // The compute thread stops once the last handle (held by the pipeline's models) goes.
         drop(pipeline);
         drop(scheduler);

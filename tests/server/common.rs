@@ -95,6 +95,17 @@ impl TestServer {
         for name in models {
             make_model(dir.path(), name);
         }
+        Self::spawn(dir, tweak).await
+    }
+
+    /// Serves the model repository already written in `dir`; waits until ready.
+    pub async fn start_dir(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+        let server = Self::spawn(dir, tweak).await;
+        server.wait_serving().await;
+        server
+    }
+
+    async fn spawn(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut c = config(dir.path());
         tweak(&mut c);
         let server = Server::bind(c).await.unwrap();

@@ -100,7 +100,9 @@ fn configs() -> Vec<(String, serde_json::Value)> {
 fn requests_ok(metrics: &str, model: &str, method: &str) -> f64 {
     sample(
         metrics,
-        &format!(r#"slimserve_requests_total{{model="{model}",method="{method}",code="OK"}}"#),
+        &format!(
+            r#"slimserve_requests_total{{model="{model}",version="1",method="{method}",code="OK"}}"#
+        ),
     )
     .unwrap_or(0.0)
 }

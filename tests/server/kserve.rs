@@ -343,7 +343,7 @@ async fn other_kserve_rpcs_are_unimplemented() {
     let mut grpc = tonic::client::Grpc::new(s.channel().await);
     grpc.ready().await.unwrap();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
-        "/inference.GRPCInferenceService/RepositoryIndex",
+        "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
     );
     let status = grpc
         .unary::<kpb::ServerLiveRequest, kpb::ServerLiveResponse, _>(

@@ -79,7 +79,7 @@ async fn load_counts_every_request_by_status_and_writes_json() {
     assert_eq!(
         sample(
             &m,
-            r#"slimserve_requests_total{model="load-a",method="Classify",code="OK"}"#
+            r#"slimserve_requests_total{model="load-a",version="1",method="Classify",code="OK"}"#
         ),
         Some(30.0),
         "the server saw every request"
@@ -138,7 +138,7 @@ async fn load_counts_every_request_by_status_and_writes_json() {
             sample(
                 &m,
                 &format!(
-                    r#"slimserve_requests_total{{model="{model}",method="ModelInfer",code="OK"}}"#
+                    r#"slimserve_requests_total{{model="{model}",version="1",method="ModelInfer",code="OK"}}"#
                 )
             ),
             Some(5.0),
@@ -392,7 +392,10 @@ async fn shadow_traffic_measures_agreement_off_the_critical_path() {
     assert!(get(r#"slimserve_shadow_logit_gap_sum{model="sh-a",shadow="twin"}"#) < 1e-3);
     // Nothing was mirrored to a model nobody shadows with, and the clients' own counts are
     // untouched by the mirrored inputs.
-    assert!(!m.contains(r#"model="twin",method="Classify""#), "{m}");
+    assert!(
+        !m.contains(r#"model="twin",version="1",method="Classify""#),
+        "{m}"
+    );
 
     // Two differently initialised models: every input is compared, their logits differ.
     let m = shadow_counts(&s, "sh-b", "sh-a", 15.0).await;
@@ -413,7 +416,10 @@ async fn shadow_traffic_measures_agreement_off_the_critical_path() {
     );
     // b's 15 mirrored inputs ran on a's batcher: a computed 20 + 15 inputs in all.
     assert_eq!(
-        get_in(&m, r#"slimserve_batch_size_inputs_sum{model="sh-a"}"#),
+        get_in(
+            &m,
+            r#"slimserve_batch_size_inputs_sum{model="sh-a",version="1"}"#
+        ),
         35.0
     );
     s.stop().await.unwrap();

@@ -14,5 +14,6 @@ mod metrics;
 mod overload;
 mod own_api;
 mod prometheus;
+mod repository;
 mod tls;
 mod triton;

@@ -20,11 +20,11 @@ async fn metrics_endpoint_has_per_model_histograms() {
     let text = s.metrics_text();
     for model in ["m-alpha", "m-beta"] {
         for hist in [
-            "slimserve_request_duration_seconds{model=\"M\",",
-            "slimserve_queue_wait_seconds{model=\"M\",",
-            "slimserve_preprocess_duration_seconds{model=\"M\",kind=\"image\",",
-            "slimserve_batch_upload_duration_seconds{model=\"M\",",
-            "slimserve_batch_compute_duration_seconds{model=\"M\",",
+            "slimserve_request_duration_seconds{model=\"M\",version=\"1\",",
+            "slimserve_queue_wait_seconds{model=\"M\",version=\"1\",",
+            "slimserve_preprocess_duration_seconds{model=\"M\",version=\"1\",kind=\"image\",",
+            "slimserve_batch_upload_duration_seconds{model=\"M\",version=\"1\",",
+            "slimserve_batch_compute_duration_seconds{model=\"M\",version=\"1\",",
         ] {
             let (name, labels) = hist.split_once('{').unwrap();
             let labels = labels.replace('M', model);
@@ -33,18 +33,21 @@ async fn metrics_endpoint_has_per_model_histograms() {
                 assert!(sample(&text, &series).is_some(), "missing {series}");
             }
         }
-        let count = format!("slimserve_request_duration_seconds_count{{model=\"{model}\"}}");
+        let count =
+            format!("slimserve_request_duration_seconds_count{{model=\"{model}\",version=\"1\"}}");
         assert_eq!(sample(&text, &count), Some(3.0), "{count}");
         assert!(sample(
             &text,
-            &format!("slimserve_batch_size_inputs_bucket{{model=\"{model}\",le=\"32\"}}")
+            &format!(
+                "slimserve_batch_size_inputs_bucket{{model=\"{model}\",version=\"1\",le=\"32\"}}"
+            )
         )
         .is_some());
         assert!(text.contains(&format!(
-            "slimserve_queue_depth_inputs{{model=\"{model}\"}} 0"
+            "slimserve_queue_depth_inputs{{model=\"{model}\",version=\"1\"}} 0"
         )));
         assert!(text.contains(&format!(
-            "slimserve_in_flight_inputs{{model=\"{model}\"}} 0"
+            "slimserve_in_flight_inputs{{model=\"{model}\",version=\"1\"}} 0"
         )));
         let info = text
             .lines()
@@ -65,9 +68,9 @@ async fn metrics_endpoint_has_per_model_histograms() {
         }
     }
     assert!(text
-        .contains("slimserve_requests_total{model=\"m-alpha\",method=\"Classify\",code=\"OK\"} 3"));
+        .contains("slimserve_requests_total{model=\"m-alpha\",version=\"1\",method=\"Classify\",code=\"OK\"} 3"));
     assert!(text.contains(
-        "slimserve_requests_total{model=\"m-alpha\",method=\"Classify\",code=\"INVALID_ARGUMENT\"} 1"
+        "slimserve_requests_total{model=\"m-alpha\",version=\"1\",method=\"Classify\",code=\"INVALID_ARGUMENT\"} 1"
     ));
     assert!(text.contains("# HELP slimserve_request_duration_seconds"));
 }

@@ -18,7 +18,7 @@ fn slow(c: &mut slimserve::server::Config) {
 fn batches(text: &str, model: &str) -> f64 {
     sample(
         text,
-        &format!("slimserve_batch_size_inputs_count{{model=\"{model}\"}}"),
+        &format!("slimserve_batch_size_inputs_count{{model=\"{model}\",version=\"1\"}}"),
     )
     .unwrap_or(0.0)
 }
@@ -26,7 +26,9 @@ fn batches(text: &str, model: &str) -> f64 {
 fn dropped(text: &str, model: &str, reason: &str) -> f64 {
     sample(
         text,
-        &format!("slimserve_dropped_inputs_total{{model=\"{model}\",reason=\"{reason}\"}}"),
+        &format!(
+            "slimserve_dropped_inputs_total{{model=\"{model}\",version=\"1\",reason=\"{reason}\"}}"
+        ),
     )
     .unwrap_or(0.0)
 }

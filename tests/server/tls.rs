@@ -56,6 +56,7 @@ fn classify_args(s: &TestServer, pki: &Pki, photo: PathBuf) -> ClassifyArgs {
     ClassifyArgs {
         addr: format!("localhost:{}", s.grpc.port()),
         model: None,
+        model_version: None,
         top_k: 1,
         tls_ca: Some(pki.ca.clone()),
         tls_domain: None,

@@ -55,3 +55,56 @@ async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
         );
     }
 }
+
+/// tritonclient's repository API (`load_model`, `unload_model`,
+/// `get_model_repository_index`) against `--model-control explicit`, while four client threads
+/// infer in a closed loop: a version published and loaded takes over with no failed request,
+/// a broken model's load fails with its reason, an unload takes a model out of service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_loads_and_unloads_models_under_load() {
+    let python = python("numpy, tritonclient.grpc");
+    let dir = tempfile::tempdir().unwrap();
+    let staged = tempfile::tempdir().unwrap();
+    crate::repository::publish(dir.path(), "m", 1);
+    make_model(dir.path(), "other");
+    make_model(staged.path(), "m-2");
+    std::fs::create_dir_all(staged.path().join("broken-1")).unwrap();
+    std::fs::write(staged.path().join("broken-1/config.json"), "{\"arch\": 1}").unwrap();
+    let repo = dir.path().to_path_buf();
+    let s = TestServer::start_dir(dir, |c| {
+        c.model_control = slimserve::pipeline::ModelControl::Explicit;
+        c.load_model = vec!["other".into()];
+    })
+    .await;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/triton_repository.py");
+    let addr = s.grpc.to_string();
+    let staged_path = staged.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(addr)
+            .arg(repo)
+            .arg(staged_path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "triton_repository.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(
+        summary["versions"],
+        serde_json::json!(["1", "2"]),
+        "{summary}"
+    );
+    assert!(summary["requests"].as_u64().unwrap() > 10, "{summary}");
+    eprintln!("tritonclient repository API under load: {summary}");
+    s.stop().await.unwrap();
+}

@@ -139,6 +139,52 @@ pub enum Value {
     Tensor(Rc<TensorRef>),
 }
 
+/// The allocation behind a container value (what a reference cycle would go through).
+fn container_ptr(value: &Value) -> Option<*const ()> {
+    match value {
+        Value::List(l) => Some(Rc::as_ptr(l).cast()),
+        Value::Dict(d) => Some(Rc::as_ptr(d).cast()),
+        Value::Tuple(t) => Some(Rc::as_ptr(t).cast()),
+        _ => None,
+    }
+}
+
+/// Refuses to put into `target` a value that holds `target` at any depth: the reference cycle
+/// would never be freed (`Rc`), so every such file read would leak (found by the `checkpoint`
+/// fuzz target). PyTorch never writes one. Walks with its own stack, so deep nesting cannot
+/// overflow the thread's.
+fn refuse_cycle(target: &Value, items: &[Value]) -> Result<(), PickleError> {
+    let Some(goal) = container_ptr(target) else {
+        return Ok(());
+    };
+    let mut seen = std::collections::HashSet::new();
+    let containers = |vs: &mut dyn Iterator<Item = &Value>| -> Vec<Value> {
+        vs.filter(|v| container_ptr(v).is_some()).cloned().collect()
+    };
+    let mut stack: Vec<Value> = containers(&mut items.iter());
+    while let Some(v) = stack.pop() {
+        let Some(ptr) = container_ptr(&v) else {
+            continue;
+        };
+        if ptr == goal {
+            return Err(PickleError::Malformed(
+                "a list or dict that contains itself (a reference cycle)".into(),
+            ));
+        }
+        if !seen.insert(ptr) {
+            continue;
+        }
+        let inner = match &v {
+            Value::List(l) => containers(&mut l.borrow().iter()),
+            Value::Dict(d) => containers(&mut d.borrow().iter().flat_map(|(k, v)| [k, v])),
+            Value::Tuple(t) => containers(&mut t.iter()),
+            _ => Vec::new(),
+        };
+        stack.extend(inner);
+    }
+    Ok(())
+}
+
 impl Value {
     fn kind(&self) -> &'static str {
         match self {
@@ -345,6 +391,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn set_items(target: &Value, items: Vec<Value>) -> Result<(), PickleError> {
+        refuse_cycle(target, &items)?;
         let Value::Dict(d) = target else {
             return Err(PickleError::Malformed(format!(
                 "SETITEM(S) on a {}",
@@ -368,6 +415,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn append(target: &Value, items: Vec<Value>) -> Result<(), PickleError> {
+        refuse_cycle(target, &items)?;
         match target {
             Value::List(l) => {
                 l.borrow_mut().extend(items);
@@ -790,6 +838,23 @@ impl fmt::Display for StorageDtype {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_containers_that_contain_themselves() {
+        // l = []; l.append(l)  (memo 0 is the list)
+        let direct = b"\x80\x02]q\x00h\x00a.";
+        // l = []; l.append((l,))  (the cycle goes through a tuple)
+        let via_tuple = b"\x80\x02]q\x00h\x00\x85a.";
+        // d = {}; d["k"] = [d]
+        let via_dict = b"\x80\x02}q\x00X\x01\x00\x00\x00kh\x00\x85s.";
+        for pickle in [&direct[..], via_tuple, via_dict] {
+            let err = load(pickle).unwrap_err();
+            assert!(err.to_string().contains("contains itself"), "{err}");
+        }
+        // Shared, acyclic: t = (1,); [t, t] is fine.
+        let shared = b"\x80\x02]q\x00K\x01\x85q\x01h\x01\x86a.";
+        assert!(load(shared).is_ok());
+    }
 
     #[test]
     fn refuses_code_execution_by_name() {
