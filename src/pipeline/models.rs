@@ -27,7 +27,6 @@ pub struct ServedModel {
     /// parses it as a number) and the KServe v2 protocol expect. A flat model directory
     /// (`models/NAME/config.json`) is version 1; `models/NAME/N/` is version N.
     pub version: String,
-    pub version_number: u64,
     /// Content hash of the weight file (FNV-1a 64, hex): changes whenever the weights do.
     pub digest: String,
     pub config: ModelConfig,
@@ -139,11 +138,6 @@ impl Models {
     /// Every served version of every model, by name then version.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
         self.by_name.values().flat_map(|v| v.values())
-    }
-
-    /// The newest served version of each model.
-    pub fn latest(&self) -> impl Iterator<Item = &Arc<ServedModel>> {
-        self.by_name.values().filter_map(|v| v.values().next_back())
     }
 
     /// Names of the models with at least one version served.
@@ -294,7 +288,6 @@ pub fn load_version(
     Ok(ServedModel {
         name,
         version: version_str,
-        version_number: version,
         digest: model.digest.clone(),
         parameters: model.param_count() as u64,
         file_bytes: model.file_bytes,

@@ -306,10 +306,6 @@ impl Repository {
         Ok(repo)
     }
 
-    pub fn control(&self) -> ModelControl {
-        self.control
-    }
-
     /// The served versions now. Cheap: a reference count.
     pub fn snapshot(&self) -> Arc<Models> {
         self.served

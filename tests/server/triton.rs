@@ -7,18 +7,20 @@ use std::process::Command;
 use crate::common::*;
 use slimserve::grpc::pb::slimserve::v1 as pb;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
-    const M: &str = "triton";
-    const SEED: u32 = 42;
-    let python = python("numpy, tritonclient.grpc");
-    let s = TestServer::start(&[M], |_| {}).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/triton_client.py");
-    let addr = s.grpc.to_string();
+/// Runs `tests/python/NAME ARGS...` with `python` off the runtime; fails the test with the
+/// script's output unless it exits 0.
+async fn run_script(
+    python: PathBuf,
+    name: &'static str,
+    args: Vec<std::ffi::OsString>,
+) -> std::process::Output {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(name);
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
-            .args([addr.as_str(), M, &SEED.to_string()])
+            .args(args)
             .output()
             .unwrap()
     })
@@ -26,9 +28,25 @@ async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
     .unwrap();
     assert!(
         out.status.success(),
-        "triton_client.py failed:\n{}",
+        "{name} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
+    const M: &str = "triton";
+    const SEED: u32 = 42;
+    let python = python("numpy, tritonclient.grpc");
+    let s = TestServer::start(&[M], |_| {}).await;
+    let out = run_script(
+        python,
+        "triton_client.py",
+        vec![s.grpc.to_string().into(), M.into(), SEED.to_string().into()],
+    )
+    .await;
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["model"], M);
     assert_eq!(answer["inference_count"], 2);
@@ -76,27 +94,12 @@ async fn tritonclient_loads_and_unloads_models_under_load() {
         c.load_model = vec!["other".into()];
     })
     .await;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/triton_repository.py");
-    let addr = s.grpc.to_string();
-    let staged_path = staged.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .arg(script)
-            .arg(addr)
-            .arg(repo)
-            .arg(staged_path)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "triton_repository.py failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_script(
+        python,
+        "triton_repository.py",
+        vec![s.grpc.to_string().into(), repo.into(), staged.path().into()],
+    )
+    .await;
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(
