@@ -364,6 +364,54 @@ fn rss_mib(pid: u32) -> f64 {
     rss_field(pid, "RssAnon:")
 }
 
+/// Anonymous KiB per mapping (start address and name) from `/proc/PID/smaps`.
+fn anon_by_mapping(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Anonymous:") {
+            let kib: u64 = kib
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            *out.entry(current.clone()).or_insert(0) += kib;
+        } else if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|t| !t.ends_with(':'))
+        {
+            // A mapping's header: ADDR-ADDR PERMS OFFSET DEV INODE [NAME].
+            let mut f = line.split_whitespace();
+            let range = f.next().unwrap_or("");
+            let start = range.split('-').next().unwrap_or("");
+            current = format!("{start} {}", f.nth(4).unwrap_or("[anon]"));
+        }
+    }
+    out
+}
+
+/// The mappings whose anonymous memory grew most from `a` to `b`, for a failure message.
+fn grown_mappings(
+    a: &std::collections::BTreeMap<String, u64>,
+    b: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let mut d: Vec<(i64, &String)> = b
+        .iter()
+        .map(|(k, &v)| (v as i64 - a.get(k).copied().unwrap_or(0) as i64, k))
+        .filter(|(d, _)| *d > 0)
+        .collect();
+    d.sort_by(|x, y| y.0.cmp(&x.0));
+    let top: Vec<String> = d
+        .iter()
+        .take(5)
+        .map(|(d, k)| format!("{k} +{d} KiB"))
+        .collect();
+    top.join(", ")
+}
+
 fn rss_field(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib: f64 = status
@@ -452,6 +500,7 @@ async fn ten_swaps_under_load_return_their_memory() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let before = rss_mib(pid);
     let before_all = rss_field(pid, "VmRSS:");
+    let smaps_before = anon_by_mapping(pid);
 
     stop.store(false, Ordering::SeqCst);
     let load = run_load(stop.clone(), 4);
@@ -521,7 +570,9 @@ async fn ten_swaps_under_load_return_their_memory() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let after = rss_mib(pid);
     let after_all = rss_field(pid, "VmRSS:");
+    let grown = grown_mappings(&smaps_before, &anon_by_mapping(pid));
     eprintln!("VmRSS (with the executable's pages): {before_all:.1} -> {after_all:.1} MiB");
+    eprintln!("mappings whose anonymous memory grew most: {grown}");
     eprintln!(
         "ten swaps under load: {} requests, 0 failed; RSS one version {before:.1} MiB, peak during swaps {peak:.1} MiB, after {after:.1} MiB ({:+.1}%)",
         versions.len(),
@@ -533,8 +584,14 @@ async fn ten_swaps_under_load_return_their_memory() {
     let footprint = (peak - before).max(1.0);
     assert!(
         after - before < 2.0 * footprint,
-        "RSS grew {:.1} MiB over ten swaps, more than two versions' footprint ({footprint:.1} MiB each): old versions are kept",
+        "RSS grew {:.1} MiB over ten swaps, more than two versions' footprint ({footprint:.1} MiB each): old versions are kept; grown mappings: {grown}",
         after - before
+    );
+    // The bound: back within 10% of one version's footprint (the whole process's
+    // anonymous memory with one version loaded).
+    assert!(
+        after <= 1.10 * before,
+        "RSS after ten swaps {after:.1} MiB is more than 10% above one version's {before:.1} MiB; grown mappings: {grown}"
     );
     assert_eq!(serving, 17);
 }
