@@ -82,10 +82,11 @@ async fn soak(args: SoakArgs) -> anyhow::Result<()> {
     print!("{report}");
     if !report.passed {
         anyhow::bail!(
-            "soak failed: {} unexpected outcome(s), memory growth {:.1} MiB (limit {:.1})",
+            "soak failed: {} unexpected outcome(s), memory growth {:.1} MiB (limit {:.1}), {} swap failure(s)",
             report.unexpected,
             report.growth_mib,
-            report.max_growth_mib
+            report.max_growth_mib,
+            report.swaps.as_ref().map_or(0, |w| w.failures.len())
         );
     }
     Ok(())

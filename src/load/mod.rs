@@ -10,6 +10,7 @@ pub mod compare;
 pub mod prom;
 mod report;
 pub mod soak;
+pub mod swap;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -3,7 +3,9 @@
 //! up on) at high concurrency, while the server's resident memory is sampled from
 //! `/proc/PID/status`. It fails when any request ends with a status its kind does not allow, or
 //! when the memory grows by more than `--max-growth-mib` after the warm-up (Triton's
-//! L0_memory_growth is the model).
+//! L0_memory_growth is the model). With `--swap-model`, new versions of a model (some corrupt)
+//! are published into the server's repository meanwhile, and each must serve (or be refused)
+//! without a request failing.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use clap::Args;
 use prost::bytes::Bytes;
 use tonic::transport::Channel;
 
+use super::swap::{SwapReport, Swapper};
 use super::{
     classify_request, image_files, infer_request, random_tensors, ModelFacts, Payload, Target,
 };
@@ -74,6 +77,23 @@ pub struct SoakArgs {
     /// Also write the report as JSON here (atomically).
     #[arg(long)]
     pub json: Option<PathBuf>,
+
+    /// Hot-swap this model during the run: every --swap-every, a new version REPOSITORY/NAME/N/
+    /// is published (a copy of the version serving at the start, written aside and renamed into
+    /// place); every third one, from the second on, is corrupt (half its weights) and must be
+    /// refused while the previous version keeps serving. The server must run with
+    /// `--model-control poll` on --repository. Superseded versions are removed as the run goes,
+    /// and all published ones at the end, so the original version serves again.
+    #[arg(long, requires = "repository")]
+    pub swap_model: Option<String>,
+
+    /// The server's model repository (its --models directory), written by --swap-model.
+    #[arg(long, requires = "swap_model")]
+    pub repository: Option<PathBuf>,
+
+    /// Time between two published versions (--swap-model), with its unit.
+    #[arg(long, default_value = "30s", value_parser = parse_span)]
+    pub swap_every: Duration,
 }
 
 /// What a request is, and so which statuses it may end with.
@@ -152,6 +172,8 @@ pub struct SoakReport {
     pub max_growth_mib: f64,
     /// (seconds since the start, MiB), one a second.
     pub rss_samples: Vec<(f64, f64)>,
+    /// --swap-model: the versions published and what the server did with them.
+    pub swaps: Option<SwapReport>,
     pub passed: bool,
 }
 
@@ -179,6 +201,29 @@ impl std::fmt::Display for SoakReport {
             self.growth_mib,
             self.max_growth_mib
         )?;
+        if let Some(w) = &self.swaps {
+            let mut t = w.seconds_to_serve.clone();
+            t.sort_by(f64::total_cmp);
+            writeln!(
+                f,
+                "swaps of {}: {} versions published, {} served (load to serve: median {:.1} s, max {:.1} s), {} corrupt refused, {} failure(s){}",
+                w.model,
+                w.published,
+                w.served,
+                t.get(t.len() / 2).copied().unwrap_or(0.0),
+                t.last().copied().unwrap_or(0.0),
+                w.refused,
+                w.failures.len(),
+                if w.restored {
+                    format!("; version {} serves again", w.original_version)
+                } else {
+                    String::new()
+                }
+            )?;
+            for failure in &w.failures {
+                writeln!(f, "  swap failure: {failure}")?;
+            }
+        }
         writeln!(
             f,
             "{}: {} unexpected outcome(s)",
@@ -257,6 +302,8 @@ const QUIET: Duration = Duration::from_secs(5);
 /// What the workers of a phase share.
 struct Phase<'a> {
     target: &'a Target,
+    swapper: Option<&'a Arc<tokio::sync::Mutex<Swapper>>>,
+    swap_every: Duration,
     concurrency: usize,
     models: &'a Arc<Vec<ModelFacts>>,
     bodies: &'a Arc<Bodies>,
@@ -302,6 +349,19 @@ impl Phase<'_> {
                 }
             }));
         }
+        // Versions published while the load runs; the last one settles before the phase ends.
+        let swaps = self.swapper.map(|swapper| {
+            let (swapper, every) = (swapper.clone(), self.swap_every);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if Instant::now() >= stop_at {
+                        return Ok(());
+                    }
+                    swapper.lock().await.swap_once().await?;
+                }
+            })
+        });
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         while Instant::now() < stop_at {
@@ -310,6 +370,10 @@ impl Phase<'_> {
         }
         for w in workers {
             w.await.context("a soak worker panicked")?;
+        }
+        if let Some(swaps) = swaps {
+            let swapped: Result<()> = swaps.await.context("the swapping task panicked")?;
+            swapped?;
         }
         Ok(())
     }
@@ -332,6 +396,12 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
         args.model.clone()
     };
     let models = Arc::new(target.resolve(&names)?);
+    let swapper = match (&args.swap_model, &args.repository) {
+        (Some(model), Some(repository)) => Some(Arc::new(tokio::sync::Mutex::new(
+            Swapper::new(target.channels[0].clone(), repository, model).await?,
+        ))),
+        _ => None,
+    };
     let images = match &args.images {
         Some(dir) => image_files(dir)?
             .iter()
@@ -366,6 +436,8 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
     let mut samples = vec![(0.0, rss_start)];
     let shared = Phase {
         target: &target,
+        swapper: swapper.as_ref(),
+        swap_every: args.swap_every,
         concurrency: args.concurrency as usize,
         models: &models,
         bodies: &bodies,
@@ -387,6 +459,15 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
     tokio::time::sleep(QUIET).await;
     let rss_end = rss_mib(args.server_pid)?;
     samples.push((started.elapsed().as_secs_f64(), rss_end));
+    // The repository as it was: the published versions go, the original serves again.
+    let swaps = match swapper {
+        Some(swapper) => {
+            let mut swapper = swapper.lock().await;
+            swapper.restore().await?;
+            Some(swapper.report.clone())
+        }
+        None => None,
+    };
     let peak = samples
         .iter()
         .filter(|s| s.0 >= judged_from)
@@ -425,7 +506,10 @@ pub async fn soak(args: &SoakArgs) -> Result<SoakReport> {
         growth_mib: rss_end - idle_baseline,
         max_growth_mib: args.max_growth_mib,
         rss_samples: samples,
-        passed: unexpected == 0 && rss_end - idle_baseline <= args.max_growth_mib,
+        passed: unexpected == 0
+            && rss_end - idle_baseline <= args.max_growth_mib
+            && swaps.as_ref().is_none_or(|w| w.failures.is_empty()),
+        swaps,
     };
     if let Some(path) = &args.json {
         crate::formats::model_dir::write_atomic(path, &serde_json::to_vec_pretty(&report)?)

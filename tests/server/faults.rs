@@ -403,7 +403,7 @@ fn grown_mappings(
         .map(|(k, &v)| (v as i64 - a.get(k).copied().unwrap_or(0) as i64, k))
         .filter(|(d, _)| *d > 0)
         .collect();
-    d.sort_by(|x, y| y.0.cmp(&x.0));
+    d.sort_by_key(|x| std::cmp::Reverse(x.0));
     let top: Vec<String> = d
         .iter()
         .take(5)

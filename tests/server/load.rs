@@ -555,3 +555,121 @@ async fn soak_sends_every_kind_and_judges_statuses_and_memory() {
     assert!(stderr.contains("no such process"), "{stderr}");
     s.stop().await.unwrap();
 }
+
+/// `slimserve soak --swap-model` against a server in poll mode: versions are published into
+/// its repository while the load runs (the second corrupt), each served or refused as
+/// documented with no request failing, and the repository is left as it was found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_hot_swaps_versions_without_a_failed_request() {
+    let s = TestServer::start(&["swapped"], |c| {
+        c.model_control = slimserve::pipeline::ModelControl::Poll;
+        c.repository_poll_secs = 1;
+        c.max_message_bytes = 1 << 20;
+    })
+    .await;
+    let addr = s.grpc.to_string();
+    let pid = std::process::id().to_string();
+    let repo = s.dir.path().to_path_buf();
+    let out_json = repo.join("..").join(format!(
+        "{}-swap-soak.json",
+        repo.file_name().unwrap().to_string_lossy()
+    ));
+    let soak = |extra: Vec<String>| {
+        let mut args: Vec<String> = [
+            "soak",
+            "--addr",
+            &addr,
+            "--server-pid",
+            &pid,
+            "--concurrency",
+            "4",
+            "--oversize-bytes",
+            "1048577",
+            "--max-growth-mib",
+            "100000",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra);
+        tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+    };
+    let out = soak(
+        [
+            "--duration",
+            "9s",
+            "--warmup",
+            "2s",
+            "--swap-model",
+            "swapped",
+            "--repository",
+            &repo.display().to_string(),
+            "--swap-every",
+            "1s",
+            "--json",
+            &out_json.display().to_string(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{stdout}");
+    let report = json(&out_json);
+    std::fs::remove_file(&out_json).unwrap();
+    assert_eq!(report["unexpected"], 0, "{stdout}");
+    let w = &report["swaps"];
+    let n = |k: &str| w[k].as_u64().unwrap();
+    assert!(n("published") >= 3, "{w}");
+    assert!(n("served") >= 2, "{w}");
+    assert!(n("refused") >= 1, "{w}");
+    assert_eq!(n("published"), n("served") + n("refused"), "{w}");
+    assert_eq!(w["failures"].as_array().unwrap().len(), 0, "{w}");
+    assert_eq!(w["restored"], true, "{w}");
+    assert_eq!(w["original_version"], 1, "{w}");
+    assert!(stdout.contains("corrupt refused"), "{stdout}");
+    // Every valid request was answered while the versions changed under it.
+    let outcomes = report["outcomes"].as_object().unwrap();
+    for kind in ["valid_image", "valid_tensor"] {
+        let o = outcomes[kind].as_object().unwrap();
+        assert!(o["OK"].as_u64().unwrap() > 0, "{kind}: {o:?}");
+        assert_eq!(o.len(), 1, "{kind}: {o:?}");
+    }
+    // The repository as it was found: the flat model, nothing published left behind.
+    let left: Vec<String> = std::fs::read_dir(repo.join("swapped"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".json") && !n.ends_with(".safetensors"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Misuse is a clear error before any traffic.
+    let out = soak(vec!["--swap-model".into(), "swapped".into()])
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--repository"), "{stderr}");
+    let out = soak(vec![
+        "--swap-model".into(),
+        "absent".into(),
+        "--repository".into(),
+        repo.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--swap-model absent") && stderr.contains("not a directory"),
+        "{stderr}"
+    );
+    s.stop().await.unwrap();
+}
