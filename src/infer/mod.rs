@@ -21,6 +21,7 @@
 //! without a compiled form (`group-conv`, `resnet18`) keep candle's path;
 //! [`FastModel::compile`] says which.
 
+pub mod int8;
 mod inverted;
 mod kernels;
 mod nhwc;

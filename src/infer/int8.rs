@@ -1,0 +1,395 @@
+//! Integer GEMM for the int8 execution path (issue 14): unsigned 8-bit activations times signed
+//! 8-bit weights, accumulated exactly in i32.
+//!
+//! `C[m][n] = sum_k A[m][k] * B[k][n]` with `A` u8 (activations with a zero point) and `B` i8
+//! (weights, symmetric per output channel); the caller's epilogue subtracts
+//! `zero_point * column_sum(B)` ([`PackedI8::column_sums`]) and requantizes.
+//!
+//! One kernel per instruction set, chosen once ([`Int8Isa::detect`]) and forceable in tests:
+//! - **AVX-512 VNNI**: `vpdpbusd` multiplies four u8 by four i8 and adds the four products to an
+//!   i32 lane in one instruction, exactly (no intermediate 16-bit sum).
+//! - **AVX2**: not `vpmaddubsw`, whose u8 x i8 pair sums saturate at 16 bits (255 * 127 * 2 =
+//!   64,770 > 32,767: the trap that makes naive int8 GEMMs wrong on large activations). Both
+//!   operands are widened to i16 instead (weights once, at packing) and multiplied with
+//!   `vpmaddwd`, whose i16 x i16 pair sums land in i32 lanes exactly.
+//! - **portable**: the same arithmetic in plain Rust (i32), the reference the others are tested
+//!   against on odd shapes.
+
+/// Columns per packed panel: one 512-bit register of i32 sums.
+pub(crate) const PANEL: usize = 16;
+
+/// The int8 kernel set the CPU can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Int8Isa {
+    Portable,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Int8Isa {
+    /// The best set this CPU has, capped by `SLIMSERVE_SIMD` like the f32 kernels
+    /// (`avx512` allows VNNI, `avx2` the AVX2 set, `portable` neither).
+    pub fn detect() -> Self {
+        let level = crate::ops::simd_level();
+        if level >= 2 && Self::Avx512Vnni.supported() {
+            Int8Isa::Avx512Vnni
+        } else if level >= 1 && Self::Avx2.supported() {
+            Int8Isa::Avx2
+        } else {
+            Int8Isa::Portable
+        }
+    }
+
+    /// Whether this CPU can run the set (whatever `SLIMSERVE_SIMD` says).
+    pub fn supported(self) -> bool {
+        match self {
+            Int8Isa::Portable => true,
+            #[cfg(x86_simd)]
+            Int8Isa::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(x86_simd)]
+            Int8Isa::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(x86_simd))]
+            _ => false,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Int8Isa::Portable => "portable",
+            Int8Isa::Avx2 => "avx2",
+            Int8Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// Weights `B` (`k` x `n`, i8) packed for one kernel set: panels of [`PANEL`] columns, in each
+/// panel groups of four rows of `k` (zero-padded), the four values of a column side by side.
+/// The AVX2 set keeps them widened to i16.
+#[derive(Debug, Clone)]
+pub struct PackedI8 {
+    k: usize,
+    n: usize,
+    isa: Int8Isa,
+    /// `[n_panels][k4][PANEL][4]` i8 (portable and VNNI).
+    bytes: Vec<i8>,
+    /// The same layout widened (AVX2).
+    #[cfg_attr(not(x86_simd), allow(dead_code))]
+    words: Vec<i16>,
+    column_sums: Vec<i32>,
+}
+
+impl PackedI8 {
+    /// Packs `b`, row-major `k` x `n`, for `isa`.
+    pub fn new(b: &[i8], k: usize, n: usize, isa: Int8Isa) -> Self {
+        assert_eq!(b.len(), k * n, "weights are {k} x {n}");
+        let k4 = k.div_ceil(4);
+        let panels = n.div_ceil(PANEL);
+        let mut bytes = vec![0i8; panels * k4 * PANEL * 4];
+        for p in 0..panels {
+            for kk in 0..k {
+                for c in 0..PANEL {
+                    let col = p * PANEL + c;
+                    if col < n {
+                        bytes[((p * k4 + kk / 4) * PANEL + c) * 4 + kk % 4] = b[kk * n + col];
+                    }
+                }
+            }
+        }
+        let column_sums = (0..n)
+            .map(|col| (0..k).map(|kk| b[kk * n + col] as i32).sum())
+            .collect();
+        let words = if isa == Int8Isa::Avx2 {
+            bytes.iter().map(|&v| v as i16).collect()
+        } else {
+            Vec::new()
+        };
+        let bytes = if isa == Int8Isa::Avx2 {
+            Vec::new()
+        } else {
+            bytes
+        };
+        PackedI8 {
+            k,
+            n,
+            isa,
+            bytes,
+            words,
+            column_sums,
+        }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn isa(&self) -> Int8Isa {
+        self.isa
+    }
+
+    /// `sum_k B[k][n]` per column, for the zero-point correction.
+    pub fn column_sums(&self) -> &[i32] {
+        &self.column_sums
+    }
+
+    /// The row stride `A` must have: `k` rounded up to a multiple of four (the bytes past `k`
+    /// in each row are read, and multiplied by zero).
+    pub fn a_stride(&self) -> usize {
+        self.k.div_ceil(4) * 4
+    }
+}
+
+/// `c[m][n] = sum_k a[m][k] * b[k][n]` for `m` rows of `a` (row stride
+/// [`PackedI8::a_stride`]) into `c` (row stride `b.n()`).
+///
+/// Panics if a slice is shorter than the shapes need, or if `b` was packed for a set this CPU
+/// cannot run.
+pub fn gemm_u8i8(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
+    let lda = b.a_stride();
+    assert!(a.len() >= m * lda, "A: {} bytes for {m} x {lda}", a.len());
+    assert!(c.len() >= m * b.n, "C: {} for {m} x {}", c.len(), b.n);
+    assert!(
+        b.isa.supported(),
+        "{} kernels on a CPU without them",
+        b.isa.name()
+    );
+    match b.isa {
+        Int8Isa::Portable => portable(a, m, b, c),
+        #[cfg(x86_simd)]
+        // SAFETY: the CPU has AVX2 (asserted above); the lengths are checked above.
+        Int8Isa::Avx2 => unsafe { x86::avx2(a, m, b, c) },
+        #[cfg(x86_simd)]
+        // SAFETY: the CPU has AVX-512 BW + VNNI (asserted above); lengths checked above.
+        Int8Isa::Avx512Vnni => unsafe { x86::vnni(a, m, b, c) },
+        #[cfg(not(x86_simd))]
+        _ => unreachable!("only the portable set is supported here"),
+    }
+}
+
+fn portable(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
+    let (lda, k4, n) = (b.a_stride(), b.k.div_ceil(4), b.n);
+    for row in 0..m {
+        let a = &a[row * lda..row * lda + lda];
+        for (p, panel) in b.bytes.chunks_exact(k4 * PANEL * 4).enumerate() {
+            let mut acc = [0i32; PANEL];
+            for (q, group) in panel.chunks_exact(PANEL * 4).enumerate() {
+                let a4 = &a[q * 4..q * 4 + 4];
+                for (col, w) in group.chunks_exact(4).enumerate() {
+                    acc[col] += (0..4).map(|i| a4[i] as i32 * w[i] as i32).sum::<i32>();
+                }
+            }
+            let cols = PANEL.min(n - p * PANEL);
+            c[row * n + p * PANEL..][..cols].copy_from_slice(&acc[..cols]);
+        }
+    }
+}
+
+#[cfg(x86_simd)]
+mod x86 {
+    use super::{PackedI8, PANEL};
+    use std::arch::x86_64::*;
+
+    /// Rows computed together: each loaded weight vector is used this many times.
+    const ROWS: usize = 4;
+
+    /// Writes the first `cols` sums of a panel (all 16 unless it is the last one).
+    ///
+    /// # Safety
+    /// `dst` is valid for `cols` writes.
+    #[inline(always)]
+    unsafe fn store(dst: *mut i32, sums: &[i32; PANEL], cols: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), dst, cols) }
+    }
+
+    /// # Safety
+    /// AVX-512 F + BW + VNNI; `a`, `c` as [`super::gemm_u8i8`] checked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn vnni(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
+        let (lda, k4, n) = (b.a_stride(), b.k.div_ceil(4), b.n);
+        let panel_len = k4 * PANEL * 4;
+        let mut row = 0;
+        while row < m {
+            let rows = ROWS.min(m - row);
+            for (p, panel) in b.bytes.chunks_exact(panel_len).enumerate() {
+                let mut acc = [_mm512_setzero_si512(); ROWS];
+                let w = panel.as_ptr();
+                let a0 = a.as_ptr().add(row * lda);
+                for q in 0..k4 {
+                    // SAFETY: q < k4, so 64 bytes at q * 64 lie inside the panel.
+                    let wv = _mm512_loadu_si512(w.add(q * PANEL * 4) as *const _);
+                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                        // SAFETY: rows <= m - row and 4 * q + 4 <= lda: inside `a` (checked
+                        // by the caller: a.len() >= m * lda).
+                        let a4 = (a0.add(r * lda + q * 4) as *const i32).read_unaligned();
+                        *acc = _mm512_dpbusd_epi32(*acc, _mm512_set1_epi32(a4), wv);
+                    }
+                }
+                let cols = PANEL.min(n - p * PANEL);
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    let mut sums = [0i32; PANEL];
+                    _mm512_storeu_si512(sums.as_mut_ptr() as *mut _, *acc);
+                    // SAFETY: (row + r) * n + p * PANEL + cols <= m * n <= c.len().
+                    store(c.as_mut_ptr().add((row + r) * n + p * PANEL), &sums, cols);
+                }
+            }
+            row += rows;
+        }
+    }
+
+    /// # Safety
+    /// AVX2; `a`, `c` as [`super::gemm_u8i8`] checked.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn avx2(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
+        let (lda, k4, n) = (b.a_stride(), b.k.div_ceil(4), b.n);
+        let panel_len = k4 * PANEL * 4;
+        let mut row = 0;
+        while row < m {
+            let rows = ROWS.min(m - row);
+            for (p, panel) in b.words.chunks_exact(panel_len).enumerate() {
+                // Per row, four registers of eight i32: columns 4j..4j+4, two partial sums
+                // each (k pairs 0-1 and 2-3 of every group of four).
+                let mut acc = [[_mm256_setzero_si256(); 4]; ROWS];
+                let w = panel.as_ptr();
+                let a0 = a.as_ptr().add(row * lda);
+                for q in 0..k4 {
+                    // SAFETY: 64 i16 at q * 64 lie inside the panel.
+                    let wq = w.add(q * PANEL * 4);
+                    let wv = [
+                        _mm256_loadu_si256(wq as *const _),
+                        _mm256_loadu_si256(wq.add(16) as *const _),
+                        _mm256_loadu_si256(wq.add(32) as *const _),
+                        _mm256_loadu_si256(wq.add(48) as *const _),
+                    ];
+                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
+                        // SAFETY: inside `a`, as in `vnni`.
+                        let a4 = (a0.add(r * lda + q * 4) as *const u32).read_unaligned();
+                        // The four u8 widened to i16, repeated for the four columns.
+                        let a16 = _mm256_cvtepu8_epi16(_mm_set1_epi32(a4 as i32));
+                        for j in 0..4 {
+                            acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(a16, wv[j]));
+                        }
+                    }
+                }
+                let cols = PANEL.min(n - p * PANEL);
+                for (r, acc) in acc.iter().enumerate().take(rows) {
+                    // Lanes of acc[j]: (col 4j: 2 partials, col 4j+1: 2 | col 4j+2, col 4j+3).
+                    // hadd pairs them within 128-bit halves: (4j, 4j+1, 4j+4, 4j+5 | ...).
+                    let h01 = _mm256_hadd_epi32(acc[0], acc[1]);
+                    let h23 = _mm256_hadd_epi32(acc[2], acc[3]);
+                    let lo =
+                        _mm256_permutevar8x32_epi32(h01, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+                    let hi =
+                        _mm256_permutevar8x32_epi32(h23, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+                    let mut sums = [0i32; PANEL];
+                    _mm256_storeu_si256(sums.as_mut_ptr() as *mut _, lo);
+                    _mm256_storeu_si256(sums.as_mut_ptr().add(8) as *mut _, hi);
+                    // SAFETY: as in `vnni`.
+                    store(c.as_mut_ptr().add((row + r) * n + p * PANEL), &sums, cols);
+                }
+            }
+            row += rows;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Exact reference: plain i32 triple loop over the unpacked matrices.
+    fn reference(a: &[u8], lda: usize, m: usize, b: &[i8], k: usize, n: usize) -> Vec<i32> {
+        let mut c = vec![0i32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|t| a[i * lda + t] as i32 * b[t * n + j] as i32)
+                    .sum();
+            }
+        }
+        c
+    }
+
+    /// Every kernel set this CPU runs, forced one by one, against the exact reference on odd
+    /// shapes and on the extremes (255 x -128 everywhere: the saturation trap); the sets it
+    /// cannot run are reported, not silently skipped.
+    #[test]
+    fn every_kernel_set_matches_the_exact_reference() {
+        let all = [Int8Isa::Portable, Int8Isa::Avx2, Int8Isa::Avx512Vnni];
+        let (ran, missing): (Vec<Int8Isa>, Vec<Int8Isa>) = all.iter().partition(|i| i.supported());
+        eprintln!(
+            "int8 kernel sets tested: {:?}; not available here (CPU or build): {:?}",
+            ran.iter().map(|i| i.name()).collect::<Vec<_>>(),
+            missing.iter().map(|i| i.name()).collect::<Vec<_>>()
+        );
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let shapes: [(usize, usize, usize); 8] = [
+            (1, 1, 1),
+            (1, 3, 17),
+            (3, 27, 16),
+            (5, 9, 31),
+            (4, 64, 32),
+            (7, 144, 50),
+            (9, 300, 33),
+            (2, 1152, 128),
+        ];
+        for &(m, k, n) in &shapes {
+            for extreme in [false, true] {
+                let b: Vec<i8> = (0..k * n)
+                    .map(|_| if extreme { -128 } else { next() as i8 })
+                    .collect();
+                let lda = k.div_ceil(4) * 4;
+                // Padding bytes are garbage on purpose: the kernels must multiply them by zero.
+                let a: Vec<u8> = (0..m * lda)
+                    .map(|i| {
+                        if extreme || i % lda >= k {
+                            255
+                        } else {
+                            next() as u8
+                        }
+                    })
+                    .collect();
+                let want = reference(&a, lda, m, &b, k, n);
+                for isa in &ran {
+                    let packed = PackedI8::new(&b, k, n, *isa);
+                    assert_eq!(packed.a_stride(), lda);
+                    let mut c = vec![i32::MIN; m * n + 3];
+                    gemm_u8i8(&a, m, &packed, &mut c);
+                    assert_eq!(
+                        &c[..m * n],
+                        &want[..],
+                        "{} m={m} k={k} n={n} extreme={extreme}",
+                        isa.name()
+                    );
+                    // Nothing written past m x n.
+                    assert!(c[m * n..].iter().all(|&v| v == i32::MIN), "{}", isa.name());
+                    let sums: Vec<i32> = (0..n)
+                        .map(|j| (0..k).map(|t| b[t * n + j] as i32).sum())
+                        .collect();
+                    assert_eq!(packed.column_sums(), &sums[..]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "A:")]
+    fn a_shorter_than_its_shape_is_refused() {
+        let b = PackedI8::new(&[1; 6 * 2], 6, 2, Int8Isa::Portable);
+        // Two rows need 2 x 8 bytes (k = 6 rounded up to 8).
+        gemm_u8i8(&[1; 15], 2, &b, &mut [0; 4]);
+    }
+}
