@@ -47,6 +47,8 @@ pub(super) struct Swapper {
     /// The directory holding the original version's config.json and weights.
     source: PathBuf,
     next: u64,
+    /// The first version number this soak publishes (all later ones are above it).
+    first: u64,
     /// Versions this soak wrote (removed when superseded, and all at the end).
     created: Vec<u64>,
     pub report: SwapReport,
@@ -95,11 +97,13 @@ impl Swapper {
             .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
             .max()
             .unwrap_or(0);
+        let first = original.max(on_disk) + 1;
         Ok(Swapper {
             client,
             dir,
             source,
-            next: original.max(on_disk) + 1,
+            next: first,
+            first,
             created: Vec::new(),
             report: SwapReport {
                 model: model.to_string(),
@@ -178,7 +182,9 @@ impl Swapper {
         let start = Instant::now();
         loop {
             let ready = ready_versions(&mut self.client, &model).await?;
-            if ready == [original] {
+            // The original serves and nothing published does (a policy serving several
+            // versions keeps serving the older ones too).
+            if ready.contains(&original) && ready.iter().all(|&v| v < self.first) {
                 self.report.restored = true;
                 return Ok(());
             }
