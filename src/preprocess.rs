@@ -75,7 +75,25 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, PreprocessError
 
 /// As [`decode`], but a JPEG whose shorter side is at least twice `min_side` may be decoded at
 /// a reduced scale whose shorter side is still at least `min_side`.
+///
+/// A decoder that panics on a malformed file (png 0.18.1 does on a palette image whose
+/// palette is shorter than its bit depth needs: `fuzz/regressions/image/`) is a decode error
+/// for that input, not a failed request or a lost worker.
 pub fn decode_for(
+    bytes: &[u8],
+    max_pixels: u64,
+    min_side: u32,
+) -> Result<RgbImage, PreprocessError> {
+    std::panic::catch_unwind(|| decode_unguarded(bytes, max_pixels, min_side)).unwrap_or_else(
+        |_| {
+            Err(PreprocessError::Decode(
+                "the image decoder failed on this malformed file".into(),
+            ))
+        },
+    )
+}
+
+fn decode_unguarded(
     bytes: &[u8],
     max_pixels: u64,
     min_side: u32,
