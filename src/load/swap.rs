@@ -9,11 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tonic::transport::Channel;
 
+use crate::formats::model_dir::{CONFIG_FILE as CONFIG, WEIGHTS_FILE as WEIGHTS};
 use crate::grpc::pb::inference as kpb;
 use kpb::grpc_inference_service_client::GrpcInferenceServiceClient;
-
-const CONFIG: &str = "config.json";
-const WEIGHTS: &str = "model.safetensors";
 
 /// How long a published version may take to be served (or refused) before the soak fails.
 const SETTLE_LIMIT: Duration = Duration::from_secs(60);

@@ -468,6 +468,32 @@ async fn bad_shadow_rules_stop_start_up_with_a_clear_error() {
     }
 }
 
+/// Runs `slimserve soak` against the test server at `addr`, sampling this process's memory
+/// (the server runs in it), with oversize messages just over the 1 MiB limit the soak tests
+/// set; then `base` and `extra`.
+fn run_soak(
+    addr: &str,
+    base: &[&str],
+    extra: Vec<String>,
+) -> tokio::task::JoinHandle<std::process::Output> {
+    let pid = std::process::id().to_string();
+    let mut args: Vec<String> = [
+        "soak",
+        "--addr",
+        addr,
+        "--server-pid",
+        &pid,
+        "--oversize-bytes",
+        "1048577",
+    ]
+    .iter()
+    .chain(base)
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra);
+    tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+}
+
 /// `slimserve soak` against a live server (this test process, whose memory it samples): every
 /// kind of request is sent and ends only as its kind allows; the report is written; a memory
 /// limit it cannot meet makes it fail with a message; a missing process is a clear error.
@@ -475,29 +501,13 @@ async fn bad_shadow_rules_stop_start_up_with_a_clear_error() {
 async fn soak_sends_every_kind_and_judges_statuses_and_memory() {
     let s = TestServer::start(&["soak-a", "soak-b"], |c| c.max_message_bytes = 1 << 20).await;
     let addr = s.grpc.to_string();
-    let pid = std::process::id().to_string();
     let out_json = s.dir.path().join("soak.json");
     let soak = |extra: Vec<String>| {
-        let mut args: Vec<String> = [
-            "soak",
-            "--addr",
+        run_soak(
             &addr,
-            "--server-pid",
-            &pid,
-            "--duration",
-            "3s",
-            "--warmup",
-            "1s",
-            "--concurrency",
-            "8",
-            "--oversize-bytes",
-            "1048577",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        args.extend(extra);
-        tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+            &["--duration", "3s", "--warmup", "1s", "--concurrency", "8"],
+            extra,
+        )
     };
     // Memory is not judged here (other tests share this process): a limit nobody reaches.
     let out = soak(vec![
@@ -568,31 +578,17 @@ async fn soak_hot_swaps_versions_without_a_failed_request() {
     })
     .await;
     let addr = s.grpc.to_string();
-    let pid = std::process::id().to_string();
     let repo = s.dir.path().to_path_buf();
     let out_json = repo.join("..").join(format!(
         "{}-swap-soak.json",
         repo.file_name().unwrap().to_string_lossy()
     ));
     let soak = |extra: Vec<String>| {
-        let mut args: Vec<String> = [
-            "soak",
-            "--addr",
+        run_soak(
             &addr,
-            "--server-pid",
-            &pid,
-            "--concurrency",
-            "4",
-            "--oversize-bytes",
-            "1048577",
-            "--max-growth-mib",
-            "100000",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
-        args.extend(extra);
-        tokio::task::spawn_blocking(move || Command::new(BIN).args(args).output().unwrap())
+            &["--concurrency", "4", "--max-growth-mib", "100000"],
+            extra,
+        )
     };
     let out = soak(
         [
