@@ -44,9 +44,23 @@ enum Command {
     Soak(SoakArgs),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, None | Some(Command::Serve(_))) {
+        // Before the runtime starts its threads: memory freed on any of them can then go back
+        // to the system (see the function's notes).
+        slimserve::backend::one_malloc_arena();
+    }
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("slimserve: error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Some(Command::Classify(args)) => classify(args).await,
         Some(Command::Serve(config)) => serve(config).await,

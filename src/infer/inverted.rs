@@ -14,6 +14,14 @@ use std::cell::RefCell;
 use super::kernels::{for_tasks, Act, OutPtr};
 use super::nhwc::{Depthwise, Gemm1x1};
 
+/// Frees this module's thread-local scratch on the calling thread.
+pub(super) fn release_thread_scratch() {
+    super::kernels::free_local(&HIDDEN);
+    super::kernels::free_local(&DEPTH);
+    super::kernels::free_local(&PHASED);
+    super::kernels::free_local(&COLS);
+}
+
 thread_local! {
     /// The band's expanded rows, `[rows * w, hid]`.
     static HIDDEN: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

@@ -57,6 +57,24 @@ impl OutPtr {
     }
 }
 
+/// Frees a thread-local scratch buffer (skipped if this thread is using it right now).
+pub(super) fn free_local<T: Default>(key: &'static std::thread::LocalKey<RefCell<T>>) {
+    key.with(|cell| {
+        if let Ok(mut v) = cell.try_borrow_mut() {
+            *v = T::default();
+        }
+    });
+}
+
+/// Frees this module's thread-local scratch on the calling thread.
+pub(super) fn release_thread_scratch() {
+    free_local(&COL);
+    free_local(&BAND);
+    free_local(&PADDED);
+    #[cfg(x86_simd)]
+    direct::release_thread_scratch();
+}
+
 thread_local! {
     /// im2col rows of the band being computed.
     static COL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -445,6 +463,10 @@ mod direct {
 
     thread_local! {
         static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn release_thread_scratch() {
+        super::free_local(&PAD);
     }
 
     /// Output rows `y0..y1` of the channels whose weights `wt` (`[m, ic * 9]`) and biases `b`

@@ -106,6 +106,32 @@ pub struct FastModel {
     max_activation: usize,
 }
 
+thread_local! {
+    /// Free activation buffer pairs of this thread. A pair is taken for the whole image and
+    /// returned after it, never borrowed across the layers: while a split layer waits for its
+    /// other half, rayon may run another image (of this or another model) on the same thread,
+    /// which then takes a pair of its own.
+    static ACTIVATIONS: RefCell<Vec<(Vec<f32>, Vec<f32>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Frees the engine's scratch memory (activation buffers, im2col bands, Winograd transforms,
+/// depthwise and expansion bands) on every thread of rayon's pool and on the calling thread;
+/// the next image allocates it again. Call when the engine is idle: buffers in use on some
+/// thread are left alone. The server does this after `--idle-memory-release` without a batch,
+/// so that an idle process holds its models and little else.
+pub fn release_scratch() {
+    rayon::broadcast(|_| release_thread_scratch());
+    release_thread_scratch();
+}
+
+fn release_thread_scratch() {
+    kernels::free_local(&ACTIVATIONS);
+    kernels::release_thread_scratch();
+    separable::release_thread_scratch();
+    winograd::release_thread_scratch();
+    inverted::release_thread_scratch();
+}
+
 fn vec1(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.to_dtype(candle_core::DType::F32)?
         .flatten_all()?
@@ -413,13 +439,6 @@ impl FastModel {
             return rayon::scope(|_| self.run(x, logits, split, timed));
         }
         let mut times = Vec::new();
-        thread_local! {
-            /// Free activation buffer pairs of this thread. A pair is taken for the whole
-            /// image and returned after it, never borrowed across the layers: while a split
-            /// layer waits for its other half, rayon may run another image (of this or another
-            /// model) on the same thread, which then takes a pair of its own.
-            static ACTIVATIONS: RefCell<Vec<(Vec<f32>, Vec<f32>)>> = const { RefCell::new(Vec::new()) };
-        }
         let mut bufs = ACTIVATIONS
             .with(|free| free.borrow_mut().pop())
             .unwrap_or_default();

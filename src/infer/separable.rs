@@ -18,6 +18,12 @@ use super::kernels::{depthwise_rows, epilogue, for_tasks, plane_offset, Act, Out
 use super::packed;
 use super::packed::{pack, MR};
 
+/// Frees this module's thread-local scratch on the calling thread.
+pub(super) fn release_thread_scratch() {
+    super::kernels::free_local(&DW);
+    super::kernels::free_local(&PW);
+}
+
 thread_local! {
     /// The band's depthwise result, `[ic, rows * w]`.
     static DW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

@@ -503,3 +503,27 @@ fn concurrent_images_on_one_pool_get_their_own_answers() {
         }
     });
 }
+
+/// After `release_scratch` no thread of the pool holds activation buffers (nor the image's
+/// band buffers), and the next batch allocates them again and answers the same.
+#[test]
+fn release_scratch_frees_every_threads_buffers() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let m = FastModel::compile(&model(Arch::StudentDeeper, 48, 3)).unwrap();
+    let x = rand_vec(&mut StdRng::seed_from_u64(5), 4 * 3 * 48 * 48, 1.0);
+    let held = || {
+        let pairs = || super::ACTIVATIONS.with(|f| f.borrow().len());
+        rayon::broadcast(|_| pairs()).iter().sum::<usize>() + pairs()
+    };
+    pool.install(|| {
+        let want = m.forward(&x, 4);
+        assert!(held() > 0, "a batch left no activation buffers to reuse");
+        super::release_scratch();
+        assert_eq!(held(), 0, "activation buffers kept after release_scratch");
+        assert_eq!(m.forward(&x, 4), want);
+        assert!(held() > 0);
+    });
+}

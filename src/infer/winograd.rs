@@ -73,6 +73,13 @@ fn transform_weights(w: &[f32], oc: usize, ic: usize) -> Vec<f32> {
     u
 }
 
+/// Frees this module's thread-local scratch on the calling thread.
+pub(super) fn release_thread_scratch() {
+    super::kernels::free_local(&V);
+    super::kernels::free_local(&M);
+    super::kernels::free_local(&ROWS);
+}
+
 thread_local! {
     static V: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static M: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };

@@ -274,8 +274,10 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the compute thread. `compute_delay` is added to every batch: fault injection for
-    /// overload drills and tests (`--inject-compute-delay`); zero in production.
-    pub fn start(compute_delay: Duration) -> std::io::Result<Self> {
+    /// overload drills and tests (`--inject-compute-delay`); zero in production. After
+    /// `idle_release` without a batch (`--idle-memory-release`), the thread frees its batch
+    /// buffer and the engine's scratch memory; `None` keeps them for the process's life.
+    pub fn start(compute_delay: Duration, idle_release: Option<Duration>) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -283,7 +285,7 @@ impl Scheduler {
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || compute_loop(&worker, compute_delay))?;
+            .spawn(move || compute_loop(&worker, compute_delay, idle_release))?;
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -347,22 +349,53 @@ struct Batch {
     model: Arc<str>,
 }
 
-fn compute_loop(shared: &Shared, compute_delay: Duration) {
+fn compute_loop(shared: &Shared, compute_delay: Duration, idle_release: Option<Duration>) {
     // Reused across batches: a fresh 25 MB buffer per batch would cost its page faults.
     let mut buffer: Vec<f32> = Vec::new();
-    while let Some(batch) = next_batch(shared) {
-        let backend = run_batch(batch, &mut buffer, compute_delay);
-        if let Some(last) = Arc::into_inner(backend) {
-            // The last batch of a model version unloaded meanwhile: its weights and buffers
-            // go here, on this thread, so this is where memory goes back to the system.
-            drop(last);
-            crate::backend::release_memory();
+    // Whether scratch memory was used since it was last released.
+    let mut used = false;
+    loop {
+        match next_batch(shared, idle_release.filter(|_| used)) {
+            Next::Stop => break,
+            Next::Idle => {
+                // No batch for `idle_release`: hand the batch buffer and the engine's scratch
+                // (high-water marks of past load) back, so an idle server holds its models and
+                // little else; the next batch allocates again.
+                buffer = Vec::new();
+                crate::infer::release_scratch();
+                crate::backend::release_memory();
+                used = false;
+                tracing::debug!("idle: scratch memory released");
+            }
+            Next::Batch(batch) => {
+                used = true;
+                let backend = run_batch(batch, &mut buffer, compute_delay);
+                if let Some(last) = Arc::into_inner(backend) {
+                    // The last batch of a model version unloaded meanwhile: its weights and
+                    // buffers go here, on this thread, so this is where memory goes back to
+                    // the system.
+                    drop(last);
+                    crate::backend::release_memory();
+                }
+            }
         }
     }
 }
 
-/// Blocks until a batch is ready (or the scheduler stops with nothing queued: `None`).
-fn next_batch(shared: &Shared) -> Option<Batch> {
+/// What the compute thread does next.
+// One value per batch, moved once: boxing the batch would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Batch(Batch),
+    /// Nothing queued for the idle period asked for.
+    Idle,
+    /// The scheduler stops and nothing is queued.
+    Stop,
+}
+
+/// Blocks until a batch is ready, the scheduler stops with nothing queued, or (when `idle` is
+/// given) nothing has been queued for that long.
+fn next_batch(shared: &Shared, idle: Option<Duration>) -> Next {
     let mut state = shared.lock();
     loop {
         if let Some(slot) = oldest(&state) {
@@ -407,7 +440,7 @@ fn next_batch(shared: &Shared) -> Option<Batch> {
                 // Every taken entry was expired or cancelled.
                 continue;
             };
-            return Some(Batch {
+            return Next::Batch(Batch {
                 entries,
                 backend: q.backend.clone(),
                 metrics: q.metrics.clone(),
@@ -416,9 +449,21 @@ fn next_batch(shared: &Shared) -> Option<Batch> {
             });
         }
         if state.stopping {
-            return None;
+            return Next::Stop;
         }
-        state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+        match idle {
+            None => state = shared.wake.wait(state).unwrap_or_else(|p| p.into_inner()),
+            Some(idle) => {
+                let (guard, waited) = shared
+                    .wake
+                    .wait_timeout(state, idle)
+                    .unwrap_or_else(|p| p.into_inner());
+                state = guard;
+                if waited.timed_out() && oldest(&state).is_none() && !state.stopping {
+                    return Next::Idle;
+                }
+            }
+        }
     }
 }
 

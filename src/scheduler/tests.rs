@@ -52,7 +52,7 @@ fn submit(q: &ModelQueue, v: f32) -> Pending {
 #[tokio::test]
 async fn concurrent_inputs_share_a_batch_and_get_their_own_rows() {
     // The compute delay holds the first batch, so the next four queue up together.
-    let s = Scheduler::start(Duration::from_millis(100)).unwrap();
+    let s = Scheduler::start(Duration::from_millis(100), None).unwrap();
     let q = queue(&s, "rows", 1, config(Duration::ZERO, 16));
     let blocker = submit(&q, 0.0);
     tokio::time::sleep(Duration::from_millis(30)).await;
@@ -77,7 +77,7 @@ async fn concurrent_inputs_share_a_batch_and_get_their_own_rows() {
 
 #[tokio::test]
 async fn in_flight_limit_and_full_queue_refuse_at_once() {
-    let s = Scheduler::start(Duration::from_millis(300)).unwrap();
+    let s = Scheduler::start(Duration::from_millis(300), None).unwrap();
     let q = queue(&s, "refuse", 2, config(Duration::ZERO, 1));
     assert!(matches!(q.admit(65), Err(Error::TooManyInFlight { .. })));
     let first = submit(&q, 0.1);
@@ -92,7 +92,7 @@ async fn in_flight_limit_and_full_queue_refuse_at_once() {
 #[tokio::test]
 async fn an_input_reaching_an_idle_model_runs_at_once() {
     // A batching window of 10 s: the old policy would hold a lone input that long.
-    let s = Scheduler::start(Duration::ZERO).unwrap();
+    let s = Scheduler::start(Duration::ZERO, None).unwrap();
     let q = queue(&s, "idle", 3, config(Duration::from_secs(10), 16));
     let started = Instant::now();
     let inf = submit(&q, 0.5).wait().await.unwrap();
@@ -103,7 +103,7 @@ async fn an_input_reaching_an_idle_model_runs_at_once() {
 
 #[tokio::test]
 async fn a_batch_waits_for_inputs_already_admitted() {
-    let s = Scheduler::start(Duration::ZERO).unwrap();
+    let s = Scheduler::start(Duration::ZERO, None).unwrap();
     let q = queue(&s, "admitted", 4, config(Duration::from_secs(10), 16));
     // Three inputs admitted (as if being decoded); one is queued now, two a little later.
     let mut ticket = q.admit(3).unwrap();
@@ -136,7 +136,7 @@ async fn a_batch_waits_for_inputs_already_admitted() {
 
 #[tokio::test]
 async fn models_sharing_the_compute_thread_keep_their_batches() {
-    let s = Scheduler::start(Duration::from_millis(60)).unwrap();
+    let s = Scheduler::start(Duration::from_millis(60), None).unwrap();
     let a = queue(&s, "mix-a", 5, config(Duration::ZERO, 64));
     let b = queue(&s, "mix-b", 6, config(Duration::ZERO, 64));
     // While A's first input computes, eight inputs queue for each model: A's are older.
@@ -166,7 +166,7 @@ async fn models_sharing_the_compute_thread_keep_their_batches() {
 
 #[tokio::test]
 async fn expired_and_cancelled_inputs_are_not_computed() {
-    let s = Scheduler::start(Duration::from_millis(100)).unwrap();
+    let s = Scheduler::start(Duration::from_millis(100), None).unwrap();
     let q = queue(&s, "expire", 7, config(Duration::ZERO, 16));
     let blocker = submit(&q, 0.0);
     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -154,6 +154,13 @@ pub struct Config {
     )]
     pub shadow: Vec<ShadowRule>,
 
+    /// After this long without a batch, free the batch buffer and the engine's scratch memory
+    /// (activations, im2col and Winograd bands: high-water marks of past load) so that an idle
+    /// server holds its models and little else; the first batch after it pays a few page
+    /// faults. `0` keeps them for the process's life.
+    #[arg(long, env = "SLIMSERVE_IDLE_MEMORY_RELEASE", default_value = "10s", value_parser = parse_span)]
+    pub idle_memory_release: Duration,
+
     /// After SIGTERM/SIGINT, how long accepted requests may take to finish before exit.
     #[arg(long, env = "SLIMSERVE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_span)]
     pub shutdown_timeout: Duration,
@@ -227,6 +234,7 @@ impl Config {
             tls_client_ca: None,
             shadow: Vec::new(),
             shutdown_timeout: Duration::from_secs(30),
+            idle_memory_release: Duration::from_secs(10),
             inject_compute_delay: Duration::ZERO,
         }
     }

@@ -128,8 +128,11 @@ impl Server {
         };
         let pipeline =
             Arc::new(Pipeline::new(limits, config.decode_threads()).map_err(ServerError::Thread)?);
-        let scheduler =
-            Scheduler::start(config.inject_compute_delay).map_err(ServerError::Thread)?;
+        let scheduler = Scheduler::start(
+            config.inject_compute_delay,
+            Some(config.idle_memory_release).filter(|d| !d.is_zero()),
+        )
+        .map_err(ServerError::Thread)?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in HEALTH_SERVICES {
@@ -236,29 +239,13 @@ impl Server {
                 return Err(e.into());
             }
         };
+        // What start-up loaded, logged once the models actually answer (below): a client that
+        // waits for this line must not race the switch to ready.
         let models = repository.snapshot();
-        if models.is_empty() && control == ModelControl::Explicit {
-            tracing::info!(
-                "model control explicit: no model loaded at start-up (load them with RepositoryModelLoad, or --load-model)"
-            );
-        } else if models.is_empty() {
-            tracing::warn!(
-                "no models found in {}: serving none (put model directories there{})",
-                config.models.display(),
-                if control == ModelControl::Poll {
-                    "; they are picked up on the next poll"
-                } else {
-                    " and restart"
-                }
-            );
-        } else {
-            tracing::info!(
-                "serving {} model(s), default {}; model control {:?}",
-                models.len(),
-                models.default_name().unwrap_or("-"),
-                control
-            );
-        }
+        let loaded = (
+            models.len(),
+            models.default_name().unwrap_or("-").to_string(),
+        );
         drop(models);
         let stop_polling = Arc::new(AtomicBool::new(false));
         let poller = match control {
@@ -277,6 +264,23 @@ impl Server {
             health
                 .set_service_status(*name, ServingStatus::Serving)
                 .await;
+        }
+        match loaded {
+            (0, _) if control == ModelControl::Explicit => tracing::info!(
+                "model control explicit: no model loaded at start-up (load them with RepositoryModelLoad, or --load-model)"
+            ),
+            (0, _) => tracing::warn!(
+                "no models found in {}: serving none (put model directories there{})",
+                config.models.display(),
+                if control == ModelControl::Poll {
+                    "; they are picked up on the next poll"
+                } else {
+                    " and restart"
+                }
+            ),
+            (n, default) => tracing::info!(
+                "serving {n} model(s), default {default}; model control {control:?}"
+            ),
         }
 
         shutdown.await;
