@@ -53,6 +53,8 @@ pub const MODEL_UNLOADS_TOTAL: &str = "slimserve_model_unloads_total";
 pub const MODEL_LOAD_DURATION_SECONDS: &str = "slimserve_model_load_duration_seconds";
 /// Versions of the model being served (gauge).
 pub const MODEL_VERSIONS_LOADED: &str = "slimserve_model_versions_loaded";
+/// Idle periods after which the compute thread freed its scratch memory (counter, no labels).
+pub const IDLE_MEMORY_RELEASES_TOTAL: &str = "slimserve_idle_memory_releases_total";
 
 /// Latency buckets: about 1.5x apart from 0.25 ms to 10 s, so p50 and p99 interpolate
 /// within a few tens of percent anywhere between 0.5 ms and 10 s.
@@ -188,6 +190,11 @@ fn describe() {
         MODEL_VERSIONS_LOADED,
         Unit::Count,
         "Versions of the model being served"
+    );
+    describe_counter!(
+        IDLE_MEMORY_RELEASES_TOTAL,
+        Unit::Count,
+        "Idle periods (--idle-memory-release) after which the batch buffer and the engine's scratch were freed"
     );
 }
 

@@ -235,6 +235,8 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled when an input is queued or the scheduler stops.
     wake: Condvar,
+    /// Idle releases of scratch memory so far (`--idle-memory-release`).
+    idle_releases: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -281,6 +283,7 @@ impl Scheduler {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            idle_releases: Default::default(),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -291,6 +294,14 @@ impl Scheduler {
             thread: Some(thread),
             compute_delay,
         })
+    }
+
+    /// How many times the compute thread has released its scratch memory for being idle: once
+    /// per idle period that followed a batch.
+    pub fn idle_releases(&self) -> u64 {
+        self.shared
+            .idle_releases
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The injected per-batch delay (zero in production); model warm-ups pay it too.
@@ -365,6 +376,10 @@ fn compute_loop(shared: &Shared, compute_delay: Duration, idle_release: Option<D
                 crate::infer::release_scratch();
                 crate::backend::release_memory();
                 used = false;
+                shared
+                    .idle_releases
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!(crate::telemetry::IDLE_MEMORY_RELEASES_TOTAL).increment(1);
                 tracing::debug!("idle: scratch memory released");
             }
             Next::Batch(batch) => {

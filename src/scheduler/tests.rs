@@ -186,3 +186,28 @@ async fn expired_and_cancelled_inputs_are_not_computed() {
     blocker.wait().await.unwrap();
     assert_eq!(live.wait().await.unwrap().batch_size, 1);
 }
+
+/// With an idle period set, the compute thread releases its scratch once after the batches of
+/// a burst (not once per batch, not again while nothing runs), and once more after the next
+/// burst; without one it never does.
+#[tokio::test]
+async fn idle_release_comes_once_after_each_burst() {
+    let idle = Duration::from_millis(300);
+    let s = Scheduler::start(Duration::ZERO, Some(idle)).unwrap();
+    let q = queue(&s, "idle-release", 6, config(Duration::ZERO, 16));
+    tokio::time::sleep(idle * 3).await;
+    assert_eq!(s.idle_releases(), 0, "released before any batch");
+    for burst in 1..=2 {
+        for i in 0..5 {
+            submit(&q, i as f32).wait().await.unwrap();
+        }
+        assert_eq!(s.idle_releases(), burst - 1, "released during a burst");
+        tokio::time::sleep(idle * 4).await;
+        assert_eq!(s.idle_releases(), burst, "after burst {burst}");
+    }
+    let never = Scheduler::start(Duration::ZERO, None).unwrap();
+    let q = queue(&never, "no-idle-release", 7, config(Duration::ZERO, 16));
+    submit(&q, 1.0).wait().await.unwrap();
+    tokio::time::sleep(idle * 3).await;
+    assert_eq!(never.idle_releases(), 0);
+}
