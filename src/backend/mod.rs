@@ -21,6 +21,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 
 pub use device::{DeviceError, DeviceSpec};
 
+use crate::infer::qmodel::Int8Model;
 use crate::infer::FastModel;
 use crate::preprocess::Preprocessing;
 use crate::scheduler::Input;
@@ -43,6 +44,8 @@ pub struct Backend {
     model: Model,
     /// The compiled CPU form, when the architecture has one and the device is the CPU.
     fast: Option<FastModel>,
+    /// The int8 engine, for an int8 model on the CPU (then `fast` is `None`).
+    int8: Option<Int8Model>,
     device: Device,
     input_size: usize,
     num_classes: usize,
@@ -93,6 +96,19 @@ impl Backend {
         }
     }
 
+    /// An int8 model (`ranges`: its calibrated activation ranges) on the CPU's int8 engine.
+    /// Fails when the architecture has no int8 form or the ranges do not fit it.
+    pub fn new_int8(
+        model: Model,
+        ranges: &[(f32, f32)],
+        preprocessing: &Preprocessing,
+    ) -> Result<Self, crate::infer::CompileError> {
+        let int8 = Int8Model::compile(&model, ranges)?;
+        let mut backend = Self::build(model, Device::Cpu, preprocessing, None, None);
+        backend.int8 = Some(int8);
+        Ok(backend)
+    }
+
     /// The path `--device cuda` runs, on any device: UINT8 inputs uploaded as u8 and converted
     /// on the device, f32 inputs uploaded once per batch, candle's forward with every op on its
     /// device-generic path (also on a CPU device, where it is the reference the GPU's numerics
@@ -138,6 +154,7 @@ impl Backend {
         Self {
             model,
             fast,
+            int8: None,
             device,
             input_size: spec.input_size,
             num_classes: spec.num_classes,
@@ -146,10 +163,12 @@ impl Backend {
         }
     }
 
-    /// `fused` (the compiled CPU engine), `candle` (candle's forward on the CPU) or `device`
-    /// (inputs uploaded as sent, device-generic ops).
+    /// `fused` (the compiled CPU engine), `int8` (the int8 engine), `candle` (candle's forward
+    /// on the CPU) or `device` (inputs uploaded as sent, device-generic ops).
     pub fn engine(&self) -> &'static str {
-        if self.fast.is_some() {
+        if self.int8.is_some() {
+            "int8"
+        } else if self.fast.is_some() {
             "fused"
         } else if self.on_device.is_some() {
             "device"
@@ -363,6 +382,9 @@ impl Backend {
     /// The logits `[n, C]` of `n` CHW images back to back.
     pub fn forward(&self, input: &[f32], n: usize) -> Result<Vec<f32>, String> {
         let forward = || candle_forward(&self.model, &self.device, input, n, self.input_size);
+        if let Some(q) = &self.int8 {
+            return Ok(q.forward(input, n));
+        }
         match (&self.fast, &self.on_device) {
             (Some(f), _) => Ok(f.forward(input, n)),
             (None, Some(d)) if d.force_generic => {

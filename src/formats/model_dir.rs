@@ -175,6 +175,9 @@ pub struct LoadedModel {
     /// Not the served version: that is a positive integer, as Triton's clients expect
     /// (a flat model directory is version 1).
     pub digest: String,
+    /// The calibrated activation ranges of an int8 model (`(min, max)` of the input and of each
+    /// layer's output), which its int8 engine quantizes with; `None` for every other format.
+    pub calibration: Option<Vec<(f32, f32)>>,
 }
 
 impl LoadedModel {
@@ -254,10 +257,24 @@ pub fn from_parts(
     bytes: &[u8],
 ) -> Result<LoadedModel, ModelDirError> {
     let path = dir.join(&config.weights.file);
-    let (format, tensors) = weights::decode(bytes).map_err(|source| ModelDirError::Weights {
-        path: path.clone(),
-        source,
-    })?;
+    let (format, mut tensors) =
+        weights::decode(bytes).map_err(|source| ModelDirError::Weights {
+            path: path.clone(),
+            source,
+        })?;
+    let calibration = match tensors.remove(weights::ACTIVATION_RANGES_KEY) {
+        Some(t) => {
+            let v = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| ModelDirError::Zoo {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
+            Some(v.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+        }
+        None => None,
+    };
     if format != config.weights.format {
         return Err(ModelDirError::Config {
             path: dir.join(CONFIG_FILE),
@@ -274,6 +291,7 @@ pub fn from_parts(
         tensors,
         file_bytes: bytes.len() as u64,
         digest: format!("{:016x}", crate::fnv1a64(bytes)),
+        calibration,
     })
 }
 
@@ -299,9 +317,13 @@ pub fn save(
             path: weights_path.clone(),
             source: e.into(),
         })?;
-    Model::from_tensors(&config.spec, &cpu, &Device::Cpu).map_err(|source| ModelDirError::Zoo {
-        path: weights_path.clone(),
-        source,
+    let mut layers = cpu.clone();
+    layers.remove(weights::ACTIVATION_RANGES_KEY);
+    Model::from_tensors(&config.spec, &layers, &Device::Cpu).map_err(|source| {
+        ModelDirError::Zoo {
+            path: weights_path.clone(),
+            source,
+        }
     })?;
     let bytes =
         weights::encode(&cpu, config.weights.format).map_err(|source| ModelDirError::Weights {
@@ -357,11 +379,26 @@ mod tests {
     fn round_trip_every_format() {
         for format in WeightFormat::ALL {
             let dir = tempfile::tempdir().unwrap();
-            let (config, tensors) = sample(format);
+            let (config, mut tensors) = sample(format);
+            let ranges = vec![(-2.0f32, 2.5f32), (0.0, 6.0)];
+            if format == WeightFormat::Int8 {
+                let flat: Vec<f32> = ranges.iter().flat_map(|r| [r.0, r.1]).collect();
+                tensors.insert(
+                    weights::ACTIVATION_RANGES_KEY.into(),
+                    Tensor::from_vec(flat, (2, 2), &Device::Cpu).unwrap(),
+                );
+            }
             let bytes = save(dir.path(), &config, &tensors).unwrap();
             let loaded = load(dir.path()).unwrap();
             assert_eq!(loaded.config, config, "{format}");
             assert_eq!(loaded.file_bytes, bytes);
+            // The ranges come back as the calibration, not as a layer's tensor.
+            if format == WeightFormat::Int8 {
+                assert_eq!(loaded.calibration.as_deref(), Some(&ranges[..]));
+                tensors.remove(weights::ACTIVATION_RANGES_KEY);
+            } else {
+                assert_eq!(loaded.calibration, None);
+            }
             assert_eq!(loaded.tensors.len(), tensors.len());
             let leftovers: Vec<_> = std::fs::read_dir(dir.path())
                 .unwrap()

@@ -44,6 +44,17 @@
 //!   `R` is the total; a `per_channel` tensor with `shape[0] == 0` contributes no row.
 //! * Input keys `__ranges__` and `*.bn_stats` are reserved and rejected by [`encode`].
 //!
+//! * `int8` (scheme `symmetric_per_channel`): the int8 execution path's file. Every tensor of
+//!   rank >= 2 (convolution and linear weights) is stored as `I8` under its own key, quantised
+//!   symmetrically per output channel (dim-0 slice): `q = round(w / s)`, `s = max|w| / 127`,
+//!   `q` in `-127..=127`, with the scales as an `F32` tensor `KEY_scale` of shape `[shape[0]]`
+//!   (an all-zero slice has scale 1); decoded as `w' = q * s`, so `|w - w'| <= s / 2`. Every
+//!   other tensor (biases, BatchNorm parameters and statistics) stays `F32`. The activation
+//!   ranges measured by calibration are an `F32` tensor `__activation_ranges__` of shape
+//!   `[P, 2]` (`(min, max)` of the input and of each layer's output, in layer order), required
+//!   by this format and returned by [`decode`] under the same key. Any tool that reads
+//!   safetensors gets the weights back as `KEY.astype(float32) * KEY_scale[:, None, ...]`.
+//!
 //! # Common rules
 //!
 //! * The safetensors `__metadata__` is `{"format": "f32" | "f16" | "uint8"}`, plus
@@ -75,24 +86,30 @@ pub enum WeightFormat {
     Uint8,
     /// 8-bit affine quantisation with one range per output channel (dim-0 slice).
     Uint8PerChannel,
+    /// Symmetric int8 weights per output channel with their scales, plus the calibrated
+    /// activation ranges: what the int8 engine computes with.
+    Int8,
 }
 
 impl WeightFormat {
     /// Every format, smallest precision loss first.
-    pub const ALL: [WeightFormat; 4] = [
+    pub const ALL: [WeightFormat; 5] = [
         WeightFormat::F32,
         WeightFormat::F16,
         WeightFormat::Uint8,
         WeightFormat::Uint8PerChannel,
+        WeightFormat::Int8,
     ];
 
-    /// The canonical name (same as the serde name): `f32`, `f16`, `uint8`, `uint8_per_channel`.
+    /// The canonical name (same as the serde name): `f32`, `f16`, `uint8`, `uint8_per_channel`,
+    /// `int8`.
     pub fn as_str(&self) -> &'static str {
         match self {
             WeightFormat::F32 => "f32",
             WeightFormat::F16 => "f16",
             WeightFormat::Uint8 => "uint8",
             WeightFormat::Uint8PerChannel => "uint8_per_channel",
+            WeightFormat::Int8 => "int8",
         }
     }
 
@@ -163,6 +180,15 @@ pub enum CodecError {
     /// A `(min, max)` row is not finite or has `min > max`.
     #[error("`__ranges__` row {row} is invalid: min {min}, max {max} (need finite min <= max)")]
     BadRange { row: usize, min: f32, max: f32 },
+    /// An int8 file or input lacks the calibrated activation ranges.
+    #[error(
+        "format int8 requires the calibrated activation ranges (`__activation_ranges__`, \
+         [P, 2] F32) but there are none"
+    )]
+    MissingActivationRanges,
+    /// An int8 weight's scales are missing, misshapen or not finite and positive.
+    #[error("tensor `{name}`: {reason}")]
+    BadScales { name: String, reason: String },
     /// A stored tensor's shape is unusable.
     #[error("tensor `{name}` has shape {shape:?}: {reason}")]
     BadShape {
@@ -176,6 +202,9 @@ pub enum CodecError {
 }
 
 const RANGES_KEY: &str = "__ranges__";
+/// The calibrated activation ranges of an int8 file, `[P, 2]`.
+pub const ACTIVATION_RANGES_KEY: &str = "__activation_ranges__";
+const SCALE_SUFFIX: &str = "_scale";
 const METADATA_KEY: &str = "__metadata__";
 const BN_SUFFIX: &str = ".bn_stats";
 const BN_MEMBERS: [&str; 4] = ["weight", "bias", "running_mean", "running_var"];
@@ -252,6 +281,12 @@ pub fn encode(
             format,
         });
     }
+    if format != WeightFormat::Int8 && inputs.contains_key(ACTIVATION_RANGES_KEY) {
+        return Err(CodecError::ReservedName {
+            name: ACTIVATION_RANGES_KEY.to_string(),
+            format,
+        });
+    }
     let mut meta = HashMap::new();
     let blobs = match format {
         WeightFormat::F32 => {
@@ -302,8 +337,197 @@ pub fn encode(
             meta.insert("scheme".to_string(), scheme.to_string());
             encode_uint8(&inputs, format, per_channel)?
         }
+        WeightFormat::Int8 => {
+            meta.insert("format".to_string(), "int8".to_string());
+            meta.insert("scheme".to_string(), "symmetric_per_channel".to_string());
+            encode_int8(&inputs)?
+        }
     };
     safetensors::serialize(blobs, Some(meta)).map_err(|e| CodecError::Write(e.to_string()))
+}
+
+/// The int8 format's tensors: rank >= 2 as I8 + `KEY_scale`, the rest F32, the activation
+/// ranges as given (checked: `[P, 2]`, finite, `min <= max`).
+fn encode_int8(inputs: &BTreeMap<&str, &Tensor>) -> Result<Vec<(String, Blob)>, CodecError> {
+    let format = WeightFormat::Int8;
+    if let Some(name) = inputs
+        .keys()
+        .find(|k| k.ends_with(SCALE_SUFFIX) || **k == RANGES_KEY)
+    {
+        return Err(CodecError::ReservedName {
+            name: name.to_string(),
+            format,
+        });
+    }
+    let mut blobs = Vec::with_capacity(inputs.len() * 2);
+    for (name, t) in inputs {
+        let v = finite_input_values(name, t)?;
+        let shape = t.dims().to_vec();
+        if *name == ACTIVATION_RANGES_KEY {
+            check_activation_ranges(&shape, &v)?;
+        }
+        if shape.len() < 2 || *name == ACTIVATION_RANGES_KEY {
+            blobs.push((
+                name.to_string(),
+                Blob {
+                    dtype: Dtype::F32,
+                    shape,
+                    data: f32_bytes(&v),
+                },
+            ));
+            continue;
+        }
+        let (q, scales) = quantize_symmetric(&v, shape[0]);
+        blobs.push((
+            format!("{name}{SCALE_SUFFIX}"),
+            Blob {
+                dtype: Dtype::F32,
+                shape: vec![shape[0]],
+                data: f32_bytes(&scales),
+            },
+        ));
+        blobs.push((
+            name.to_string(),
+            Blob {
+                dtype: Dtype::I8,
+                shape,
+                data: q.iter().map(|&x| x as u8).collect(),
+            },
+        ));
+    }
+    if !inputs.contains_key(ACTIVATION_RANGES_KEY) {
+        return Err(CodecError::MissingActivationRanges);
+    }
+    Ok(blobs)
+}
+
+/// `values` as `rows` slices, each quantised to `-127..=127` with scale `max|w| / 127` (1 for
+/// an all-zero or empty slice).
+fn quantize_symmetric(values: &[f32], rows: usize) -> (Vec<i8>, Vec<f32>) {
+    let per = values.len().checked_div(rows).unwrap_or(0);
+    let mut q = vec![0i8; values.len()];
+    let mut scales = vec![1f32; rows];
+    for r in 0..rows {
+        let row = &values[r * per..(r + 1) * per];
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if max > 0.0 {
+            scales[r] = max / 127.0;
+        }
+        for (d, &v) in q[r * per..(r + 1) * per].iter_mut().zip(row) {
+            *d = (v / scales[r]).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    (q, scales)
+}
+
+/// Activation ranges are `[P, 2]` with finite `min <= max` rows.
+fn check_activation_ranges(shape: &[usize], values: &[f32]) -> Result<(), CodecError> {
+    let bad = |reason: String| CodecError::BadScales {
+        name: ACTIVATION_RANGES_KEY.to_string(),
+        reason,
+    };
+    if shape.len() != 2 || shape[1] != 2 || shape[0] == 0 {
+        return Err(bad(format!("shape {shape:?}, expected [P, 2] with P > 0")));
+    }
+    for (row, pair) in values.chunks_exact(2).enumerate() {
+        if !(pair[0].is_finite() && pair[1].is_finite() && pair[0] <= pair[1]) {
+            return Err(bad(format!(
+                "row {row} is [{}, {}], not a finite min <= max",
+                pair[0], pair[1]
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn decode_int8(
+    mut raws: BTreeMap<String, RawTensor<'_>>,
+) -> Result<BTreeMap<String, Tensor>, CodecError> {
+    let format = WeightFormat::Int8;
+    let wrong = |name: &str, found: Dtype, expected: &'static str| CodecError::WrongDtype {
+        name: name.to_string(),
+        found: found.to_string(),
+        format,
+        expected,
+    };
+    let ranges = raws
+        .remove(ACTIVATION_RANGES_KEY)
+        .ok_or(CodecError::MissingActivationRanges)?;
+    if ranges.dtype != Dtype::F32 {
+        return Err(wrong(ACTIVATION_RANGES_KEY, ranges.dtype, "F32"));
+    }
+    let range_values = float_values(&ranges).unwrap_or_default();
+    check_activation_ranges(&ranges.shape, &range_values)?;
+    let mut out = BTreeMap::new();
+    out.insert(
+        ACTIVATION_RANGES_KEY.to_string(),
+        make_tensor(range_values, &ranges.shape)?,
+    );
+    // Scales are consumed by their weights; any left over is an error.
+    let scale_names: Vec<String> = raws
+        .keys()
+        .filter(|k| k.ends_with(SCALE_SUFFIX))
+        .cloned()
+        .collect();
+    let mut scales: BTreeMap<String, RawTensor<'_>> = scale_names
+        .into_iter()
+        .filter_map(|k| raws.remove(&k).map(|r| (k, r)))
+        .collect();
+    for (name, raw) in raws {
+        match raw.dtype {
+            Dtype::F32 => {
+                let values = float_values(&raw).unwrap_or_default();
+                out.insert(name, make_tensor(values, &raw.shape)?);
+            }
+            Dtype::I8 => {
+                let bad = |reason: String| CodecError::BadScales {
+                    name: name.clone(),
+                    reason,
+                };
+                if raw.shape.len() < 2 {
+                    return Err(bad(format!(
+                        "an I8 tensor must have rank >= 2, not shape {:?}",
+                        raw.shape
+                    )));
+                }
+                let key = format!("{name}{SCALE_SUFFIX}");
+                let s = scales
+                    .remove(&key)
+                    .ok_or_else(|| bad(format!("its scales `{key}` are missing")))?;
+                let rows = raw.shape[0];
+                let sv = match (s.dtype, s.shape.as_slice()) {
+                    (Dtype::F32, [n]) if *n == rows => float_values(&s).unwrap_or_default(),
+                    _ => {
+                        return Err(bad(format!(
+                            "`{key}` must be F32 of shape [{rows}], not {} {:?}",
+                            s.dtype, s.shape
+                        )))
+                    }
+                };
+                if let Some(v) = sv.iter().find(|v| !(v.is_finite() && **v > 0.0)) {
+                    return Err(bad(format!(
+                        "scale {v} in `{key}` is not finite and positive"
+                    )));
+                }
+                let per = raw.data.len().checked_div(rows).unwrap_or(0);
+                let values: Vec<f32> = raw
+                    .data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &b)| b as i8 as f32 * sv[i / per.max(1)])
+                    .collect();
+                out.insert(name, make_tensor(values, &raw.shape)?);
+            }
+            other => return Err(wrong(&name, other, "I8 or F32")),
+        }
+    }
+    if let Some(name) = scales.keys().next() {
+        return Err(CodecError::BadScales {
+            name: name.clone(),
+            reason: "scales without an I8 tensor of the same name".into(),
+        });
+    }
+    Ok(out)
 }
 
 /// A tensor as it will be stored in a uint8 file, before quantisation.
@@ -573,6 +797,14 @@ pub fn decode(bytes: &[u8]) -> Result<(WeightFormat, BTreeMap<String, Tensor>), 
                 ))
             }
         },
+        Some("int8") => match user_meta.and_then(|m| m.get("scheme")).map(String::as_str) {
+            Some("symmetric_per_channel") => Some(WeightFormat::Int8),
+            other => {
+                return Err(CodecError::BadMetadata(format!(
+                    "int8 scheme {other:?} (expected symmetric_per_channel)"
+                )))
+            }
+        },
         // No metadata, or someone else's (e.g. {"format": "pt"}): read by dtype.
         _ => None,
     };
@@ -600,6 +832,7 @@ pub fn decode(bytes: &[u8]) -> Result<(WeightFormat, BTreeMap<String, Tensor>), 
             }
             Ok((f, out))
         }
+        Some(WeightFormat::Int8) => Ok((WeightFormat::Int8, decode_int8(raws)?)),
         Some(f) => Ok((f, decode_uint8(raws, f)?)),
     }
 }
@@ -858,10 +1091,15 @@ mod tests {
                 let mut m = BTreeMap::new();
                 m.insert("a".to_string(), t(vec![c; 12], &[3, 4]));
                 m.insert("b".to_string(), t(vec![c; 5], &[5]));
+                let m = encodable(m, format);
                 let (_, out) = decode(&encode(&m, format).unwrap()).unwrap();
                 for k in ["a", "b"] {
                     let v = values(&out[k]);
-                    if format == WeightFormat::F16 {
+                    if format == WeightFormat::Int8 && k == "a" {
+                        // 127 steps of c / 127: c to within float rounding.
+                        let tol = c.abs() * 2.0 * f32::EPSILON;
+                        assert!(v.iter().all(|&x| (x - c).abs() <= tol), "{k} {c}: {v:?}");
+                    } else if format == WeightFormat::F16 {
                         let want = half::f16::from_f32(c).to_f32();
                         assert!(v.iter().all(|&x| x == want));
                     } else {
@@ -1178,6 +1416,146 @@ mod tests {
         assert!(matches!(err, CodecError::BadShape { .. }), "{err}");
     }
 
+    /// `m` with activation ranges added when `format` is int8 (which requires them).
+    fn encodable(
+        mut m: BTreeMap<String, Tensor>,
+        format: WeightFormat,
+    ) -> BTreeMap<String, Tensor> {
+        if format == WeightFormat::Int8 {
+            m.insert(
+                ACTIVATION_RANGES_KEY.to_string(),
+                t(vec![-1.0, 2.0, 0.0, 6.0], &[2, 2]),
+            );
+        }
+        m
+    }
+
+    /// int8: rank >= 2 tensors stored as I8 with `KEY_scale` (what other tools read), within
+    /// half a step of the original per output channel; the rest F32 and exact; the activation
+    /// ranges returned as stored.
+    #[test]
+    fn int8_weights_round_trip_within_half_a_step() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let mut m = BTreeMap::new();
+        m.insert(
+            "conv.weight".to_string(),
+            random_tensor(&mut rng, &[5, 3, 3, 3]),
+        );
+        m.insert("fc.weight".to_string(), random_tensor(&mut rng, &[4, 7]));
+        m.insert("conv.bias".to_string(), random_tensor(&mut rng, &[5]));
+        // An all-zero output channel.
+        let mut zero_row = values(&m["fc.weight"]);
+        zero_row[7..14].fill(0.0);
+        m.insert("fc.weight".to_string(), t(zero_row, &[4, 7]));
+        let m = encodable(m, WeightFormat::Int8);
+        let bytes = encode(&m, WeightFormat::Int8).unwrap();
+
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("conv.weight").unwrap().dtype(), Dtype::I8);
+        assert_eq!(st.tensor("conv.weight_scale").unwrap().shape(), &[5]);
+        assert_eq!(st.tensor("conv.bias").unwrap().dtype(), Dtype::F32);
+        assert!(st.tensor("conv.bias_scale").is_err());
+
+        let (format, out) = decode(&bytes).unwrap();
+        assert_eq!(format, WeightFormat::Int8);
+        assert_eq!(values(&out["conv.bias"]), values(&m["conv.bias"]));
+        assert_eq!(
+            values(&out[ACTIVATION_RANGES_KEY]),
+            vec![-1.0, 2.0, 0.0, 6.0]
+        );
+        for key in ["conv.weight", "fc.weight"] {
+            let (orig, got) = (values(&m[key]), values(&out[key]));
+            let rows = m[key].dims()[0];
+            let per = orig.len() / rows;
+            for r in 0..rows {
+                let row = &orig[r * per..(r + 1) * per];
+                let step = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                for (a, b) in row.iter().zip(&got[r * per..(r + 1) * per]) {
+                    assert!(
+                        (a - b).abs() <= step / 2.0 * 1.001 + 1e-9,
+                        "{key} row {r}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+        // Every value -127..=127: never -128.
+        let q = st.tensor("conv.weight").unwrap();
+        assert!(q.data().iter().all(|&b| b as i8 != -128));
+    }
+
+    #[test]
+    fn int8_files_without_what_they_need_are_refused() {
+        let mut m = BTreeMap::new();
+        m.insert("w".to_string(), t(vec![0.5, -0.25, 1.0, 0.0], &[2, 2]));
+        let err = encode(&m, WeightFormat::Int8).unwrap_err();
+        assert!(matches!(err, CodecError::MissingActivationRanges), "{err}");
+        let mut bad = encodable(m.clone(), WeightFormat::Int8);
+        bad.insert(
+            ACTIVATION_RANGES_KEY.to_string(),
+            t(vec![3.0, 1.0], &[1, 2]),
+        );
+        let err = encode(&bad, WeightFormat::Int8).unwrap_err().to_string();
+        assert!(err.contains("row 0 is [3, 1]"), "{err}");
+        let mut bad = encodable(m.clone(), WeightFormat::Int8);
+        bad.insert("w_scale".to_string(), t(vec![1.0], &[1]));
+        assert!(matches!(
+            encode(&bad, WeightFormat::Int8).unwrap_err(),
+            CodecError::ReservedName { .. }
+        ));
+        // Other formats do not take activation ranges.
+        let err = encode(&encodable(m.clone(), WeightFormat::Int8), WeightFormat::F32).unwrap_err();
+        assert!(matches!(err, CodecError::ReservedName { .. }), "{err}");
+
+        // Decoding: a scale missing, misshapen, zero; ranges missing.
+        let good = encode(&encodable(m, WeightFormat::Int8), WeightFormat::Int8).unwrap();
+        let st = SafeTensors::deserialize(&good).unwrap();
+        let keep = |skip: &str, replace: Option<(&str, Blob)>| {
+            let mut blobs: Vec<(String, Blob)> = st
+                .tensors()
+                .into_iter()
+                .filter(|(k, _)| k != skip)
+                .map(|(k, v)| {
+                    (
+                        k,
+                        Blob {
+                            dtype: v.dtype(),
+                            shape: v.shape().to_vec(),
+                            data: v.data().to_vec(),
+                        },
+                    )
+                })
+                .collect();
+            if let Some((k, b)) = replace {
+                blobs.push((k.to_string(), b));
+            }
+            serialize(
+                blobs,
+                Some(&[("format", "int8"), ("scheme", "symmetric_per_channel")]),
+            )
+        };
+        let err = decode(&keep("w_scale", None)).unwrap_err().to_string();
+        assert!(err.contains("`w_scale` are missing"), "{err}");
+        let err = decode(&keep(
+            "w_scale",
+            Some((
+                "w_scale",
+                blob(Dtype::F32, &[3], f32_bytes(&[1.0, 1.0, 1.0])),
+            )),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("must be F32 of shape [2]"), "{err}");
+        let err = decode(&keep(
+            "w_scale",
+            Some(("w_scale", blob(Dtype::F32, &[2], f32_bytes(&[1.0, 0.0])))),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not finite and positive"), "{err}");
+        let err = decode(&keep(ACTIVATION_RANGES_KEY, None)).unwrap_err();
+        assert!(matches!(err, CodecError::MissingActivationRanges), "{err}");
+    }
+
     #[test]
     fn encode_errors() {
         let mut m = BTreeMap::new();
@@ -1191,7 +1569,11 @@ mod tests {
         }
         let mut m = BTreeMap::new();
         m.insert("x".to_string(), t(vec![1.0, f32::NAN], &[2]));
-        for format in [WeightFormat::Uint8, WeightFormat::Uint8PerChannel] {
+        for format in [
+            WeightFormat::Uint8,
+            WeightFormat::Uint8PerChannel,
+            WeightFormat::Int8,
+        ] {
             let err = encode(&m, format).unwrap_err().to_string();
             assert_eq!(err, "non-finite value in tensor `x`");
         }
@@ -1216,8 +1598,8 @@ mod tests {
             }
             assert!(decode(&bytes).is_err());
         }
-        let m = small_model();
         for format in WeightFormat::ALL {
+            let m = encodable(small_model(), format);
             let good = encode(&m, format).unwrap();
             for cut in 0..good.len() {
                 assert!(decode(&good[..cut]).is_err(), "{format} cut at {cut}");
@@ -1307,6 +1689,6 @@ mod tests {
             WeightFormat::parse("UINT8-per-channel"),
             Some(WeightFormat::Uint8PerChannel)
         );
-        assert_eq!(WeightFormat::parse("int8"), None);
+        assert_eq!(WeightFormat::parse("int4"), None);
     }
 }

@@ -29,7 +29,7 @@ impl Act {
     }
 
     #[inline(always)]
-    fn apply(self, v: f32) -> f32 {
+    pub(super) fn apply(self, v: f32) -> f32 {
         match self {
             Act::None => v,
             Act::Relu => v.max(0.0),

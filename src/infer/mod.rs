@@ -26,6 +26,8 @@ mod inverted;
 mod kernels;
 mod nhwc;
 mod packed;
+pub mod qmodel;
+pub mod quant;
 mod separable;
 #[cfg(test)]
 mod tests;
@@ -50,6 +52,8 @@ pub enum CompileError {
     Unsupported(String),
     #[error("reading weights: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("calibration: {0}")]
+    Calibration(String),
 }
 
 /// One fused layer; shapes are per image, NCHW.
@@ -401,15 +405,15 @@ impl FastModel {
         let mut logits = vec![0f32; self.spec.num_classes];
         let warm = std::time::Instant::now();
         while warm.elapsed().as_secs_f64() < 0.5 {
-            self.run(x, &mut logits, split, false);
+            self.run(x, &mut logits, split, false, None);
         }
         let repeats = repeats.max(1);
         let mut runs: Vec<Vec<(String, f64)>> = Vec::with_capacity(repeats);
         let mut whole = Vec::with_capacity(repeats);
         for _ in 0..repeats {
-            runs.push(self.run(x, &mut logits, split, true));
+            runs.push(self.run(x, &mut logits, split, true, None));
             let t = std::time::Instant::now();
-            self.run(x, &mut logits, split, false);
+            self.run(x, &mut logits, split, false, None);
             whole.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let median = |mut v: Vec<f64>| {
@@ -428,15 +432,62 @@ impl FastModel {
 
     /// One image through every layer; `split` spreads each layer over the thread pool.
     fn image(&self, x: &[f32], logits: &mut [f32], split: bool) {
-        self.run(x, logits, split, false);
+        self.run(x, logits, split, false, None);
     }
 
-    fn run(&self, x: &[f32], logits: &mut [f32], split: bool, timed: bool) -> Vec<(String, f64)> {
+    /// Points where the int8 engine quantizes an activation: the input and each layer's
+    /// output, the length of [`FastModel::calibrate`]'s ranges.
+    pub fn calibration_points(&self) -> usize {
+        1 + self.layers.len()
+    }
+
+    /// The range `(min, max)` of the input and of each layer's output (after its activation
+    /// and pool) over `n` preprocessed CHW images: the calibration the int8 engine
+    /// ([`qmodel::Int8Model`]) quantizes its activations with.
+    pub fn calibrate(&self, input: &[f32], n: usize) -> Vec<(f32, f32)> {
+        let s = self.spec.input_size;
+        let per = 3 * s * s;
+        assert_eq!(input.len(), n * per, "input is not {n} images of 3x{s}x{s}");
+        let empty = vec![(f32::INFINITY, f32::NEG_INFINITY); self.calibration_points()];
+        let classes = self.spec.num_classes;
+        input
+            .par_chunks(per)
+            .map(|x| {
+                let mut ranges = empty.clone();
+                let mut logits = vec![0f32; classes];
+                self.run(x, &mut logits, false, false, Some(&mut ranges));
+                ranges
+            })
+            .reduce(
+                || empty.clone(),
+                |a, b| {
+                    a.iter()
+                        .zip(&b)
+                        .map(|(p, q)| (p.0.min(q.0), p.1.max(q.1)))
+                        .collect()
+                },
+            )
+            .into_iter()
+            .map(|r| if r.0 <= r.1 { r } else { (0.0, 0.0) })
+            .collect()
+    }
+
+    fn run(
+        &self,
+        x: &[f32],
+        logits: &mut [f32],
+        split: bool,
+        timed: bool,
+        mut ranges: Option<&mut [(f32, f32)]>,
+    ) -> Vec<(String, f64)> {
         if split && rayon::current_thread_index().is_none() {
             // From outside the pool every parallel layer would hand its work to the pool and
             // block on a condition variable (tens of microseconds per layer); run the whole
             // image on a worker instead, so each layer's split is a cheap join.
-            return rayon::scope(|_| self.run(x, logits, split, timed));
+            return rayon::scope(|_| self.run(x, logits, split, timed, ranges));
+        }
+        if let Some(r) = ranges.as_deref_mut() {
+            r[0] = widen(r[0], x);
         }
         let mut times = Vec::new();
         let mut bufs = ACTIVATIONS
@@ -493,6 +544,10 @@ impl FastModel {
                     };
                     times.push((what, t.elapsed().as_secs_f64() * 1e3));
                 }
+                if let Some(r) = ranges.as_deref_mut() {
+                    let (c, h, w) = shapes[i + 1];
+                    r[i + 1] = widen(r[i + 1], &dst[..c * h * w]);
+                }
                 std::mem::swap(&mut src, &mut dst);
             }
             let &(c, h, w) = shapes.last().expect("input shape");
@@ -528,6 +583,11 @@ impl FastModel {
         ACTIVATIONS.with(|free| free.borrow_mut().push(bufs));
         times
     }
+}
+
+/// `range` widened to include every value of `v`.
+fn widen(range: (f32, f32), v: &[f32]) -> (f32, f32) {
+    v.iter().fold(range, |(lo, hi), &x| (lo.min(x), hi.max(x)))
 }
 
 /// `shape` after an optional 2x2 max pool (floor).

@@ -247,8 +247,16 @@ pub fn load_version(
         model: name.clone(),
         message,
     };
-    let backend = Backend::new(built, device.clone(), &model.config.preprocessing)
-        .map_err(|e| warmup_error(e.to_string()))?;
+    let backend = match &model.calibration {
+        // An int8 model computes in int8 on the CPU; on a GPU its dequantized weights take the
+        // device path like any other model.
+        Some(ranges) if device.is_cpu() => {
+            Backend::new_int8(built, ranges, &model.config.preprocessing)
+                .map_err(|e| warmup_error(format!("int8 engine: {e}")))?
+        }
+        _ => Backend::new(built, device.clone(), &model.config.preprocessing)
+            .map_err(|e| warmup_error(e.to_string()))?,
+    };
     let warm = backend
         .warm_up(options.batching.max_batch_size)
         .map_err(warmup_error)?;

@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 
 use slimserve::formats::onnx;
 use slimserve::formats::weights::{self, WeightFormat};
+use slimserve::infer::qmodel::Int8Model;
 use slimserve::infer::FastModel;
 use slimserve::zoo::{Arch, Model, ModelSpec};
 
@@ -56,6 +57,12 @@ pub struct Args {
     /// Also measure every model after a uint8 per-tensor round trip of its weights.
     #[arg(long)]
     uint8: bool,
+    /// Also measure the int8 engine (rows with weights `int8`) for the architectures it
+    /// compiles, against ONNX Runtime running the model quantized by its own tools
+    /// (`quantize_static`: QDQ, u8 activations, s8 per-channel weights), both calibrated on
+    /// the same images.
+    #[arg(long)]
+    int8: bool,
     /// Print the fused engine's time per layer (one image: split across threads as batch 1
     /// runs, and on one thread as each image of a large batch runs) and exit.
     #[arg(long)]
@@ -68,7 +75,9 @@ pub struct Args {
 #[derive(Serialize)]
 struct Row {
     arch: &'static str,
-    /// `f32`, or `uint8` for weights after a uint8 per-tensor round trip.
+    /// `f32`, `uint8` for weights after a uint8 per-tensor round trip, or `int8`: the int8
+    /// engine (in `fused_images_per_s`) against ONNX Runtime's int8 model (in
+    /// `ort_images_per_s`); candle runs the f32 weights.
     weights: &'static str,
     batch: usize,
     input_size: usize,
@@ -140,7 +149,42 @@ fn sgemm_peak(threads: usize, seconds: f64) -> f64 {
     best
 }
 
-fn fused_images_per_s(model: &FastModel, batch: usize, size: usize, seconds: f64) -> f64 {
+/// The server's CPU engines.
+#[derive(Clone, Copy)]
+enum Engine<'a> {
+    Fused(&'a FastModel),
+    Int8(&'a Int8Model),
+}
+
+impl Engine<'_> {
+    fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        match self {
+            Engine::Fused(m) => m.forward(x, n),
+            Engine::Int8(m) => m.forward(x, n),
+        }
+    }
+}
+
+/// `n` images `[n, 3, size, size]` with a fixed pseudo-random N(0, 1)-like content.
+fn synthetic_images(n: usize, size: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n * 3 * size * size)
+        .map(|_| {
+            // Sum of four uniforms: mean 0, variance 1/3 * 4 / 4 ~ close enough to N(0, 1/3).
+            (0..4)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .sum::<f32>()
+                * 1.7
+        })
+        .collect()
+}
+
+fn fused_images_per_s(model: Engine<'_>, batch: usize, size: usize, seconds: f64) -> f64 {
     let x: Vec<f32> = (0..batch * 3 * size * size)
         .map(|i| (i % 251) as f32 / 251.0)
         .collect();
@@ -187,6 +231,54 @@ fn profile(archs: &[Arch], args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Calibration images for the int8 rows (both engines calibrate on these).
+const CALIBRATION_IMAGES: usize = 8;
+
+/// The int8 engine for `model` (calibrated on synthetic images by the f32 engine) and the ONNX
+/// model ONNX Runtime's `quantize_static` makes from the same weights and images; `None` when
+/// the architecture has no int8 form.
+fn int8_engine(
+    model: &Model,
+    fast: &FastModel,
+    onnx_path: &Path,
+    py: &Path,
+    script: &Path,
+    args: &Args,
+) -> Result<Option<(Int8Model, PathBuf)>> {
+    let s = args.input_size;
+    let images = synthetic_images(CALIBRATION_IMAGES, s, 3);
+    let ranges = fast.calibrate(&images, CALIBRATION_IMAGES);
+    let Ok(q) = Int8Model::compile(model, &ranges) else {
+        return Ok(None);
+    };
+    let calib = onnx_path.with_extension("calib.f32");
+    std::fs::write(
+        &calib,
+        images
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
+    let out = onnx_path.with_extension("int8.onnx");
+    let status = Command::new(py)
+        .arg(script)
+        .arg("quantize")
+        .arg("--model")
+        .arg(onnx_path)
+        .arg("--calibration")
+        .arg(&calib)
+        .args(["--shape", &format!("{CALIBRATION_IMAGES},3,{s},{s}")])
+        .arg("--output")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", py.display()))?;
+    if !status.success() {
+        bail!("ONNX Runtime's quantize_static failed ({status}); its error is printed above");
+    }
+    Ok(Some((q, out)))
 }
 
 /// The model after its weights went through the uint8 per-tensor codec and back.
@@ -305,7 +397,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// Median images/s of the fused engine (when there is one) and of ONNX Runtime over
 /// `args.rounds` alternating windows.
 fn interleaved(
-    fast: Option<&FastModel>,
+    fast: Option<Engine<'_>>,
     ort: &mut Ort,
     batch: usize,
     args: &Args,
@@ -364,27 +456,40 @@ pub fn run(args: Args) -> Result<()> {
             let onnx_path = tmp.path().join(format!("{arch}-{weights}.onnx"));
             std::fs::write(&onnx_path, onnx::export(&model)?)?;
             let fast = FastModel::compile(&model).ok();
+            let int8 = match (&fast, args.int8 && weights == "f32") {
+                (Some(f), true) => int8_engine(&model, f, &onnx_path, &py, &script, &args)?,
+                _ => None,
+            };
+            let mut engines: Vec<(&'static str, Option<Engine<'_>>, &Path)> = vec![(
+                weights,
+                fast.as_ref().map(Engine::Fused),
+                onnx_path.as_path(),
+            )];
+            if let Some((q, path)) = &int8 {
+                engines.push(("int8", Some(Engine::Int8(q)), path.as_path()));
+            }
             for &batch in &args.batch {
-                let c = candle_images_per_s(&model, batch, args.input_size, args.seconds)?;
-                let mut ort = Ort::start(&py, &script, &onnx_path, batch, args.threads)?;
-                let (f, o) = interleaved(fast.as_ref(), &mut ort, batch, &args)?;
-                drop(ort);
-                let best = f.unwrap_or(0.0).max(c);
-                let row = Row {
-                    arch: arch.name(),
-                    weights,
-                    batch,
-                    input_size: args.input_size,
-                    threads: args.threads,
-                    macs_per_image: model.macs(),
-                    candle_images_per_s: c,
-                    fused_images_per_s: f,
-                    ort_images_per_s: o,
-                    ratio: best / o,
-                    peak_fraction: best * 2.0 * model.macs() as f64 / 1e9 / peak,
-                };
-                if !args.json {
-                    eprintln!(
+                for &(weights, engine, onnx_path) in &engines {
+                    let c = candle_images_per_s(&model, batch, args.input_size, args.seconds)?;
+                    let mut ort = Ort::start(&py, &script, onnx_path, batch, args.threads)?;
+                    let (f, o) = interleaved(engine, &mut ort, batch, &args)?;
+                    drop(ort);
+                    let best = f.unwrap_or(0.0).max(c);
+                    let row = Row {
+                        arch: arch.name(),
+                        weights,
+                        batch,
+                        input_size: args.input_size,
+                        threads: args.threads,
+                        macs_per_image: model.macs(),
+                        candle_images_per_s: c,
+                        fused_images_per_s: f,
+                        ort_images_per_s: o,
+                        ratio: best / o,
+                        peak_fraction: best * 2.0 * model.macs() as f64 / 1e9 / peak,
+                    };
+                    if !args.json {
+                        eprintln!(
                         "{:<15} {:<5} batch {:>3}: candle {:>8.1} img/s, fused {:>8} img/s, onnxruntime {:>8.1} img/s, ratio {:.2}",
                         row.arch,
                         weights,
@@ -394,8 +499,9 @@ pub fn run(args: Args) -> Result<()> {
                         o,
                         row.ratio
                     );
+                    }
+                    rows.push(row);
                 }
-                rows.push(row);
             }
         }
     }

@@ -1,14 +1,16 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
 use serde::Serialize;
+use slimserve::infer::qmodel::Int8Model;
 
 use slimtrain::data;
 use slimtrain::train::{self, metrics::wilson_interval};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model directory (f32, f16 or uint8 weights).
+    /// Model directory (f32, f16 or uint8 weights; int8 models run on the int8 engine).
     #[arg(long)]
     model: PathBuf,
     /// Dataset (same layouts as `train`).
@@ -65,13 +67,40 @@ pub fn run(args: Args) -> Result<()> {
         "train" => &data.train,
         other => bail!("--split {other}: expected val, test or train"),
     };
-    let r = train::evaluate(
-        &model,
-        samples,
-        data.num_classes(),
-        args.batch_size,
-        &device,
-    )?;
+    // An int8 model is judged as it is served: by the int8 engine, not by candle's f32
+    // forward over its dequantized weights.
+    let int8 = match &loaded.calibration {
+        Some(ranges) => Some(
+            Int8Model::compile(&model, ranges)
+                .with_context(|| format!("{}: int8 compile", args.model.display()))?,
+        ),
+        None => None,
+    };
+    let r = match &int8 {
+        Some(q) => train::evaluate_with(
+            samples,
+            data.num_classes(),
+            args.batch_size,
+            loaded.config.spec.input_size,
+            &Device::Cpu,
+            &|x| {
+                let n = x.dim(0)?;
+                let logits = q.forward(&x.flatten_all()?.to_vec1::<f32>()?, n);
+                Ok(Tensor::from_vec(
+                    logits,
+                    (n, q.spec().num_classes),
+                    &Device::Cpu,
+                )?)
+            },
+        )?,
+        None => train::evaluate(
+            &model,
+            samples,
+            data.num_classes(),
+            args.batch_size,
+            &device,
+        )?,
+    };
     let c = &r.confusion;
     let n = c.classes;
     let report = Report {

@@ -158,6 +158,21 @@ pub fn evaluate(
     device: &Device,
 ) -> Result<EvalResult> {
     let size = model.spec().input_size;
+    evaluate_with(samples, classes, batch, size, device, &|x| {
+        Ok(model.forward_t(x, false)?)
+    })
+}
+
+/// As [`evaluate`], with the logits of each batch `[N, 3, S, S]` (on `device`) computed by
+/// `forward` (e.g. an inference engine instead of candle's forward).
+pub fn evaluate_with(
+    samples: &[Sample],
+    classes: usize,
+    batch: usize,
+    size: usize,
+    device: &Device,
+    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+) -> Result<EvalResult> {
     let loader = Loader::new(samples, LoaderConfig::eval(batch, size))?;
     let mut confusion = Confusion::new(classes);
     let mut loss_sum = 0.0;
@@ -166,7 +181,7 @@ pub fn evaluate(
         let (x, y) = b?;
         let x = x.to_device(device)?;
         let y = y.to_device(device)?;
-        let logits = model.forward_t(&x, false)?;
+        let logits = forward(&x)?;
         loss_sum += loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * y.dim(0)? as f64;
         n += y.dim(0)?;
         let pred: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;

@@ -1,0 +1,378 @@
+//! The int8 engine (issue 14): a model compiled from its f32 weights (BatchNorm folded) and the
+//! activation ranges measured on calibration images, computing every convolution in integers.
+//!
+//! - The input image is quantized to u8 with the calibrated range of the inputs, NCHW to NHWC.
+//! - Each 3x3 convolution ([`QConv`]: the plain CNNs' layers, the students' stem) and each
+//!   separable block ([`QDepthwise`] then a 1x1 [`QConv`]) runs on u8 activations and i8
+//!   weights (symmetric, per output channel) with i32 sums; bias, activation, the output's
+//!   quantization and the 2x2 max pool are one epilogue.
+//! - The head stays f32: the last activation is dequantized, then global average pool +
+//!   linear (students) or flatten + linear (plain CNNs). It is a few thousand multiply-adds
+//!   against tens of millions in the convolutions, and the logits keep full precision.
+//!
+//! Ranges: static, from calibration ([`FastModel::calibrate`]), one per layer output plus the
+//! input, stored in the model directory. Not per batch: a batch's own range would make an
+//! image's answer depend on the other images it is batched with, and measuring it costs a
+//! pass over every activation. The depthwise output inside a separable block is quantized
+//! on ReLU6's fixed range `[0, 6]` (its output cannot leave it), so the fused f32 kernel
+//! need not expose it.
+
+use rayon::prelude::*;
+
+use super::int8::Int8Isa;
+use super::kernels::Act;
+use super::quant::{QConv, QDepthwise, QParams};
+use super::{dense, fold, is_3x3_same, linear, CompileError, FastModel, Head};
+use crate::zoo::{Model, ModelSpec, Net};
+
+/// One quantized layer, NHWC u8 in and out.
+#[derive(Debug, Clone)]
+enum QLayer {
+    Conv(QConv),
+    Separable { dw: QDepthwise, pw: QConv },
+}
+
+/// A model compiled for int8 inference on the CPU.
+#[derive(Debug, Clone)]
+pub struct Int8Model {
+    spec: ModelSpec,
+    input: QParams,
+    layers: Vec<QLayer>,
+    /// The quantization of the last layer's output (the head's input).
+    features: QParams,
+    head: Head,
+    isa: Int8Isa,
+}
+
+/// The range `[0, 6]` of a ReLU6 output.
+fn relu6_range() -> QParams {
+    QParams::from_range(0.0, 6.0)
+}
+
+impl Int8Model {
+    /// Compiles `model` with `ranges` (input, then each layer's output, as
+    /// [`FastModel::calibrate`] measures them) for the best int8 kernel set of this CPU.
+    pub fn compile(model: &Model, ranges: &[(f32, f32)]) -> Result<Self, CompileError> {
+        Self::compile_for(model, ranges, Int8Isa::detect())
+    }
+
+    /// As [`Int8Model::compile`] with a chosen kernel set (tests force each one).
+    pub fn compile_for(
+        model: &Model,
+        ranges: &[(f32, f32)],
+        isa: Int8Isa,
+    ) -> Result<Self, CompileError> {
+        let spec = model.spec().clone();
+        let unsupported = || CompileError::Unsupported(format!("{} in int8", spec.arch));
+        let expected = FastModel::compile(model)?.calibration_points();
+        if ranges.len() != expected {
+            return Err(CompileError::Calibration(format!(
+                "{} activation ranges for {} (expected {expected}: the input and each layer's \
+                 output)",
+                ranges.len(),
+                spec.arch
+            )));
+        }
+        if let Some((i, r)) = ranges
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !(r.0.is_finite() && r.1.is_finite() && r.0 <= r.1))
+        {
+            return Err(CompileError::Calibration(format!(
+                "activation range {i} is [{}, {}], not a finite interval",
+                r.0, r.1
+            )));
+        }
+        let q: Vec<QParams> = ranges
+            .iter()
+            .map(|&(lo, hi)| QParams::from_range(lo, hi))
+            .collect();
+        let mut layers = Vec::new();
+        let head = match model.net() {
+            Net::Plain(net) => {
+                for (i, (conv, bn)) in net.blocks().iter().enumerate() {
+                    if !is_3x3_same(conv) {
+                        return Err(unsupported());
+                    }
+                    let (ic, oc) = (conv.weight().dim(1)?, conv.weight().dim(0)?);
+                    let (w, b) = fold(conv, Some(bn))?;
+                    layers.push(QLayer::Conv(QConv::new(
+                        &w,
+                        &b,
+                        (ic, oc, 3),
+                        Act::Relu,
+                        true,
+                        q[i],
+                        q[i + 1],
+                        isa,
+                    )));
+                }
+                let (w, b) = linear(net.fc())?;
+                Head::Flatten { w, b }
+            }
+            Net::Mobile(net) => {
+                let (conv, bn) = net.stem();
+                if !is_3x3_same(conv) {
+                    return Err(unsupported());
+                }
+                let (ic, oc) = (conv.weight().dim(1)?, conv.weight().dim(0)?);
+                let (w, b) = fold(conv, Some(bn))?;
+                layers.push(QLayer::Conv(QConv::new(
+                    &w,
+                    &b,
+                    (ic, oc, 3),
+                    Act::Relu6,
+                    true,
+                    q[0],
+                    q[1],
+                    isa,
+                )));
+                for (i, block) in net.blocks().iter().enumerate() {
+                    let c = block.spatial.weight().dim(0)?;
+                    if block.spatial.groups() != c
+                        || block.spatial.weight().dims4()? != (c, 1, 3, 3)
+                        || block.spatial.stride() != 1
+                        || block.spatial.padding() != 1
+                    {
+                        return Err(unsupported());
+                    }
+                    let oc = block.pointwise.weight().dim(0)?;
+                    let (dw_w, dw_b) = fold(&block.spatial, Some(&block.bn))?;
+                    let (pw_w, pw_b) = fold(&block.pointwise, None)?;
+                    let (input, output) = (q[i + 1], q[i + 2]);
+                    layers.push(QLayer::Separable {
+                        dw: QDepthwise::new(&dw_w, &dw_b, c, Act::Relu6, input, relu6_range()),
+                        pw: QConv::new(
+                            &pw_w,
+                            &pw_b,
+                            (c, oc, 1),
+                            Act::None,
+                            block.pool,
+                            relu6_range(),
+                            output,
+                            isa,
+                        ),
+                    });
+                }
+                let (w, b) = linear(net.fc())?;
+                Head::Gap {
+                    w,
+                    b,
+                    channels_last: true,
+                }
+            }
+            Net::MobileV2(_) | Net::Resnet(_) => return Err(unsupported()),
+        };
+        Ok(Self {
+            spec,
+            input: q[0],
+            features: *q.last().expect("at least the input's range"),
+            layers,
+            head,
+            isa,
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The kernel set this model runs.
+    pub fn isa(&self) -> Int8Isa {
+        self.isa
+    }
+
+    /// Logits `[n, classes]` of `n` preprocessed CHW images laid end to end (the same contract
+    /// as [`FastModel::forward`]). A batch runs one image per thread.
+    pub fn forward(&self, input: &[f32], n: usize) -> Vec<f32> {
+        let s = self.spec.input_size;
+        let per = 3 * s * s;
+        assert_eq!(input.len(), n * per, "input is not {n} images of 3x{s}x{s}");
+        let classes = self.spec.num_classes;
+        let mut out = vec![0f32; n * classes];
+        input
+            .par_chunks(per)
+            .zip(out.par_chunks_mut(classes))
+            .for_each(|(x, o)| self.image(x, o));
+        out
+    }
+
+    fn image(&self, x: &[f32], logits: &mut [f32]) {
+        let s = self.spec.input_size;
+        let hw = s * s;
+        // NCHW f32 -> NHWC u8.
+        let mut act = vec![0u8; 3 * hw];
+        for (p, px) in act.chunks_exact_mut(3).enumerate() {
+            for (c, v) in px.iter_mut().enumerate() {
+                *v = self.input.quantize(x[c * hw + p]);
+            }
+        }
+        let (mut h, mut w) = (s, s);
+        let mut c = 3;
+        for l in &self.layers {
+            let (oc, (oh, ow), next) = match l {
+                QLayer::Conv(conv) => {
+                    let (oh, ow) = conv.out_size((h, w));
+                    let mut out = vec![0u8; oh * ow * conv.oc()];
+                    conv.run(&act, (h, w), &mut out);
+                    (conv.oc(), (oh, ow), out)
+                }
+                QLayer::Separable { dw, pw } => {
+                    let mut mid = vec![0u8; h * w * c];
+                    dw.run(&act, (h, w), &mut mid);
+                    let (oh, ow) = pw.out_size((h, w));
+                    let mut out = vec![0u8; oh * ow * pw.oc()];
+                    pw.run(&mid, (h, w), &mut out);
+                    (pw.oc(), (oh, ow), out)
+                }
+            };
+            (c, h, w, act) = (oc, oh, ow, next);
+        }
+        let f = self.features;
+        match &self.head {
+            Head::Flatten { w: wt, b } => {
+                // The linear layer reads CHW order.
+                let mut chw = vec![0f32; c * h * w];
+                for (p, px) in act.chunks_exact(c).enumerate() {
+                    for (ch, &v) in px.iter().enumerate() {
+                        chw[ch * h * w + p] = f.dequantize(v);
+                    }
+                }
+                dense(&chw, wt, b, logits);
+            }
+            Head::Gap { w: wt, b, .. } => {
+                let mut sums = vec![0u32; c];
+                for px in act.chunks_exact(c) {
+                    sums.iter_mut().zip(px).for_each(|(s, &v)| *s += v as u32);
+                }
+                let n = (h * w) as f32;
+                let pooled: Vec<f32> = sums
+                    .iter()
+                    .map(|&s| f.scale * (s as f32 / n - f.zero_point as f32))
+                    .collect();
+                dense(&pooled, wt, b, logits);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::zoo::{Arch, ModelSpec};
+
+    fn model(arch: Arch, size: usize) -> Model {
+        crate::zoo::test_models::input_dependent(&ModelSpec::new(arch, 7, size), 5).1
+    }
+
+    fn images(n: usize, size: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n * 3 * size * size)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect()
+    }
+
+    fn sets() -> Vec<Int8Isa> {
+        let all = [Int8Isa::Portable, Int8Isa::Avx2, Int8Isa::Avx512Vnni];
+        let (ran, missing): (Vec<Int8Isa>, Vec<Int8Isa>) = all.iter().partition(|i| i.supported());
+        eprintln!(
+            "int8 engine tested with: {:?}; not available here: {:?}",
+            ran.iter().map(|i| i.name()).collect::<Vec<_>>(),
+            missing.iter().map(|i| i.name()).collect::<Vec<_>>()
+        );
+        ran
+    }
+
+    /// The whole model in int8 against the f32 engine, calibrated on other images than it is
+    /// tested on: logits close (relative to their spread), the same top class for nearly every
+    /// image, and identical results from every kernel set (the integer sums are exact, so the
+    /// sets may differ in speed only).
+    fn check(arch: Arch, size: usize) {
+        let m = model(arch, size);
+        let fast = FastModel::compile(&m).unwrap();
+        let ranges = fast.calibrate(&images(16, size, 1), 16);
+        assert_eq!(ranges.len(), fast.calibration_points());
+        let n = 24;
+        let x = images(n, size, 2);
+        let want = fast.forward(&x, n);
+        let classes = 7;
+        let spread = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let argmax = |row: &[f32]| {
+            row.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0
+        };
+        let mut first: Option<Vec<f32>> = None;
+        for isa in sets() {
+            let q = Int8Model::compile_for(&m, &ranges, isa).unwrap();
+            let got = q.forward(&x, n);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
+            assert!(
+                err < 0.1 * spread,
+                "{arch} {} : max |int8 - f32| = {err} against logits up to {spread}",
+                isa.name()
+            );
+            let agree = got
+                .chunks(classes)
+                .zip(want.chunks(classes))
+                .filter(|(g, w)| argmax(g) == argmax(w))
+                .count();
+            assert!(
+                agree * 10 >= n * 9,
+                "{arch} {}: top class agrees on {agree} of {n}",
+                isa.name()
+            );
+            // The logits depend on the image.
+            assert!(got[..classes] != got[classes..2 * classes]);
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert_eq!(&got, f, "{arch}: {} differs", isa.name()),
+            }
+        }
+    }
+
+    #[test]
+    fn student_deeper_in_int8_follows_the_f32_engine() {
+        check(Arch::StudentDeeper, 32);
+    }
+
+    #[test]
+    fn student_in_int8_follows_the_f32_engine() {
+        check(Arch::Student, 32);
+    }
+
+    #[test]
+    fn big_in_int8_follows_the_f32_engine() {
+        check(Arch::Big, 64);
+    }
+
+    #[test]
+    fn bad_calibration_is_an_error() {
+        let m = model(Arch::Student, 32);
+        let points = FastModel::compile(&m).unwrap().calibration_points();
+        let short = vec![(0.0, 1.0); points - 1];
+        let err = Int8Model::compile(&m, &short).unwrap_err().to_string();
+        assert!(err.contains("activation ranges"), "{err}");
+        let mut nan = vec![(0.0, 1.0); points];
+        nan[2] = (f32::NAN, 1.0);
+        let err = Int8Model::compile(&m, &nan).unwrap_err().to_string();
+        assert!(err.contains("range 2"), "{err}");
+        let mut inverted = vec![(0.0, 1.0); points];
+        inverted[1] = (2.0, 1.0);
+        assert!(Int8Model::compile(&m, &inverted).is_err());
+    }
+
+    #[test]
+    fn architectures_without_int8_layers_are_refused() {
+        let m = model(Arch::GroupConv, 32);
+        assert!(Int8Model::compile(&m, &[(0.0, 1.0); 3]).is_err());
+    }
+}

@@ -1,0 +1,630 @@
+//! Quantized layers for the int8 execution path (issue 14), built on [`super::int8`]'s GEMM:
+//! activations u8 with a scale and zero point (asymmetric, per tensor, from calibration), weights
+//! i8 symmetric per output channel, i32 accumulation, and requantization fused into the
+//! epilogue with the bias, the activation and the 2x2 max pool.
+//!
+//! Activations are NHWC (`[h][w][c]`, channels fastest): a 3x3 convolution's im2col row is
+//! then nine runs of `c` contiguous bytes, and a pointwise convolution's input is the
+//! activation itself.
+//!
+//! The epilogue computes in f32 per output (`real = s_in * s_w[o] * acc + bias[o]`): one
+//! multiply-add per output against `k` integer products per output, and no fixed-point
+//! multiplier whose rounding would differ from the f32 model's.
+
+use super::int8::{gemm_u8i8, Int8Isa, PackedI8};
+use super::kernels::Act;
+
+/// Scale and zero point of a u8 tensor: `real = scale * (q - zero_point)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QParams {
+    pub scale: f32,
+    pub zero_point: u8,
+}
+
+impl QParams {
+    /// The affine u8 mapping of the range `[min, max]`, widened to include 0 (so that zero
+    /// padding is exact) and to a non-empty range.
+    pub fn from_range(min: f32, max: f32) -> Self {
+        let (min, max) = (min.min(0.0), max.max(0.0));
+        let span = max - min;
+        if !(span.is_finite() && span > 0.0) {
+            return QParams {
+                scale: 1.0,
+                zero_point: 0,
+            };
+        }
+        let scale = span / 255.0;
+        let zero_point = (-min / scale).round().clamp(0.0, 255.0) as u8;
+        QParams { scale, zero_point }
+    }
+
+    /// `x` quantized: rounded to the nearest step (halves up), clamped to `0..=255` (by the
+    /// saturating float-to-int cast, which also maps NaN to 0). Branch-free and without a
+    /// `round` call, so loops over it vectorise.
+    #[inline(always)]
+    pub fn quantize(&self, x: f32) -> u8 {
+        (x * (1.0 / self.scale) + (self.zero_point as f32 + 0.5)) as u8
+    }
+
+    #[inline]
+    pub fn dequantize(&self, q: u8) -> f32 {
+        self.scale * (q as i32 - self.zero_point as i32) as f32
+    }
+}
+
+/// Weights `[oc][k]` (f32, row per output channel) quantized symmetrically per output
+/// channel: `w[o][t] ~ scales[o] * q[o][t]`, `q` in `-127..=127` (never -128, so that a
+/// weight and its negation quantize alike). An all-zero channel gets scale 1.
+pub fn quantize_per_channel(w: &[f32], oc: usize) -> (Vec<i8>, Vec<f32>) {
+    assert!(
+        oc > 0 && w.len().is_multiple_of(oc),
+        "{} weights for {oc} channels",
+        w.len()
+    );
+    let k = w.len() / oc;
+    let mut q = vec![0i8; w.len()];
+    let mut scales = vec![1f32; oc];
+    for o in 0..oc {
+        let row = &w[o * k..(o + 1) * k];
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if max > 0.0 && max.is_finite() {
+            scales[o] = max / 127.0;
+        }
+        for (d, &v) in q[o * k..(o + 1) * k].iter_mut().zip(row) {
+            *d = (v / scales[o]).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    (q, scales)
+}
+
+/// A convolution lowered to the int8 GEMM: 3x3 "same" (stride 1) or 1x1, with its bias,
+/// activation, optional 2x2 max pool and output quantization.
+#[derive(Debug, Clone)]
+pub struct QConv {
+    ic: usize,
+    oc: usize,
+    kernel: usize,
+    /// `[k][oc]` with `k` ordered (ky, kx, ic): the im2col row's order.
+    packed: PackedI8,
+    w_scales: Vec<f32>,
+    bias: Vec<f32>,
+    act: Act,
+    pool: bool,
+    input: QParams,
+    output: QParams,
+}
+
+impl QConv {
+    /// From f32 weights in PyTorch's layout (`[oc][ic][kernel][kernel]`, BatchNorm already
+    /// folded) and the calibrated ranges of the layer's input and output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        w: &[f32],
+        bias: &[f32],
+        (ic, oc, kernel): (usize, usize, usize),
+        act: Act,
+        pool: bool,
+        input: QParams,
+        output: QParams,
+        isa: Int8Isa,
+    ) -> Self {
+        assert!(
+            kernel == 1 || kernel == 3,
+            "kernel {kernel}: only 1x1 and 3x3"
+        );
+        let taps = kernel * kernel;
+        assert_eq!(
+            w.len(),
+            oc * ic * taps,
+            "weights for {oc}x{ic}x{kernel}x{kernel}"
+        );
+        assert_eq!(bias.len(), oc, "bias for {oc} channels");
+        // Reorder each output channel's weights to (ky, kx, ic), then quantize per channel.
+        let mut rows = vec![0f32; oc * taps * ic];
+        for o in 0..oc {
+            for c in 0..ic {
+                for t in 0..taps {
+                    rows[o * taps * ic + t * ic + c] = w[(o * ic + c) * taps + t];
+                }
+            }
+        }
+        let (q, w_scales) = quantize_per_channel(&rows, oc);
+        let k = taps * ic;
+        // PackedI8 takes B as `[k][oc]`.
+        let mut b = vec![0i8; k * oc];
+        for o in 0..oc {
+            for t in 0..k {
+                b[t * oc + o] = q[o * k + t];
+            }
+        }
+        QConv {
+            ic,
+            oc,
+            kernel,
+            packed: PackedI8::new(&b, k, oc, isa),
+            w_scales,
+            bias: bias.to_vec(),
+            act,
+            pool,
+            input,
+            output,
+        }
+    }
+
+    /// Output channels.
+    pub fn oc(&self) -> usize {
+        self.oc
+    }
+
+    /// Output `(h, w)` for an input of `(h, w)`.
+    pub fn out_size(&self, (h, w): (usize, usize)) -> (usize, usize) {
+        if self.pool {
+            (h / 2, w / 2)
+        } else {
+            (h, w)
+        }
+    }
+
+    /// The layer on one NHWC u8 image `x` (`[h][w][ic]`), into `out` (`[oh][ow][oc]`).
+    pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
+        assert_eq!(x.len(), h * w * self.ic, "input is not {h}x{w}x{}", self.ic);
+        let (oh, ow) = self.out_size((h, w));
+        assert_eq!(
+            out.len(),
+            oh * ow * self.oc,
+            "output is not {oh}x{ow}x{}",
+            self.oc
+        );
+        let acc = self.accumulate(x, (h, w));
+        self.epilogue(&acc, (h, w), out);
+    }
+
+    /// `sum (x - zp) * w` per output pixel and channel (`[h][w][oc]`), exact: the GEMM's sums
+    /// corrected by `zp * column_sum`. Padding pixels hold the zero point (a real zero).
+    pub fn accumulate(&self, x: &[u8], (h, w): (usize, usize)) -> Vec<i32> {
+        let (ic, oc) = (self.ic, self.oc);
+        let lda = self.packed.a_stride();
+        let zp = self.input.zero_point;
+        let mut a = vec![zp; h * w * lda];
+        if self.kernel == 1 {
+            for (row, px) in a.chunks_exact_mut(lda).zip(x.chunks_exact(ic)) {
+                row[..ic].copy_from_slice(px);
+            }
+        } else {
+            for y in 0..h {
+                for xx in 0..w {
+                    let row = &mut a[(y * w + xx) * lda..][..lda];
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (sy, sx) = (y + ky, xx + kx);
+                            if (1..=h).contains(&sy) && (1..=w).contains(&sx) {
+                                let src = &x[((sy - 1) * w + sx - 1) * ic..][..ic];
+                                row[(ky * 3 + kx) * ic..][..ic].copy_from_slice(src);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut acc = vec![0i32; h * w * oc];
+        gemm_u8i8(&a, h * w, &self.packed, &mut acc);
+        let sums = self.packed.column_sums();
+        for px in acc.chunks_exact_mut(oc) {
+            for (v, &s) in px.iter_mut().zip(sums) {
+                *v -= zp as i32 * s;
+            }
+        }
+        acc
+    }
+
+    fn epilogue(&self, acc: &[i32], (h, w): (usize, usize), out: &mut [u8]) {
+        let mult: Vec<f32> = self.w_scales.iter().map(|s| s * self.input.scale).collect();
+        let e = Epilogue {
+            mult: &mult,
+            bias: &self.bias,
+            act: self.act,
+            pool: self.pool,
+            output: self.output,
+        };
+        e.run(acc, (h, w), out);
+    }
+}
+
+/// Requantization of `[h][w][c]` integer sums: `real = acc * mult[c] + bias[c]`, the
+/// activation, the output's quantization, then the 2x2 max pool on the u8 values
+/// (quantization is monotone, so pooling after it picks the same element as before it).
+struct Epilogue<'a> {
+    mult: &'a [f32],
+    bias: &'a [f32],
+    act: Act,
+    pool: bool,
+    output: QParams,
+}
+
+impl Epilogue<'_> {
+    fn run(&self, acc: &[i32], (h, w): (usize, usize), out: &mut [u8]) {
+        let c = self.mult.len();
+        let q = |v: i32, o: usize| {
+            let real = self.act.apply(v as f32 * self.mult[o] + self.bias[o]);
+            self.output.quantize(real)
+        };
+        if !self.pool {
+            for (px, dst) in acc.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+                for (o, (d, &v)) in dst.iter_mut().zip(px).enumerate() {
+                    *d = q(v, o);
+                }
+            }
+            return;
+        }
+        let (oh, ow) = (h / 2, w / 2);
+        for y in 0..oh {
+            for x in 0..ow {
+                for o in 0..c {
+                    let at = |dy: usize, dx: usize| acc[((2 * y + dy) * w + 2 * x + dx) * c + o];
+                    let m = q(at(0, 0), o)
+                        .max(q(at(0, 1), o))
+                        .max(q(at(1, 0), o))
+                        .max(q(at(1, 1), o));
+                    out[(y * ow + x) * c + o] = m;
+                }
+            }
+        }
+    }
+}
+
+/// A 3x3 depthwise convolution ("same", stride 1) on u8 NHWC activations: per-channel i8
+/// weights, i32 sums, the same fused epilogue as [`QConv`] (no pool: in the students the pool
+/// follows the pointwise convolution).
+#[derive(Debug, Clone)]
+pub struct QDepthwise {
+    c: usize,
+    /// `[9][c]`: a tap's weights for all channels side by side (the inner loop's order).
+    weights: Vec<i8>,
+    mult: Vec<f32>,
+    bias: Vec<f32>,
+    act: Act,
+    input: QParams,
+    output: QParams,
+}
+
+impl QDepthwise {
+    /// From f32 weights in PyTorch's layout (`[c][1][3][3]`, BatchNorm folded).
+    pub fn new(
+        w: &[f32],
+        bias: &[f32],
+        c: usize,
+        act: Act,
+        input: QParams,
+        output: QParams,
+    ) -> Self {
+        assert_eq!(w.len(), c * 9, "depthwise weights for {c} channels");
+        assert_eq!(bias.len(), c, "bias for {c} channels");
+        let (q, scales) = quantize_per_channel(w, c);
+        let mut weights = vec![0i8; 9 * c];
+        for ch in 0..c {
+            for t in 0..9 {
+                weights[t * c + ch] = q[ch * 9 + t];
+            }
+        }
+        QDepthwise {
+            c,
+            weights,
+            mult: scales.iter().map(|s| s * input.scale).collect(),
+            bias: bias.to_vec(),
+            act,
+            input,
+            output,
+        }
+    }
+
+    /// `sum (x - zp) * w` per pixel and channel (`[h][w][c]`), exact.
+    pub fn accumulate(&self, x: &[u8], (h, w): (usize, usize)) -> Vec<i32> {
+        let c = self.c;
+        assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
+        let zp = self.input.zero_point as i32;
+        let mut acc = vec![0i32; h * w * c];
+        for y in 0..h {
+            for xx in 0..w {
+                let dst = &mut acc[(y * w + xx) * c..][..c];
+                for ky in 0..3 {
+                    let sy = y + ky;
+                    if sy == 0 || sy > h {
+                        continue;
+                    }
+                    for kx in 0..3 {
+                        let sx = xx + kx;
+                        if sx == 0 || sx > w {
+                            continue;
+                        }
+                        let src = &x[((sy - 1) * w + sx - 1) * c..][..c];
+                        let wt = &self.weights[(ky * 3 + kx) * c..][..c];
+                        for ((d, &v), &k) in dst.iter_mut().zip(src).zip(wt) {
+                            *d += (v as i32 - zp) * k as i32;
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// The layer on one NHWC u8 image into `out` (`[h][w][c]`).
+    pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
+        assert_eq!(
+            out.len(),
+            h * w * self.c,
+            "output is not {h}x{w}x{}",
+            self.c
+        );
+        let acc = self.accumulate(x, (h, w));
+        Epilogue {
+            mult: &self.mult,
+            bias: &self.bias,
+            act: self.act,
+            pool: false,
+            output: self.output,
+        }
+        .run(&acc, (h, w), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn f32(&mut self) -> f32 {
+            (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    fn sets() -> Vec<Int8Isa> {
+        let all = [Int8Isa::Portable, Int8Isa::Avx2, Int8Isa::Avx512Vnni];
+        let (ran, missing): (Vec<Int8Isa>, Vec<Int8Isa>) = all.iter().partition(|i| i.supported());
+        eprintln!(
+            "int8 kernel sets tested: {:?}; not available here: {:?}",
+            ran.iter().map(|i| i.name()).collect::<Vec<_>>(),
+            missing.iter().map(|i| i.name()).collect::<Vec<_>>()
+        );
+        ran
+    }
+
+    /// Exact reference: `sum (x - zp) * q` over the taps inside the image, straight from the
+    /// NCHW-free definition (no im2col, no packing).
+    fn reference_acc(
+        x: &[u8],
+        (h, w, ic): (usize, usize, usize),
+        zp: u8,
+        q: &[i8],
+        (oc, kernel): (usize, usize),
+    ) -> Vec<i32> {
+        // `q` is `[oc][ky][kx][ic]`.
+        let r = (kernel / 2) as isize;
+        let mut acc = vec![0i32; h * w * oc];
+        for y in 0..h as isize {
+            for xx in 0..w as isize {
+                for o in 0..oc {
+                    let mut s = 0i32;
+                    for ky in 0..kernel as isize {
+                        for kx in 0..kernel as isize {
+                            let (sy, sx) = (y + ky - r, xx + kx - r);
+                            if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
+                                continue;
+                            }
+                            for c in 0..ic {
+                                let xv = x[((sy as usize) * w + sx as usize) * ic + c] as i32
+                                    - zp as i32;
+                                let t = ((ky as usize * kernel) + kx as usize) * ic + c;
+                                s += xv * q[o * kernel * kernel * ic + t] as i32;
+                            }
+                        }
+                    }
+                    acc[((y as usize) * w + xx as usize) * oc + o] = s;
+                }
+            }
+        }
+        acc
+    }
+
+    /// Every kernel set, 3x3 and 1x1, odd sizes and channel counts (not multiples of 4 or 16),
+    /// nonzero zero points: the layer's integer sums equal the exact reference.
+    #[test]
+    fn conv_sums_match_the_exact_reference_on_every_kernel_set() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for isa in sets() {
+            for &(h, w, ic, oc, kernel) in &[
+                (5, 7, 3, 5, 3),
+                (4, 4, 1, 17, 3),
+                (6, 3, 13, 33, 3),
+                (3, 5, 7, 9, 1),
+                (2, 9, 20, 16, 1),
+            ] {
+                let wts: Vec<f32> = (0..oc * ic * kernel * kernel).map(|_| rng.f32()).collect();
+                let bias = vec![0.0; oc];
+                let input = QParams {
+                    scale: 0.02,
+                    zero_point: (rng.next() % 256) as u8,
+                };
+                let layer = QConv::new(
+                    &wts,
+                    &bias,
+                    (ic, oc, kernel),
+                    Act::None,
+                    false,
+                    input,
+                    QParams::from_range(-1.0, 1.0),
+                    isa,
+                );
+                let x: Vec<u8> = (0..h * w * ic).map(|_| rng.next() as u8).collect();
+                // The reference uses the same quantized weights, in (ky, kx, ic) order.
+                let taps = kernel * kernel;
+                let mut rows = vec![0f32; oc * taps * ic];
+                for o in 0..oc {
+                    for c in 0..ic {
+                        for t in 0..taps {
+                            rows[o * taps * ic + t * ic + c] = wts[(o * ic + c) * taps + t];
+                        }
+                    }
+                }
+                let (q, _) = quantize_per_channel(&rows, oc);
+                let want = reference_acc(&x, (h, w, ic), input.zero_point, &q, (oc, kernel));
+                assert_eq!(
+                    layer.accumulate(&x, (h, w)),
+                    want,
+                    "{} {h}x{w} ic={ic} oc={oc} k={kernel}",
+                    isa.name()
+                );
+            }
+        }
+    }
+
+    /// Against the f32 layer: a 3x3 conv + ReLU + pool on quantized data, dequantized, stays
+    /// within the quantization steps of the f32 result computed from the same (dequantized)
+    /// input.
+    #[test]
+    fn conv_relu_pool_follows_the_f32_layer() {
+        let mut rng = Rng(7);
+        let (h, w, ic, oc) = (8, 6, 5, 12);
+        let wts: Vec<f32> = (0..oc * ic * 9).map(|_| rng.f32() * 0.3).collect();
+        let bias: Vec<f32> = (0..oc).map(|_| rng.f32() * 0.1).collect();
+        let input = QParams::from_range(-1.0, 1.0);
+        let output = QParams::from_range(0.0, 3.0);
+        let x: Vec<u8> = (0..h * w * ic).map(|_| rng.next() as u8).collect();
+        let xf: Vec<f32> = x.iter().map(|&q| input.dequantize(q)).collect();
+        // f32 reference in NHWC with the original weights.
+        let mut want = vec![f32::MIN; (h / 2) * (w / 2) * oc];
+        for y in 0..h {
+            for xx in 0..w {
+                for o in 0..oc {
+                    let mut s = bias[o];
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (sy, sx) = (y as isize + ky - 1, xx as isize + kx - 1);
+                            if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
+                                continue;
+                            }
+                            for c in 0..ic {
+                                s += xf[((sy as usize) * w + sx as usize) * ic + c]
+                                    * wts[((o * ic + c) * 3 + ky as usize) * 3 + kx as usize];
+                            }
+                        }
+                    }
+                    let p = ((y / 2) * (w / 2) + xx / 2) * oc + o;
+                    want[p] = want[p].max(s.max(0.0));
+                }
+            }
+        }
+        for isa in sets() {
+            let layer = QConv::new(
+                &wts,
+                &bias,
+                (ic, oc, 3),
+                Act::Relu,
+                true,
+                input,
+                output,
+                isa,
+            );
+            let mut out = vec![0u8; (h / 2) * (w / 2) * oc];
+            layer.run(&x, (h, w), &mut out);
+            let mut worst = 0f32;
+            for (&q, &f) in out.iter().zip(&want) {
+                let got = output.dequantize(q);
+                worst = worst.max((got - f.min(3.0)).abs());
+            }
+            eprintln!("{} worst {worst} step {}", isa.name(), output.scale);
+            // One output step for rounding, plus the weights' quantization error (about
+            // half a step of each weight's channel scale times the input's magnitude, summed
+            // over 45 taps): measured well under two output steps.
+            assert!(
+                worst <= 2.0 * output.scale,
+                "{}: worst error {worst} (output step {})",
+                isa.name(),
+                output.scale
+            );
+        }
+    }
+
+    #[test]
+    fn quantization_parameters_cover_zero_and_round_trip() {
+        let p = QParams::from_range(-0.5, 1.5);
+        assert_eq!(p.quantize(0.0), p.zero_point);
+        assert_eq!(p.dequantize(p.zero_point), 0.0);
+        for v in [-0.5f32, -0.1, 0.3, 1.5] {
+            assert!((p.dequantize(p.quantize(v)) - v).abs() <= p.scale / 2.0 + 1e-6);
+        }
+        // A range on one side of zero is widened to include it.
+        let relu = QParams::from_range(0.25, 4.0);
+        assert_eq!(relu.zero_point, 0);
+        assert!((relu.scale - 4.0 / 255.0).abs() < 1e-7);
+        // Degenerate ranges do not divide by zero.
+        assert_eq!(QParams::from_range(0.0, 0.0).scale, 1.0);
+        let (q, s) = quantize_per_channel(&[0.0, 0.0, 1.0, -2.0], 2);
+        assert_eq!(q, vec![0, 0, 64, -127]);
+        assert_eq!(s, vec![1.0, 2.0 / 127.0]);
+    }
+
+    /// The depthwise layer's integer sums equal the exact reference (the 3x3 reference with
+    /// one input channel per output channel), and its output follows the f32 layer.
+    #[test]
+    fn depthwise_matches_the_exact_reference_and_the_f32_layer() {
+        let mut rng = Rng(99);
+        for &(h, w, c) in &[(5, 7, 3), (4, 4, 17), (3, 6, 40)] {
+            let wts: Vec<f32> = (0..c * 9).map(|_| rng.f32()).collect();
+            let bias: Vec<f32> = (0..c).map(|_| rng.f32() * 0.1).collect();
+            let input = QParams {
+                scale: 1.0 / 64.0,
+                zero_point: (rng.next() % 256) as u8,
+            };
+            let output = QParams::from_range(0.0, 6.0);
+            let layer = QDepthwise::new(&wts, &bias, c, Act::Relu6, input, output);
+            let x: Vec<u8> = (0..h * w * c).map(|_| rng.next() as u8).collect();
+            let (q, w_scales) = quantize_per_channel(&wts, c);
+            let acc = layer.accumulate(&x, (h, w));
+            for ch in 0..c {
+                // Channel `ch` alone, as a 1-in 1-out 3x3 convolution.
+                let xc: Vec<u8> = (0..h * w).map(|p| x[p * c + ch]).collect();
+                let want =
+                    reference_acc(&xc, (h, w, 1), input.zero_point, &q[ch * 9..][..9], (1, 3));
+                let got: Vec<i32> = (0..h * w).map(|p| acc[p * c + ch]).collect();
+                assert_eq!(got, want, "{h}x{w} c={c} channel {ch}");
+            }
+            let mut out = vec![0u8; h * w * c];
+            layer.run(&x, (h, w), &mut out);
+            // Each output within half an output step (rounding) plus what the weights'
+            // rounding (at most half their channel's step each) can move it: sum |x| * step / 2.
+            let mut worst = 0f32;
+            for y in 0..h {
+                for xx in 0..w {
+                    for ch in 0..c {
+                        let (mut s, mut bound) = (bias[ch], output.scale / 2.0 + 1e-5);
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (sy, sx) = (y as isize + ky - 1, xx as isize + kx - 1);
+                                if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
+                                    continue;
+                                }
+                                let v =
+                                    input.dequantize(x[((sy as usize) * w + sx as usize) * c + ch]);
+                                s += v * wts[ch * 9 + (ky * 3 + kx) as usize];
+                                bound += v.abs() * w_scales[ch] / 2.0;
+                            }
+                        }
+                        let got = output.dequantize(out[(y * w + xx) * c + ch]);
+                        let err = (got - s.clamp(0.0, 6.0)).abs();
+                        assert!(err <= bound, "({y},{xx},{ch}): error {err} > bound {bound}");
+                        worst = worst.max(err / output.scale);
+                    }
+                }
+            }
+            eprintln!("depthwise {h}x{w}x{c}: worst error {worst:.2} output steps");
+        }
+    }
+}
