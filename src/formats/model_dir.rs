@@ -380,7 +380,7 @@ mod tests {
         for format in WeightFormat::ALL {
             let dir = tempfile::tempdir().unwrap();
             let (config, mut tensors) = sample(format);
-            let ranges = vec![(-2.0f32, 2.5f32), (0.0, 6.0)];
+            let ranges = [(-2.0f32, 2.5f32), (0.0, 6.0)];
             if format == WeightFormat::Int8 {
                 let flat: Vec<f32> = ranges.iter().flat_map(|r| [r.0, r.1]).collect();
                 tensors.insert(

@@ -313,6 +313,7 @@ impl pb::classifier_server::Classifier for ClassifierService {
                     val_accuracy: m.config.provenance.val_accuracy,
                     macs: m.macs,
                     is_default: m.name == default,
+                    engine: m.engine.to_string(),
                 }
             })
             .collect();

@@ -86,7 +86,10 @@ pub struct QConv {
     kernel: usize,
     /// `[k][oc]` with `k` ordered (ky, kx, ic): the im2col row's order.
     packed: PackedI8,
-    w_scales: Vec<f32>,
+    /// `input.scale * w_scale[o]`: an integer sum to real units.
+    mult: Vec<f32>,
+    /// `zero_point * column_sum[o]`, subtracted from each sum.
+    zp_sums: Vec<i32>,
     bias: Vec<f32>,
     act: Act,
     pool: bool,
@@ -137,12 +140,19 @@ impl QConv {
                 b[t * oc + o] = q[o * k + t];
             }
         }
+        let packed = PackedI8::new(&b, k, oc, isa);
+        let zp_sums = packed
+            .column_sums()
+            .iter()
+            .map(|&c| input.zero_point as i32 * c)
+            .collect();
         QConv {
             ic,
             oc,
             kernel,
-            packed: PackedI8::new(&b, k, oc, isa),
-            w_scales,
+            packed,
+            mult: w_scales.iter().map(|s| s * input.scale).collect(),
+            zp_sums,
             bias: bias.to_vec(),
             act,
             pool,
@@ -165,7 +175,9 @@ impl QConv {
         }
     }
 
-    /// The layer on one NHWC u8 image `x` (`[h][w][ic]`), into `out` (`[oh][ow][oc]`).
+    /// The layer on one NHWC u8 image `x` (`[h][w][ic]`), into `out` (`[oh][ow][oc]`), in
+    /// bands of rows: each band's im2col rows and integer sums stay in the core's cache, and
+    /// its epilogue runs right after its GEMM.
     pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
         assert_eq!(x.len(), h * w * self.ic, "input is not {h}x{w}x{}", self.ic);
         let (oh, ow) = self.out_size((h, w));
@@ -175,100 +187,263 @@ impl QConv {
             "output is not {oh}x{ow}x{}",
             self.oc
         );
-        let acc = self.accumulate(x, (h, w));
-        self.epilogue(&acc, (h, w), out);
+        // About 256 pixels per band, whole pooling row pairs.
+        let mut rows = (256 / w.max(1)).clamp(1, h.max(1));
+        if self.pool {
+            rows = (rows.div_ceil(2) * 2).max(2);
+        }
+        let lda = self.packed.a_stride();
+        let mut a = if self.kernel == 1 && lda == self.ic {
+            Vec::new()
+        } else {
+            vec![0u8; rows * w * lda]
+        };
+        let mut acc = vec![0i32; rows * w * self.oc];
+        let out_row = ow * self.oc;
+        let mut y0 = 0;
+        while y0 < h {
+            let r = rows.min(h - y0);
+            if self.pool && r < 2 {
+                break; // the odd last row a floor pool drops
+            }
+            if self.kernel == 1 && lda == self.ic {
+                // The activation rows are the GEMM's rows as they are.
+                let rows = &x[y0 * w * lda..(y0 + r) * w * lda];
+                gemm_u8i8(rows, r * w, &self.packed, &mut acc[..r * w * self.oc]);
+            } else {
+                self.im2col(x, (h, w), y0..y0 + r, &mut a[..r * w * lda]);
+                gemm_u8i8(&a, r * w, &self.packed, &mut acc[..r * w * self.oc]);
+            }
+            let (o0, orows) = if self.pool { (y0 / 2, r / 2) } else { (y0, r) };
+            self.epilogue().run(
+                &acc[..r * w * self.oc],
+                (r, w),
+                &mut out[o0 * out_row..(o0 + orows) * out_row],
+            );
+            y0 += r;
+        }
     }
 
-    /// `sum (x - zp) * w` per output pixel and channel (`[h][w][oc]`), exact: the GEMM's sums
-    /// corrected by `zp * column_sum`. Padding pixels hold the zero point (a real zero).
-    pub fn accumulate(&self, x: &[u8], (h, w): (usize, usize)) -> Vec<i32> {
-        let (ic, oc) = (self.ic, self.oc);
+    /// The im2col rows (stride [`PackedI8::a_stride`]) of output rows `ys`: padding pixels
+    /// hold the zero point (a real zero).
+    fn im2col(&self, x: &[u8], (h, w): (usize, usize), ys: std::ops::Range<usize>, a: &mut [u8]) {
+        let ic = self.ic;
         let lda = self.packed.a_stride();
         let zp = self.input.zero_point;
-        let mut a = vec![zp; h * w * lda];
         if self.kernel == 1 {
-            for (row, px) in a.chunks_exact_mut(lda).zip(x.chunks_exact(ic)) {
+            let src = &x[ys.start * w * ic..ys.end * w * ic];
+            for (row, px) in a.chunks_exact_mut(lda).zip(src.chunks_exact(ic)) {
                 row[..ic].copy_from_slice(px);
             }
-        } else {
-            for y in 0..h {
-                for xx in 0..w {
-                    let row = &mut a[(y * w + xx) * lda..][..lda];
-                    for ky in 0..3 {
-                        for kx in 0..3 {
-                            let (sy, sx) = (y + ky, xx + kx);
-                            if (1..=h).contains(&sy) && (1..=w).contains(&sx) {
-                                let src = &x[((sy - 1) * w + sx - 1) * ic..][..ic];
-                                row[(ky * 3 + kx) * ic..][..ic].copy_from_slice(src);
-                            }
+            return;
+        }
+        a.fill(zp);
+        for (i, y) in ys.enumerate() {
+            for ky in 0..3 {
+                let sy = y + ky;
+                if sy == 0 || sy > h {
+                    continue;
+                }
+                let src_row = &x[(sy - 1) * w * ic..sy * w * ic];
+                for kx in 0..3 {
+                    let t = (ky * 3 + kx) * ic;
+                    // Output pixels xx whose tap reads source column xx + kx - 1 in 0..w.
+                    let lo = 1usize.saturating_sub(kx);
+                    let hi = (w + 1 - kx).min(w);
+                    for xx in lo..hi {
+                        let src = &src_row[(xx + kx - 1) * ic..][..ic];
+                        let dst = &mut a[(i * w + xx) * lda + t..][..ic];
+                        for (d, &v) in dst.iter_mut().zip(src) {
+                            *d = v;
                         }
                     }
                 }
             }
         }
+    }
+
+    /// `sum (x - zp) * w` per output pixel and channel (`[h][w][oc]`), exact: the GEMM's sums
+    /// corrected by `zp * column_sum`. The whole image at once: the reference the banded
+    /// [`QConv::run`] is tested against.
+    pub fn accumulate(&self, x: &[u8], (h, w): (usize, usize)) -> Vec<i32> {
+        let oc = self.oc;
+        let lda = self.packed.a_stride();
+        let mut a = vec![0u8; h * w * lda];
+        self.im2col(x, (h, w), 0..h, &mut a);
         let mut acc = vec![0i32; h * w * oc];
         gemm_u8i8(&a, h * w, &self.packed, &mut acc);
-        let sums = self.packed.column_sums();
         for px in acc.chunks_exact_mut(oc) {
-            for (v, &s) in px.iter_mut().zip(sums) {
-                *v -= zp as i32 * s;
+            for (v, &c) in px.iter_mut().zip(&self.zp_sums) {
+                *v -= c;
             }
         }
         acc
     }
 
-    fn epilogue(&self, acc: &[i32], (h, w): (usize, usize), out: &mut [u8]) {
-        let mult: Vec<f32> = self.w_scales.iter().map(|s| s * self.input.scale).collect();
-        let e = Epilogue {
-            mult: &mult,
+    fn epilogue(&self) -> Epilogue<'_> {
+        Epilogue {
+            mult: &self.mult,
             bias: &self.bias,
+            zp_sums: Some(&self.zp_sums),
             act: self.act,
             pool: self.pool,
             output: self.output,
-        };
-        e.run(acc, (h, w), out);
+            isa: self.packed.isa(),
+        }
     }
 }
 
-/// Requantization of `[h][w][c]` integer sums: `real = acc * mult[c] + bias[c]`, the
-/// activation, the output's quantization, then the 2x2 max pool on the u8 values
+/// Requantization of `[h][w][c]` integer sums: `real = (acc - zp_sums[c]) * mult[c] +
+/// bias[c]`, the activation, the output's quantization, then the 2x2 max pool on the u8 values
 /// (quantization is monotone, so pooling after it picks the same element as before it).
+/// Written as loops over a pixel's channels, compiled for the layer's instruction set
+/// ([`vectorised`]), so that they run as vector code.
 struct Epilogue<'a> {
     mult: &'a [f32],
     bias: &'a [f32],
+    zp_sums: Option<&'a [i32]>,
     act: Act,
     pool: bool,
     output: QParams,
+    isa: Int8Isa,
 }
 
 impl Epilogue<'_> {
     fn run(&self, acc: &[i32], (h, w): (usize, usize), out: &mut [u8]) {
         let c = self.mult.len();
-        let q = |v: i32, o: usize| {
-            let real = self.act.apply(v as f32 * self.mult[o] + self.bias[o]);
-            self.output.quantize(real)
-        };
+        let (oh, ow) = if self.pool { (h / 2, w / 2) } else { (h, w) };
+        assert!(acc.len() >= h * w * c, "{} sums for {h}x{w}x{c}", acc.len());
+        assert_eq!(out.len(), oh * ow * c, "output is not {oh}x{ow}x{c}");
+        match self.isa {
+            // SAFETY (both): a layer is built for a set only where `Int8Isa::supported` holds
+            // (checked again here), which implies the features these functions enable.
+            #[cfg(x86_simd)]
+            Int8Isa::Avx512Vnni if self.isa.supported() => unsafe {
+                x86::epilogue_avx512(self, acc, (h, w), out)
+            },
+            #[cfg(x86_simd)]
+            Int8Isa::Avx2 if self.isa.supported() => unsafe {
+                x86::epilogue_avx2(self, acc, (h, w), out)
+            },
+            _ => self.body(acc, (h, w), out),
+        }
+    }
+
+    #[inline(always)]
+    fn body(&self, acc: &[i32], (h, w): (usize, usize), out: &mut [u8]) {
+        let c = self.mult.len();
+        let zero = vec![0i32; c];
+        let corr = self.zp_sums.unwrap_or(&zero);
+        let (lo, hi) = self.act.bounds();
+        let inv = 1.0 / self.output.scale;
+        let zph = self.output.zero_point as f32 + 0.5;
+        let (mult, bias) = (self.mult, self.bias);
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        fn requant(
+            acc: &[i32],
+            corr: &[i32],
+            mult: &[f32],
+            bias: &[f32],
+            (lo, hi): (f32, f32),
+            (inv, zph): (f32, f32),
+            out: &mut [u8],
+        ) {
+            let n = out.len();
+            let (acc, corr, mult, bias) = (&acc[..n], &corr[..n], &mult[..n], &bias[..n]);
+            for o in 0..n {
+                let v = ((acc[o] - corr[o]) as f32 * mult[o] + bias[o])
+                    .max(lo)
+                    .min(hi);
+                // `max` then `min` never yield NaN, so the conversion below is defined; a
+                // plain (non-saturating) conversion is what vectorises.
+                // Not `clamp`: it would pass a NaN through.
+                #[allow(clippy::manual_clamp)]
+                let q = (v * inv + zph).max(0.0).min(255.0);
+                // SAFETY: `q` is finite and within 0..=255.
+                out[o] = unsafe { q.to_int_unchecked::<i32>() } as u8;
+            }
+        }
+        let bounds = (lo, hi);
+        let q = (inv, zph);
         if !self.pool {
             for (px, dst) in acc.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
-                for (o, (d, &v)) in dst.iter_mut().zip(px).enumerate() {
-                    *d = q(v, o);
-                }
+                requant(px, corr, mult, bias, bounds, q, dst);
             }
             return;
         }
         let (oh, ow) = (h / 2, w / 2);
+        let mut t = vec![0u8; 4 * c];
         for y in 0..oh {
             for x in 0..ow {
+                for (i, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+                    let at = ((2 * y + dy) * w + 2 * x + dx) * c;
+                    requant(
+                        &acc[at..at + c],
+                        corr,
+                        mult,
+                        bias,
+                        bounds,
+                        q,
+                        &mut t[i * c..(i + 1) * c],
+                    );
+                }
+                let dst = &mut out[(y * ow + x) * c..][..c];
+                let (a, rest) = t.split_at(c);
+                let (b, rest) = rest.split_at(c);
+                let (d, e) = rest.split_at(c);
                 for o in 0..c {
-                    let at = |dy: usize, dx: usize| acc[((2 * y + dy) * w + 2 * x + dx) * c + o];
-                    let m = q(at(0, 0), o)
-                        .max(q(at(0, 1), o))
-                        .max(q(at(1, 0), o))
-                        .max(q(at(1, 1), o));
-                    out[(y * ow + x) * c + o] = m;
+                    dst[o] = a[o].max(b[o]).max(d[o]).max(e[o]);
                 }
             }
         }
+    }
+}
+
+/// The epilogue and the depthwise layer compiled for AVX2 and AVX-512: the same Rust
+/// (`#[inline(always)]` bodies), vectorised by the compiler for each instruction set.
+#[cfg(x86_simd)]
+mod x86 {
+    use super::{Epilogue, QDepthwise};
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn epilogue_avx2(
+        e: &Epilogue<'_>,
+        acc: &[i32],
+        hw: (usize, usize),
+        out: &mut [u8],
+    ) {
+        e.body(acc, hw, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn epilogue_avx512(
+        e: &Epilogue<'_>,
+        acc: &[i32],
+        hw: (usize, usize),
+        out: &mut [u8],
+    ) {
+        e.body(acc, hw, out)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn depthwise_avx2(
+        d: &QDepthwise,
+        x: &[u8],
+        hw: (usize, usize),
+        out: &mut [u8],
+    ) {
+        d.rows(x, hw, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    pub(super) unsafe fn depthwise_avx512(
+        d: &QDepthwise,
+        x: &[u8],
+        hw: (usize, usize),
+        out: &mut [u8],
+    ) {
+        d.rows(x, hw, out)
     }
 }
 
@@ -285,6 +460,7 @@ pub struct QDepthwise {
     act: Act,
     input: QParams,
     output: QParams,
+    isa: Int8Isa,
 }
 
 impl QDepthwise {
@@ -296,6 +472,7 @@ impl QDepthwise {
         act: Act,
         input: QParams,
         output: QParams,
+        isa: Int8Isa,
     ) -> Self {
         assert_eq!(w.len(), c * 9, "depthwise weights for {c} channels");
         assert_eq!(bias.len(), c, "bias for {c} channels");
@@ -314,6 +491,7 @@ impl QDepthwise {
             act,
             input,
             output,
+            isa,
         }
     }
 
@@ -321,50 +499,77 @@ impl QDepthwise {
     pub fn accumulate(&self, x: &[u8], (h, w): (usize, usize)) -> Vec<i32> {
         let c = self.c;
         assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
-        let zp = self.input.zero_point as i32;
         let mut acc = vec![0i32; h * w * c];
-        for y in 0..h {
-            for xx in 0..w {
-                let dst = &mut acc[(y * w + xx) * c..][..c];
-                for ky in 0..3 {
-                    let sy = y + ky;
-                    if sy == 0 || sy > h {
-                        continue;
-                    }
-                    for kx in 0..3 {
-                        let sx = xx + kx;
-                        if sx == 0 || sx > w {
-                            continue;
-                        }
-                        let src = &x[((sy - 1) * w + sx - 1) * c..][..c];
-                        let wt = &self.weights[(ky * 3 + kx) * c..][..c];
-                        for ((d, &v), &k) in dst.iter_mut().zip(src).zip(wt) {
-                            *d += (v as i32 - zp) * k as i32;
-                        }
-                    }
-                }
-            }
+        for (y, row) in acc.chunks_exact_mut(w * c).enumerate() {
+            self.row_sums(x, (h, w), y, row);
         }
         acc
     }
 
-    /// The layer on one NHWC u8 image into `out` (`[h][w][c]`).
+    /// The sums of output row `y` into `acc` (`[w][c]`).
+    #[inline(always)]
+    fn row_sums(&self, x: &[u8], (h, w): (usize, usize), y: usize, acc: &mut [i32]) {
+        let c = self.c;
+        let zp = self.input.zero_point as i32;
+        acc.fill(0);
+        for ky in 0..3 {
+            let sy = y + ky;
+            if sy == 0 || sy > h {
+                continue;
+            }
+            let src_row = &x[(sy - 1) * w * c..sy * w * c];
+            for kx in 0..3 {
+                let wt = &self.weights[(ky * 3 + kx) * c..][..c];
+                let lo = 1usize.saturating_sub(kx);
+                let hi = (w + 1 - kx).min(w);
+                for xx in lo..hi {
+                    let src = &src_row[(xx + kx - 1) * c..][..c];
+                    let dst = &mut acc[xx * c..][..c];
+                    for i in 0..c {
+                        dst[i] += (src[i] as i32 - zp) * wt[i] as i32;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The layer on one NHWC u8 image into `out` (`[h][w][c]`), a row at a time (its sums
+    /// stay in L1), compiled for the layer's instruction set.
     pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            h * w * self.c,
-            "output is not {h}x{w}x{}",
-            self.c
-        );
-        let acc = self.accumulate(x, (h, w));
-        Epilogue {
+        let c = self.c;
+        assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
+        assert_eq!(out.len(), h * w * c, "output is not {h}x{w}x{c}");
+        match self.isa {
+            // SAFETY (both): as in `Epilogue::run`.
+            #[cfg(x86_simd)]
+            Int8Isa::Avx512Vnni if self.isa.supported() => unsafe {
+                x86::depthwise_avx512(self, x, (h, w), out)
+            },
+            #[cfg(x86_simd)]
+            Int8Isa::Avx2 if self.isa.supported() => unsafe {
+                x86::depthwise_avx2(self, x, (h, w), out)
+            },
+            _ => self.rows(x, (h, w), out),
+        }
+    }
+
+    #[inline(always)]
+    fn rows(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
+        let c = self.c;
+        let e = Epilogue {
             mult: &self.mult,
             bias: &self.bias,
+            zp_sums: None,
             act: self.act,
             pool: false,
             output: self.output,
+            isa: self.isa,
+        };
+        let mut acc = vec![0i32; w * c];
+        for (y, dst) in out.chunks_exact_mut(w * c).enumerate() {
+            self.row_sums(x, (h, w), y, &mut acc);
+            e.body(&acc, (1, w), dst);
         }
-        .run(&acc, (h, w), out);
     }
 }
 
@@ -485,6 +690,59 @@ mod tests {
         }
     }
 
+    /// The banded, vectorised `run` equals the whole-image sums requantized by the plain
+    /// definition (`QParams::quantize` of the activation, then the max of each 2x2 window), on
+    /// every kernel set, with images tall enough for several bands and an odd last row.
+    #[test]
+    fn banded_run_equals_the_reference_epilogue_on_every_kernel_set() {
+        let mut rng = Rng(31);
+        for isa in sets() {
+            for &(h, w, ic, oc, kernel, pool, act) in &[
+                (71, 5, 3, 16, 3, true, Act::Relu6),
+                (9, 40, 7, 20, 3, false, Act::Relu),
+                (33, 17, 24, 40, 1, true, Act::None),
+                (6, 6, 16, 32, 1, false, Act::None),
+            ] {
+                let wts: Vec<f32> = (0..oc * ic * kernel * kernel).map(|_| rng.f32()).collect();
+                let bias: Vec<f32> = (0..oc).map(|_| rng.f32()).collect();
+                let input = QParams::from_range(-1.0, 3.0);
+                let output = QParams::from_range(-2.0, 6.0);
+                let layer =
+                    QConv::new(&wts, &bias, (ic, oc, kernel), act, pool, input, output, isa);
+                let x: Vec<u8> = (0..h * w * ic).map(|_| rng.next() as u8).collect();
+                let acc = layer.accumulate(&x, (h, w));
+                let q = |p: usize, o: usize| {
+                    let real = acc[p * oc + o] as f32 * layer.mult[o] + bias[o];
+                    output.quantize(act.apply(real))
+                };
+                let (oh, ow) = layer.out_size((h, w));
+                let mut want = vec![0u8; oh * ow * oc];
+                for y in 0..oh {
+                    for xx in 0..ow {
+                        for o in 0..oc {
+                            want[(y * ow + xx) * oc + o] = if pool {
+                                q((2 * y) * w + 2 * xx, o)
+                                    .max(q((2 * y) * w + 2 * xx + 1, o))
+                                    .max(q((2 * y + 1) * w + 2 * xx, o))
+                                    .max(q((2 * y + 1) * w + 2 * xx + 1, o))
+                            } else {
+                                q(y * w + xx, o)
+                            };
+                        }
+                    }
+                }
+                let mut got = vec![0u8; oh * ow * oc];
+                layer.run(&x, (h, w), &mut got);
+                assert_eq!(
+                    got,
+                    want,
+                    "{} {h}x{w} {ic}->{oc} k{kernel} pool {pool}",
+                    isa.name()
+                );
+            }
+        }
+    }
+
     /// Against the f32 layer: a 3x3 conv + ReLU + pool on quantized data, dequantized, stays
     /// within the quantization steps of the f32 result computed from the same (dequantized)
     /// input.
@@ -584,7 +842,8 @@ mod tests {
                 zero_point: (rng.next() % 256) as u8,
             };
             let output = QParams::from_range(0.0, 6.0);
-            let layer = QDepthwise::new(&wts, &bias, c, Act::Relu6, input, output);
+            let isa = sets()[(rng.next() % sets().len() as u64) as usize];
+            let layer = QDepthwise::new(&wts, &bias, c, Act::Relu6, input, output, isa);
             let x: Vec<u8> = (0..h * w * c).map(|_| rng.next() as u8).collect();
             let (q, w_scales) = quantize_per_channel(&wts, c);
             let acc = layer.accumulate(&x, (h, w));

@@ -72,6 +72,8 @@ pub struct Row {
     pub parameters: Option<u64>,
     pub file_bytes: Option<u64>,
     pub weight_format: Option<String>,
+    /// The engine computing the model (`fused`, `int8`, ...).
+    pub engine: Option<String>,
     pub val_accuracy: Option<f64>,
     pub concurrency: u32,
     pub server: ServerSplit,
@@ -169,6 +171,7 @@ pub async fn compare(args: &CompareArgs) -> Result<Vec<Row>> {
                 parameters: one.map(|m| m.parameters),
                 file_bytes: one.map(|m| m.file_bytes),
                 weight_format: one.map(|m| m.weight_format.clone()),
+                engine: one.map(|m| m.engine.clone()),
                 val_accuracy: one.and_then(|m| m.val_accuracy),
                 concurrency,
                 server: split(&before, &after, group),
@@ -190,17 +193,18 @@ pub async fn compare(args: &CompareArgs) -> Result<Vec<Row>> {
 /// The comparison as a markdown table.
 pub fn markdown(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| model | format | params | file bytes | val acc | concurrency | req/s | p50 ms | p99 ms | errors | queue wait ms | upload ms/batch | compute ms/batch | batch size | compute ms/input | p50 - upload - compute ms |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | format | engine | params | file bytes | val acc | concurrency | req/s | p50 ms | p99 ms | errors | queue wait ms | upload ms/batch | compute ms/batch | batch size | compute ms/input | p50 - upload - compute ms |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for r in rows {
         let s = &r.server;
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
             r.model,
             opt(r.weight_format.clone()),
+            opt(r.engine.clone()),
             opt(r.parameters.map(thousands)),
             opt(r.file_bytes.map(thousands)),
             opt(r.val_accuracy.map(|a| format!("{a:.3}"))),
@@ -234,6 +238,7 @@ mod tests {
             val_accuracy: None,
             weight_format: "f32".into(),
             architecture: "student".into(),
+            engine: "fused".into(),
         };
         let before = prom::parse(
             "slimserve_queue_wait_seconds_sum{model=\"a\"} 1\n\

@@ -135,6 +135,8 @@ pub struct ModelFacts {
     pub val_accuracy: Option<f64>,
     pub weight_format: String,
     pub architecture: String,
+    /// The engine computing it (`fused`, `int8`, `candle`, `device`).
+    pub engine: String,
 }
 
 /// Connected clients plus the server's model list.
@@ -186,6 +188,7 @@ impl Target {
                 val_accuracy: m.val_accuracy,
                 weight_format: m.weight_format,
                 architecture: m.architecture,
+                engine: m.engine,
             })
             .collect();
         Ok(Self {

@@ -350,3 +350,23 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Writes `root/to`: the model in `root/from` in the int8 format, its activation ranges
+/// calibrated by the f32 engine on `images` deterministic inputs (as `slimtrain quantize
+/// --format int8` does with photos).
+pub fn make_int8_model(root: &Path, from: &str, to: &str, images: usize) {
+    let loaded = model_dir::load(&root.join(from)).unwrap();
+    let model = loaded.build(&candle_core::Device::Cpu).unwrap();
+    let fast = slimserve::infer::FastModel::compile(&model).unwrap();
+    let (x, _) = f32_input(images, 99);
+    let ranges = fast.calibrate(&x, images);
+    let flat: Vec<f32> = ranges.iter().flat_map(|r| [r.0, r.1]).collect();
+    let mut tensors = loaded.tensors.clone();
+    tensors.insert(
+        slimserve::formats::weights::ACTIVATION_RANGES_KEY.into(),
+        candle_core::Tensor::from_vec(flat, (ranges.len(), 2), &candle_core::Device::Cpu).unwrap(),
+    );
+    let mut config = loaded.config.clone();
+    config.weights.format = slimserve::formats::weights::WeightFormat::Int8;
+    model_dir::save(&root.join(to), &config, &tensors).unwrap();
+}

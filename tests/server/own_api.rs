@@ -76,3 +76,76 @@ async fn stream_answers_every_request_by_id_and_survives_bad_items() {
     seen.sort();
     assert_eq!(seen, ["r0", "r1", "r2", "r3", "r4"]);
 }
+
+/// An int8 model directory is served on the int8 engine (ListModels, `slimserve_model_info`)
+/// and answers like the f32 model it was quantized from: the same top class on nearly every
+/// input, logits close, and answers that depend on the input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_models_run_on_the_int8_engine_and_follow_their_f32_source() {
+    let dir = tempfile::tempdir().unwrap();
+    make_model(dir.path(), "m");
+    make_int8_model(dir.path(), "m", "m-int8", 16);
+    let s = TestServer::start_dir(dir, |_| {}).await;
+    let mut c = s.classifier().await;
+    let list = c
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let engine = |name: &str| {
+        let m = list.models.iter().find(|m| m.name == name).unwrap();
+        (m.weight_format.clone(), m.engine.clone())
+    };
+    assert_eq!(engine("m"), ("f32".into(), "fused".into()));
+    assert_eq!(engine("m-int8"), ("int8".into(), "int8".into()));
+    let info = s
+        .metrics_text()
+        .lines()
+        .find(|l| l.starts_with("slimserve_model_info{") && l.contains("model=\"m-int8\""))
+        .unwrap()
+        .to_string();
+    assert!(
+        info.contains("engine=\"int8\"") && info.contains("format=\"int8\""),
+        "{info}"
+    );
+
+    let n = 12;
+    let (mut agree, mut worst, mut spread) = (0, 0f32, 0f32);
+    let mut answers = Vec::new();
+    for i in 0..n {
+        let (_, bytes) = f32_input(1, 1000 + i);
+        let mut logits = Vec::new();
+        for model in ["m", "m-int8"] {
+            let r = c
+                .classify(tensor_request(
+                    model,
+                    pb::DataType::Float32,
+                    &[3, SIZE as i64, SIZE as i64],
+                    bytes.clone(),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            logits.push(r.logits.clone());
+            if model == "m-int8" {
+                answers.push(r.logits);
+            }
+        }
+        let top = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+        agree += usize::from(top(&logits[0]) == top(&logits[1]));
+        worst = worst.max(max_diff(&logits[0], &logits[1]));
+        spread = logits[0].iter().fold(spread, |m, v| m.max(v.abs()));
+    }
+    assert!(
+        agree >= n as usize - 1,
+        "top class agrees on {agree} of {n}"
+    );
+    assert!(
+        worst < 0.1 * spread,
+        "max |int8 - f32| {worst} against logits up to {spread}"
+    );
+    assert!(
+        answers.windows(2).any(|w| w[0] != w[1]),
+        "the int8 model answers the same for every input"
+    );
+}

@@ -210,6 +210,26 @@ fn profile(archs: &[Arch], args: &Args) -> Result<()> {
         let x: Vec<f32> = (0..3 * args.input_size * args.input_size)
             .map(|i| (i % 251) as f32 / 251.0)
             .collect();
+        if args.int8 {
+            let ranges = fast.calibrate(&x, 1);
+            let q = Int8Model::compile(&model, &ranges)?;
+            let f32_single = fast.profile(&x, false, 20);
+            let int8 = q.profile(&x, 20);
+            println!(
+                "\n{arch} ({}x{}) int8 engine ({}), ms per layer on one thread, median of 20:\n| layer | ms |\n|---|---|",
+                args.input_size,
+                args.input_size,
+                q.isa().name()
+            );
+            for (name, ms) in &int8 {
+                println!("| {name} | {ms:.3} |");
+            }
+            println!(
+                "| f32 engine, whole image, one thread | {:.3} |",
+                f32_single.last().map(|t| t.1).unwrap_or(0.0)
+            );
+            continue;
+        }
         let split = fast.profile(&x, true, 100);
         let single = fast.profile(&x, false, 100);
         println!(
