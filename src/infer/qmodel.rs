@@ -215,10 +215,21 @@ impl Int8Model {
         assert_eq!(input.len(), n * per, "input is not {n} images of 3x{s}x{s}");
         let classes = self.spec.num_classes;
         let mut out = vec![0f32; n * classes];
-        input
-            .par_chunks(per)
-            .zip(out.par_chunks_mut(classes))
-            .for_each(|(x, o)| self.image(x, o));
+        let threads = rayon::current_num_threads();
+        if n >= threads || threads == 1 {
+            input
+                .par_chunks(per)
+                .zip(out.par_chunks_mut(classes))
+                .for_each(|(x, o)| self.run(x, o, None, false));
+        } else {
+            // Fewer images than threads: each layer's bands spread over the pool, run from
+            // a worker (from outside, every split would block on the pool's condition variable).
+            rayon::scope(|_| {
+                for (x, o) in input.chunks(per).zip(out.chunks_mut(classes)) {
+                    self.run(x, o, None, true);
+                }
+            });
+        }
         out
     }
 
@@ -228,17 +239,17 @@ impl Int8Model {
         let mut logits = vec![0f32; self.spec.num_classes];
         let warm = std::time::Instant::now();
         while warm.elapsed().as_secs_f64() < 0.5 {
-            self.run(x, &mut logits, None);
+            self.run(x, &mut logits, None, false);
         }
         let repeats = repeats.max(1);
         let mut runs = Vec::with_capacity(repeats);
         let mut whole = Vec::with_capacity(repeats);
         for _ in 0..repeats {
             let mut times = Vec::new();
-            self.run(x, &mut logits, Some(&mut times));
+            self.run(x, &mut logits, Some(&mut times), false);
             runs.push(times);
             let t = std::time::Instant::now();
-            self.run(x, &mut logits, None);
+            self.run(x, &mut logits, None, false);
             whole.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let median = |mut v: Vec<f64>| {
@@ -255,11 +266,13 @@ impl Int8Model {
         out
     }
 
-    fn image(&self, x: &[f32], logits: &mut [f32]) {
-        self.run(x, logits, None);
-    }
-
-    fn run(&self, x: &[f32], logits: &mut [f32], mut times: Option<&mut Vec<(String, f64)>>) {
+    fn run(
+        &self,
+        x: &[f32],
+        logits: &mut [f32],
+        mut times: Option<&mut Vec<(String, f64)>>,
+        split: bool,
+    ) {
         let mut started = std::time::Instant::now();
         let mut lap = |what: String, times: &mut Option<&mut Vec<(String, f64)>>| {
             if let Some(t) = times.as_deref_mut() {
@@ -294,7 +307,7 @@ impl Int8Model {
                 } => {
                     let (oh, ow) = if *pool { (h / 2, w / 2) } else { (h, w) };
                     let mut f = vec![0f32; oc * oh * ow];
-                    conv3x3(x, (c, h, w), wt, b, *oc, *a, *pool, &mut f, false);
+                    conv3x3(x, (c, h, w), wt, b, *oc, *a, *pool, &mut f, split);
                     // CHW f32 -> NHWC u8.
                     let n = oh * ow;
                     let mut out = vec![0u8; n * oc];
@@ -309,17 +322,17 @@ impl Int8Model {
                 QLayer::Conv(conv) => {
                     let (oh, ow) = conv.out_size((h, w));
                     let mut out = vec![0u8; oh * ow * conv.oc()];
-                    conv.run(&act, (h, w), &mut out);
+                    conv.run(&act, (h, w), &mut out, split);
                     lap(format!("conv {c}->{} @{h}x{w}", conv.oc()), &mut times);
                     (conv.oc(), (oh, ow), out)
                 }
                 QLayer::Separable { dw, pw } => {
                     let mut mid = vec![0u8; h * w * c];
-                    dw.run(&act, (h, w), &mut mid);
+                    dw.run(&act, (h, w), &mut mid, split);
                     lap(format!("depthwise {c} @{h}x{w}"), &mut times);
                     let (oh, ow) = pw.out_size((h, w));
                     let mut out = vec![0u8; oh * ow * pw.oc()];
-                    pw.run(&mid, (h, w), &mut out);
+                    pw.run(&mid, (h, w), &mut out, split);
                     lap(format!("pointwise {c}->{} @{h}x{w}", pw.oc()), &mut times);
                     (pw.oc(), (oh, ow), out)
                 }
@@ -437,6 +450,16 @@ mod tests {
             );
             // The logits depend on the image.
             assert!(got[..classes] != got[classes..2 * classes]);
+            // Batch 1 (each layer split over the pool) answers as the batch does.
+            let per = 3 * size * size;
+            for i in [0, n - 1] {
+                let one = q.forward(&x[i * per..(i + 1) * per], 1);
+                assert_eq!(
+                    one,
+                    got[i * classes..(i + 1) * classes],
+                    "{arch} image {i} alone"
+                );
+            }
             match &first {
                 None => first = Some(got),
                 Some(f) => assert_eq!(&got, f, "{arch}: {} differs", isa.name()),

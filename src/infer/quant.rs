@@ -11,6 +11,8 @@
 //! multiply-add per output against `k` integer products per output, and no fixed-point
 //! multiplier whose rounding would differ from the f32 model's.
 
+use rayon::prelude::*;
+
 use super::int8::{gemm_u8i8, Int8Isa, PackedI8};
 use super::kernels::Act;
 
@@ -177,8 +179,9 @@ impl QConv {
 
     /// The layer on one NHWC u8 image `x` (`[h][w][ic]`), into `out` (`[oh][ow][oc]`), in
     /// bands of rows: each band's im2col rows and integer sums stay in the core's cache, and
-    /// its epilogue runs right after its GEMM.
-    pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
+    /// its epilogue runs right after its GEMM. `split`: the bands spread over rayon's pool (one
+    /// image on every core, as batch 1 runs).
+    pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8], split: bool) {
         assert_eq!(x.len(), h * w * self.ic, "input is not {h}x{w}x{}", self.ic);
         let (oh, ow) = self.out_size((h, w));
         assert_eq!(
@@ -187,41 +190,41 @@ impl QConv {
             "output is not {oh}x{ow}x{}",
             self.oc
         );
+        if oh == 0 || ow == 0 {
+            return;
+        }
         // About 256 pixels per band, whole pooling row pairs.
         let mut rows = (256 / w.max(1)).clamp(1, h.max(1));
         if self.pool {
             rows = (rows.div_ceil(2) * 2).max(2);
         }
-        let lda = self.packed.a_stride();
-        let mut a = if self.kernel == 1 && lda == self.ic {
-            Vec::new()
+        let out_rows = if self.pool { rows / 2 } else { rows };
+        let band_len = out_rows * ow * self.oc;
+        let band = |(i, dst): (usize, &mut [u8])| self.band(x, (h, w), i * rows, rows, dst);
+        if split {
+            out.par_chunks_mut(band_len).enumerate().for_each(band);
         } else {
-            vec![0u8; rows * w * lda]
-        };
-        let mut acc = vec![0i32; rows * w * self.oc];
-        let out_row = ow * self.oc;
-        let mut y0 = 0;
-        while y0 < h {
-            let r = rows.min(h - y0);
-            if self.pool && r < 2 {
-                break; // the odd last row a floor pool drops
-            }
-            if self.kernel == 1 && lda == self.ic {
-                // The activation rows are the GEMM's rows as they are.
-                let rows = &x[y0 * w * lda..(y0 + r) * w * lda];
-                gemm_u8i8(rows, r * w, &self.packed, &mut acc[..r * w * self.oc]);
-            } else {
-                self.im2col(x, (h, w), y0..y0 + r, &mut a[..r * w * lda]);
-                gemm_u8i8(&a, r * w, &self.packed, &mut acc[..r * w * self.oc]);
-            }
-            let (o0, orows) = if self.pool { (y0 / 2, r / 2) } else { (y0, r) };
-            self.epilogue().run(
-                &acc[..r * w * self.oc],
-                (r, w),
-                &mut out[o0 * out_row..(o0 + orows) * out_row],
-            );
-            y0 += r;
+            out.chunks_mut(band_len).enumerate().for_each(band);
         }
+    }
+
+    /// Input rows `y0..y0 + rows` (fewer at the bottom) into their output rows `dst`.
+    fn band(&self, x: &[u8], (h, w): (usize, usize), y0: usize, rows: usize, dst: &mut [u8]) {
+        let r = rows.min(h - y0);
+        let lda = self.packed.a_stride();
+        let mut acc = vec![0i32; r * w * self.oc];
+        if self.kernel == 1 && lda == self.ic {
+            // The activation rows are the GEMM's rows as they are.
+            let rows = &x[y0 * w * lda..(y0 + r) * w * lda];
+            gemm_u8i8(rows, r * w, &self.packed, &mut acc);
+        } else {
+            let mut a = vec![0u8; r * w * lda];
+            self.im2col(x, (h, w), y0..y0 + r, &mut a);
+            gemm_u8i8(&a, r * w, &self.packed, &mut acc);
+        }
+        // A pooled band of odd height (the image's last row) drops its last row.
+        let r = if self.pool { r / 2 * 2 } else { r };
+        self.epilogue().run(&acc[..r * w * self.oc], (r, w), dst);
     }
 
     /// The im2col rows (stride [`PackedI8::a_stride`]) of output rows `ys`: padding pixels
@@ -431,9 +434,10 @@ mod x86 {
         d: &QDepthwise,
         x: &[u8],
         hw: (usize, usize),
+        y0: usize,
         out: &mut [u8],
     ) {
-        d.rows(x, hw, out)
+        d.rows(x, hw, y0, out)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
@@ -441,9 +445,10 @@ mod x86 {
         d: &QDepthwise,
         x: &[u8],
         hw: (usize, usize),
+        y0: usize,
         out: &mut [u8],
     ) {
-        d.rows(x, hw, out)
+        d.rows(x, hw, y0, out)
     }
 }
 
@@ -535,26 +540,42 @@ impl QDepthwise {
 
     /// The layer on one NHWC u8 image into `out` (`[h][w][c]`), a row at a time (its sums
     /// stay in L1), compiled for the layer's instruction set.
-    pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
+    pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8], split: bool) {
         let c = self.c;
         assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
         assert_eq!(out.len(), h * w * c, "output is not {h}x{w}x{c}");
+        if h == 0 || w == 0 || c == 0 {
+            return;
+        }
+        if split {
+            // Bands of rows over rayon's pool.
+            let rows = (h / (4 * rayon::current_num_threads())).max(1);
+            out.par_chunks_mut(rows * w * c)
+                .enumerate()
+                .for_each(|(i, dst)| self.dispatch(x, (h, w), i * rows, dst));
+        } else {
+            self.dispatch(x, (h, w), 0, out);
+        }
+    }
+
+    /// Output rows from `y0` into `out`, compiled for the layer's instruction set.
+    fn dispatch(&self, x: &[u8], (h, w): (usize, usize), y0: usize, out: &mut [u8]) {
         match self.isa {
             // SAFETY (both): as in `Epilogue::run`.
             #[cfg(x86_simd)]
             Int8Isa::Avx512Vnni if self.isa.supported() => unsafe {
-                x86::depthwise_avx512(self, x, (h, w), out)
+                x86::depthwise_avx512(self, x, (h, w), y0, out)
             },
             #[cfg(x86_simd)]
             Int8Isa::Avx2 if self.isa.supported() => unsafe {
-                x86::depthwise_avx2(self, x, (h, w), out)
+                x86::depthwise_avx2(self, x, (h, w), y0, out)
             },
-            _ => self.rows(x, (h, w), out),
+            _ => self.rows(x, (h, w), y0, out),
         }
     }
 
     #[inline(always)]
-    fn rows(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8]) {
+    fn rows(&self, x: &[u8], (h, w): (usize, usize), y0: usize, out: &mut [u8]) {
         let c = self.c;
         let e = Epilogue {
             mult: &self.mult,
@@ -567,7 +588,7 @@ impl QDepthwise {
         };
         let mut acc = vec![0i32; w * c];
         for (y, dst) in out.chunks_exact_mut(w * c).enumerate() {
-            self.row_sums(x, (h, w), y, &mut acc);
+            self.row_sums(x, (h, w), y0 + y, &mut acc);
             e.body(&acc, (1, w), dst);
         }
     }
@@ -732,7 +753,10 @@ mod tests {
                     }
                 }
                 let mut got = vec![0u8; oh * ow * oc];
-                layer.run(&x, (h, w), &mut got);
+                layer.run(&x, (h, w), &mut got, false);
+                let mut split = vec![0u8; oh * ow * oc];
+                layer.run(&x, (h, w), &mut split, true);
+                assert_eq!(split, got, "{} split", isa.name());
                 assert_eq!(
                     got,
                     want,
@@ -791,7 +815,7 @@ mod tests {
                 isa,
             );
             let mut out = vec![0u8; (h / 2) * (w / 2) * oc];
-            layer.run(&x, (h, w), &mut out);
+            layer.run(&x, (h, w), &mut out, false);
             let mut worst = 0f32;
             for (&q, &f) in out.iter().zip(&want) {
                 let got = output.dequantize(q);
@@ -856,7 +880,7 @@ mod tests {
                 assert_eq!(got, want, "{h}x{w} c={c} channel {ch}");
             }
             let mut out = vec![0u8; h * w * c];
-            layer.run(&x, (h, w), &mut out);
+            layer.run(&x, (h, w), &mut out, false);
             // Each output within half an output step (rounding) plus what the weights'
             // rounding (at most half their channel's step each) can move it: sum |x| * step / 2.
             let mut worst = 0f32;

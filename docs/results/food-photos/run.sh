@@ -12,9 +12,10 @@
 #    cosine decay, best epoch on validation;
 # 3. student: student-deeper at 256x256 distilled from it (T = 20, alpha = 0.5, the study's),
 #    cosine decay, best epoch on validation;
-# 4. kd-q8: the student's uint8 per-tensor form;
-# 5. models/big, models/kd, models/kd-q8; evaluation on the test split (never used for a
-#    choice), the report (accuracy with 95% CI, sizes, curves) and the engine's speed.
+# 4. kd-q8: the student's uint8 per-tensor form; kd-int8: its int8 form (activation ranges
+#    calibrated on 256 training images), served by the int8 engine;
+# 5. models/big, models/kd, models/kd-q8, models/kd-int8; evaluation on the test split (never
+#    used for a choice), the report (accuracy with 95% CI, sizes, curves) and the engine's speed.
 #
 # Each run directory keeps its checkpoints (train/distill --resume); finished steps are skipped.
 set -euo pipefail
@@ -49,13 +50,14 @@ run teacher train 30 --arch mobilenet-v2 --init "$PRETRAINED" --input-size 224 -
 run kd distill 150 --teacher "$RUNS/teacher/best" --arch student-deeper --input-size 256 \
   --lr 1e-3 --temperature 20 --alpha 0.5
 
-rm -rf models/big models/kd models/kd-q8
+rm -rf models/big models/kd models/kd-q8 models/kd-int8
 cp -r "$RUNS/teacher/best" models/big
 cp -r "$RUNS/kd/best" models/kd
 "$SLIMTRAIN" quantize --model models/kd --out models/kd-q8 --format uint8
+"$SLIMTRAIN" quantize --model models/kd --out models/kd-int8 --format int8 --calibration-data "$DATA" --seed 1
 
 models=()
-for m in big kd kd-q8; do
+for m in big kd kd-q8 kd-int8; do
   "$SLIMTRAIN" eval --model "models/$m" --data "$DATA" --split test --json >"$OUT/eval-$m.json"
   models+=(--model "$m=models/$m:$OUT/eval-$m.json")
 done
@@ -66,5 +68,5 @@ for r in teacher kd; do cp "$RUNS/$r/log.csv" "$OUT/$r-log.csv"; done
 # The engine the server runs, on these architectures at the models' input sizes (random
 # weights: speed does not depend on them), against ONNX Runtime in the same process.
 "$SLIMTRAIN" bench --arch mobilenet-v2 --input-size 224 --threads 2 --seconds 5 --rounds 10 >"$OUT/bench-teacher.md"
-"$SLIMTRAIN" bench --arch student-deeper --input-size 256 --threads 2 --seconds 5 --rounds 10 --uint8 >"$OUT/bench-student.md"
+"$SLIMTRAIN" bench --arch student-deeper --input-size 256 --threads 2 --seconds 5 --rounds 10 --uint8 --int8 >"$OUT/bench-student.md"
 echo "done: $OUT/results.md, $OUT/bench-*.md"
