@@ -309,11 +309,13 @@ async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
     assert_eq!(rows[2].parameters, None, "the mix has no single size");
     let table = std::fs::read_to_string(s.dir.path().join("table.md")).unwrap();
     assert_eq!(table.lines().count(), 2 + rows.len(), "{table}");
-    assert!(table.contains("| cmp-a | f32 | "), "{table}");
+    assert!(table.contains("| cmp-a | f32 | fused | "), "{table}");
     assert!(
-        table.lines().all(|l| l.matches('|').count() == 17),
+        table.lines().all(|l| l.matches('|').count() == 18),
         "{table}"
     );
+    assert_eq!(rows[0].engine.as_deref(), Some("fused"));
+    assert_eq!(rows[2].engine, None, "the mix has no single engine");
 
     // A wrong metrics URL is a clear error, not a silent zero.
     let bad = CompareArgs {
