@@ -158,6 +158,42 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
     assert_eq!(report["images"], 9);
     assert_eq!(report["confusion"].as_array().unwrap().len(), 3);
 
+    // int8: calibrated on the training images, evaluated on the int8 engine; without
+    // calibration images it says what is missing.
+    let int8 = tmp.path().join("kd-int8");
+    let quantize_int8 = |extra: &[&str]| {
+        let mut a = vec![
+            "quantize".to_string(),
+            "--model".into(),
+            s(&kd.join("best")),
+            "--out".into(),
+            s(&int8),
+            "--format".into(),
+            "int8".into(),
+        ];
+        a.extend(strings(extra));
+        slimtrain(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let refused = quantize_int8(&[]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("--calibration-data"),
+        "{err}"
+    );
+    ok(&quantize_int8(&[
+        "--calibration-data",
+        &data,
+        "--calibration-images",
+        "8",
+    ]));
+    let loaded = slimserve::formats::model_dir::load(&int8).unwrap();
+    assert_eq!(loaded.config.weights.format.as_str(), "int8");
+    assert!(loaded.calibration.is_some());
+    let eval = slimtrain(&["eval", "--model", &s(&int8), "--data", &data, "--json"]);
+    ok(&eval);
+    let report: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(report["images"], 9);
+
     let pruned = tmp.path().join("pruned");
     ok(&slimtrain(&[
         "prune",
