@@ -236,6 +236,17 @@ impl View for Blob {
     }
 }
 
+impl Blob {
+    /// An F32 tensor of `shape` holding `values`.
+    fn f32(shape: Vec<usize>, values: &[f32]) -> Self {
+        Blob {
+            dtype: Dtype::F32,
+            shape,
+            data: f32_bytes(values),
+        }
+    }
+}
+
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -294,15 +305,7 @@ pub fn encode(
             let mut blobs = Vec::with_capacity(inputs.len());
             for (name, t) in &inputs {
                 let v = input_values(name, t)?;
-                let shape = t.dims().to_vec();
-                blobs.push((
-                    name.to_string(),
-                    Blob {
-                        dtype: Dtype::F32,
-                        shape,
-                        data: f32_bytes(&v),
-                    },
-                ));
+                blobs.push((name.to_string(), Blob::f32(t.dims().to_vec(), &v)));
             }
             blobs
         }
@@ -367,24 +370,13 @@ fn encode_int8(inputs: &BTreeMap<&str, &Tensor>) -> Result<Vec<(String, Blob)>, 
             check_activation_ranges(&shape, &v)?;
         }
         if shape.len() < 2 || *name == ACTIVATION_RANGES_KEY {
-            blobs.push((
-                name.to_string(),
-                Blob {
-                    dtype: Dtype::F32,
-                    shape,
-                    data: f32_bytes(&v),
-                },
-            ));
+            blobs.push((name.to_string(), Blob::f32(shape, &v)));
             continue;
         }
         let (q, scales) = quantize_symmetric(&v, shape[0]);
         blobs.push((
             format!("{name}{SCALE_SUFFIX}"),
-            Blob {
-                dtype: Dtype::F32,
-                shape: vec![shape[0]],
-                data: f32_bytes(&scales),
-            },
+            Blob::f32(vec![shape[0]], &scales),
         ));
         blobs.push((
             name.to_string(),

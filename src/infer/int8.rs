@@ -57,6 +57,21 @@ impl Int8Isa {
         }
     }
 
+    /// Every set this CPU runs (for tests, which force each in turn), printing which ones
+    /// `what` is tested with and which it cannot be here (CPU or build): reported, never a
+    /// silent skip.
+    #[cfg(test)]
+    pub(crate) fn testable(what: &str) -> Vec<Int8Isa> {
+        let all = [Int8Isa::Portable, Int8Isa::Avx2, Int8Isa::Avx512Vnni];
+        let (ran, missing): (Vec<Int8Isa>, Vec<Int8Isa>) = all.iter().partition(|i| i.supported());
+        eprintln!(
+            "{what}: int8 kernel sets tested: {:?}; not available here (CPU or build): {:?}",
+            ran.iter().map(|i| i.name()).collect::<Vec<_>>(),
+            missing.iter().map(|i| i.name()).collect::<Vec<_>>()
+        );
+        ran
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Int8Isa::Portable => "portable",
@@ -322,13 +337,7 @@ mod tests {
     /// cannot run are reported, not silently skipped.
     #[test]
     fn every_kernel_set_matches_the_exact_reference() {
-        let all = [Int8Isa::Portable, Int8Isa::Avx2, Int8Isa::Avx512Vnni];
-        let (ran, missing): (Vec<Int8Isa>, Vec<Int8Isa>) = all.iter().partition(|i| i.supported());
-        eprintln!(
-            "int8 kernel sets tested: {:?}; not available here (CPU or build): {:?}",
-            ran.iter().map(|i| i.name()).collect::<Vec<_>>(),
-            missing.iter().map(|i| i.name()).collect::<Vec<_>>()
-        );
+        let ran = Int8Isa::testable("int8 GEMM");
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
             seed ^= seed << 13;

@@ -400,34 +400,10 @@ impl FastModel {
     /// time of the image run untimed (what the layers' sum misses: the hand-offs between
     /// layers and the timer itself); for profiles in benchmarks.
     pub fn profile(&self, x: &[f32], split: bool, repeats: usize) -> Vec<(String, f64)> {
-        // Warm-up: caches, page faults, the thread pool and the clock speed settle first (a
-        // cold profile reads up to 30% slower than the steady state).
         let mut logits = vec![0f32; self.spec.num_classes];
-        let warm = std::time::Instant::now();
-        while warm.elapsed().as_secs_f64() < 0.5 {
-            self.run(x, &mut logits, split, false, None);
-        }
-        let repeats = repeats.max(1);
-        let mut runs: Vec<Vec<(String, f64)>> = Vec::with_capacity(repeats);
-        let mut whole = Vec::with_capacity(repeats);
-        for _ in 0..repeats {
-            runs.push(self.run(x, &mut logits, split, true, None));
-            let t = std::time::Instant::now();
-            self.run(x, &mut logits, split, false, None);
-            whole.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let mut out: Vec<(String, f64)> = (0..runs[0].len())
-            .map(|i| {
-                let name = runs[0][i].0.clone();
-                (name, median(runs.iter().map(|r| r[i].1).collect()))
-            })
-            .collect();
-        out.push(("whole image".into(), median(whole)));
-        out
+        median_profile(repeats, |timed| {
+            self.run(x, &mut logits, split, timed, None)
+        })
     }
 
     /// One image through every layer; `split` spreads each layer over the thread pool.
@@ -458,15 +434,7 @@ impl FastModel {
                 self.run(x, &mut logits, false, false, Some(&mut ranges));
                 ranges
             })
-            .reduce(
-                || empty.clone(),
-                |a, b| {
-                    a.iter()
-                        .zip(&b)
-                        .map(|(p, q)| (p.0.min(q.0), p.1.max(q.1)))
-                        .collect()
-                },
-            )
+            .reduce(|| empty.clone(), |a, b| merge_ranges(&a, &b))
             .into_iter()
             .map(|r| if r.0 <= r.1 { r } else { (0.0, 0.0) })
             .collect()
@@ -583,6 +551,53 @@ impl FastModel {
         ACTIVATIONS.with(|free| free.borrow_mut().push(bufs));
         times
     }
+}
+
+/// Per-layer milliseconds for one image, the median of `repeats`, then a last row `whole
+/// image`: the median time of the image run untimed (what the layers' sum misses: the
+/// hand-offs between layers and the timer itself). `run(timed)` runs the image once and, when
+/// `timed`, returns each layer's name and time. A 0.5 s warm-up comes first: caches, page
+/// faults, the thread pool and the clock speed settle (a cold profile reads up to 30% slower
+/// than the steady state).
+fn median_profile(
+    repeats: usize,
+    mut run: impl FnMut(bool) -> Vec<(String, f64)>,
+) -> Vec<(String, f64)> {
+    let warm = std::time::Instant::now();
+    while warm.elapsed().as_secs_f64() < 0.5 {
+        run(false);
+    }
+    let repeats = repeats.max(1);
+    let mut runs: Vec<Vec<(String, f64)>> = Vec::with_capacity(repeats);
+    let mut whole = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        runs.push(run(true));
+        let t = std::time::Instant::now();
+        run(false);
+        whole.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut out: Vec<(String, f64)> = (0..runs[0].len())
+        .map(|i| {
+            let name = runs[0][i].0.clone();
+            (name, median(runs.iter().map(|r| r[i].1).collect()))
+        })
+        .collect();
+    out.push(("whole image".into(), median(whole)));
+    out
+}
+
+/// The union of two lists of activation ranges, point by point (what calibrating on both
+/// image sets would give).
+pub fn merge_ranges(a: &[(f32, f32)], b: &[(f32, f32)]) -> Vec<(f32, f32)> {
+    assert_eq!(a.len(), b.len(), "ranges of different models");
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p.0.min(q.0), p.1.max(q.1)))
+        .collect()
 }
 
 /// `range` widened to include every value of `v`.

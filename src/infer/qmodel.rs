@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use super::int8::Int8Isa;
 use super::kernels::{conv3x3, Act};
 use super::quant::{QConv, QDepthwise, QParams};
-use super::{dense, fold, is_3x3_same, linear, CompileError, FastModel, Head};
+use super::{dense, fold, is_3x3_same, linear, median_profile, CompileError, FastModel, Head};
 use crate::zoo::{Model, ModelSpec, Net};
 
 /// One quantized layer, NHWC u8 in and out, except the first.
@@ -234,36 +234,15 @@ impl Int8Model {
     }
 
     /// Milliseconds per layer for one image on one thread, the median of `repeats` (after a
-    /// 0.5 s warm-up), then a last row `whole image`; for profiles in benchmarks.
+    /// 0.5 s warm-up), then a last row `whole image` (as [`FastModel::profile`]); for profiles
+    /// in benchmarks.
     pub fn profile(&self, x: &[f32], repeats: usize) -> Vec<(String, f64)> {
         let mut logits = vec![0f32; self.spec.num_classes];
-        let warm = std::time::Instant::now();
-        while warm.elapsed().as_secs_f64() < 0.5 {
-            self.run(x, &mut logits, None, false);
-        }
-        let repeats = repeats.max(1);
-        let mut runs = Vec::with_capacity(repeats);
-        let mut whole = Vec::with_capacity(repeats);
-        for _ in 0..repeats {
+        median_profile(repeats, |timed| {
             let mut times = Vec::new();
-            self.run(x, &mut logits, Some(&mut times), false);
-            runs.push(times);
-            let t = std::time::Instant::now();
-            self.run(x, &mut logits, None, false);
-            whole.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        let mut out: Vec<(String, f64)> = (0..runs[0].len())
-            .map(|i| {
-                let name = runs[0][i].0.clone();
-                (name, median(runs.iter().map(|r| r[i].1).collect()))
-            })
-            .collect();
-        out.push(("whole image".into(), median(whole)));
-        out
+            self.run(x, &mut logits, timed.then_some(&mut times), false);
+            times
+        })
     }
 
     fn run(
@@ -387,17 +366,6 @@ mod tests {
             .collect()
     }
 
-    fn sets() -> Vec<Int8Isa> {
-        let all = [Int8Isa::Portable, Int8Isa::Avx2, Int8Isa::Avx512Vnni];
-        let (ran, missing): (Vec<Int8Isa>, Vec<Int8Isa>) = all.iter().partition(|i| i.supported());
-        eprintln!(
-            "int8 engine tested with: {:?}; not available here: {:?}",
-            ran.iter().map(|i| i.name()).collect::<Vec<_>>(),
-            missing.iter().map(|i| i.name()).collect::<Vec<_>>()
-        );
-        ran
-    }
-
     /// The whole model in int8 against the f32 engine, calibrated on other images than it is
     /// tested on: logits close (relative to their spread), the same top class for most
     /// images, and identical results from every kernel set (the integer sums are exact, so
@@ -420,7 +388,7 @@ mod tests {
                 .0
         };
         let mut first: Option<Vec<f32>> = None;
-        for isa in sets() {
+        for isa in Int8Isa::testable("int8 engine") {
             let q = Int8Model::compile_for(&m, &ranges, isa).unwrap();
             let got = q.forward(&x, n);
             let err = got

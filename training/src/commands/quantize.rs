@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use slimserve::formats::model_dir::{self, LoadedModel};
 use slimserve::formats::weights::{WeightFormat, ACTIVATION_RANGES_KEY};
 use slimserve::infer::qmodel::Int8Model;
-use slimserve::infer::FastModel;
+use slimserve::infer::{merge_ranges, FastModel};
 use slimtrain::data::{self, Loader, LoaderConfig};
 
 #[derive(clap::Args, Debug)]
@@ -60,15 +60,14 @@ pub fn run(args: Args) -> Result<()> {
     config.provenance.val_images = None;
     let mut tensors = loaded.tensors.clone();
     if args.format == WeightFormat::Int8 {
-        let ranges = calibrate(&args, &loaded)?;
+        let (ranges, images) = calibrate(&args, &loaded)?;
         let flat: Vec<f32> = ranges.iter().flat_map(|&(lo, hi)| [lo, hi]).collect();
         tensors.insert(
             ACTIVATION_RANGES_KEY.to_string(),
             Tensor::from_vec(flat, (ranges.len(), 2), &Device::Cpu)?,
         );
         config.provenance.notes = Some(format!(
-            "int8: activation ranges calibrated on {} training images of {}",
-            args.calibration_images,
+            "int8: activation ranges calibrated on {images} training images of {}",
             args.calibration_data
                 .as_deref()
                 .unwrap_or(Path::new("?"))
@@ -91,9 +90,10 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The activation ranges of `loaded` over `--calibration-images` training images, measured by
-/// the f32 engine; checked by compiling the int8 model before anything is written.
-fn calibrate(args: &Args, loaded: &LoadedModel) -> Result<Vec<(f32, f32)>> {
+/// The activation ranges of `loaded` over `--calibration-images` training images (fewer when
+/// the split has fewer), measured by the f32 engine, and how many images that was; checked by
+/// compiling the int8 model before anything is written.
+fn calibrate(args: &Args, loaded: &LoadedModel) -> Result<(Vec<(f32, f32)>, usize)> {
     let Some(dir) = &args.calibration_data else {
         bail!("--format int8 needs --calibration-data DIR (training images to calibrate on)");
     };
@@ -139,11 +139,7 @@ fn calibrate(args: &Args, loaded: &LoadedModel) -> Result<Vec<(f32, f32)>> {
         let r = fast.calibrate(&x.flatten_all()?.to_vec1::<f32>()?, b);
         ranges = Some(match ranges {
             None => r,
-            Some(prev) => prev
-                .iter()
-                .zip(&r)
-                .map(|(p, q)| (p.0.min(q.0), p.1.max(q.1)))
-                .collect(),
+            Some(prev) => merge_ranges(&prev, &r),
         });
         bar.inc(b as u64);
     }
@@ -151,5 +147,5 @@ fn calibrate(args: &Args, loaded: &LoadedModel) -> Result<Vec<(f32, f32)>> {
     let ranges = ranges.with_context(|| format!("no readable image in {}", dir.display()))?;
     Int8Model::compile(&model, &ranges)
         .with_context(|| format!("{}: int8 compile", args.model.display()))?;
-    Ok(ranges)
+    Ok((ranges, n))
 }
