@@ -188,6 +188,54 @@ pub fn gemm_u8i8(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
     }
 }
 
+/// The requantization of a layer's integer sums, per output column `o`:
+/// `real = (acc - corr[o]) * mult[o] + bias[o]`, clamped to `bounds` (the activation), then
+/// `q = real * inv + zph` truncated to `0..=255` (`zph` holds the zero point plus one half, so
+/// truncation rounds). The same arithmetic, in the same order, as the layers' epilogue.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(x86_simd), allow(dead_code))]
+pub(crate) struct Requant<'a> {
+    pub corr: &'a [i32],
+    pub mult: &'a [f32],
+    pub bias: &'a [f32],
+    pub bounds: (f32, f32),
+    pub inv: f32,
+    pub zph: f32,
+}
+
+/// A 1x1 convolution over `rows` x `w` NHWC pixels of `b.k()` channels with the
+/// requantization, and the 2x2 max pool where `pool`, fused into the GEMM's register tiles
+/// (the sums never leave the registers). The pool is taken on the integer sums before
+/// requantizing, which picks the same value: every step of the requantization is monotone
+/// non-decreasing (`mult > 0`). An odd last row or column is dropped, as the pool does.
+///
+/// Returns `false`, doing nothing, where there is no fused kernel (only AVX-512 VNNI has
+/// one, and only for `k` a multiple of four): the caller runs the GEMM and its epilogue.
+pub(crate) fn pointwise_fused(
+    x: &[u8],
+    (rows, w): (usize, usize),
+    b: &PackedI8,
+    rq: &Requant<'_>,
+    pool: bool,
+    out: &mut [u8],
+) -> bool {
+    if b.isa != Int8Isa::Avx512Vnni || !b.isa.supported() || b.k % 4 != 0 {
+        return false;
+    }
+    let (k, n) = (b.k, b.n);
+    assert_eq!(x.len(), rows * w * k, "input is not {rows}x{w}x{k}");
+    let pixels = if pool { (rows / 2) * (w / 2) } else { rows * w };
+    assert_eq!(out.len(), pixels * n, "output is not {pixels} x {n}");
+    assert!(rq.corr.len() == n && rq.mult.len() == n && rq.bias.len() == n);
+    assert!(rq.mult.iter().all(|&m| m > 0.0), "a non-positive scale");
+    #[cfg(x86_simd)]
+    // SAFETY: the CPU has AVX-512 BW + VNNI (checked above); lengths checked above.
+    unsafe {
+        x86::pointwise_vnni(x, (rows, w), b, rq, pool, out)
+    };
+    cfg!(x86_simd)
+}
+
 fn portable(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
     let (lda, k4, n) = (b.a_stride(), b.k.div_ceil(4), b.n);
     for row in 0..m {
@@ -207,8 +255,8 @@ fn portable(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
 }
 
 #[cfg(x86_simd)]
-mod x86 {
-    use super::{PackedI8, PANEL};
+pub(crate) mod x86 {
+    use super::{PackedI8, Requant, PANEL};
     use std::arch::x86_64::*;
 
     /// Rows computed together: each loaded weight vector is used this many times.
@@ -224,38 +272,248 @@ mod x86 {
         unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), dst, cols) }
     }
 
+    /// One tile of `R` rows by `P` panels (16 columns each): `R * P` accumulators stay in
+    /// registers for the whole `k` loop, and each weight vector loaded serves `R` rows and each
+    /// broadcast activation word `P` panels. Columns past `n` in the last panel are not stored.
+    ///
+    /// # Safety
+    /// AVX-512 F + BW + VNNI; rows `row..row + R` of `a` (stride `lda`) and of `c` (stride `n`)
+    /// and panels `p..p + P` exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn vnni_tile<const R: usize, const P: usize>(
+        a: &[u8],
+        b: &PackedI8,
+        c: &mut [i32],
+        row: usize,
+        p: usize,
+    ) {
+        let (lda, k4, n) = (b.a_stride(), b.k.div_ceil(4), b.n);
+        let panel_len = k4 * PANEL * 4;
+        let mut acc = [[_mm512_setzero_si512(); P]; R];
+        let a0 = a.as_ptr().add(row * lda);
+        let w0 = b.bytes.as_ptr().add(p * panel_len);
+        for q in 0..k4 {
+            let mut wv = [_mm512_setzero_si512(); P];
+            for (j, wv) in wv.iter_mut().enumerate() {
+                // SAFETY: panel p + j < panels and q < k4: 64 bytes inside `b.bytes`.
+                *wv = _mm512_loadu_si512(w0.add(j * panel_len + q * PANEL * 4) as *const _);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row + r < m and 4 * q + 4 <= lda: inside `a` (a.len() >= m * lda).
+                let a4 = (a0.add(r * lda + q * 4) as *const i32).read_unaligned();
+                let av = _mm512_set1_epi32(a4);
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_dpbusd_epi32(*acc, av, *wv);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (j, acc) in acc.iter().enumerate() {
+                let col = (p + j) * PANEL;
+                let cols = PANEL.min(n - col);
+                let mask: __mmask16 = if cols == PANEL { !0 } else { (1 << cols) - 1 };
+                // SAFETY: (row + r) * n + col + cols <= m * n <= c.len(); the masked-off
+                // lanes are neither written nor faulted on.
+                _mm512_mask_storeu_epi32(
+                    c.as_mut_ptr().add((row + r) * n + col) as *mut _,
+                    mask,
+                    *acc,
+                );
+            }
+        }
+    }
+
+    /// The panels of rows `row..row + R`, two at a time.
+    ///
+    /// # Safety
+    /// As [`vnni_tile`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn vnni_rows<const R: usize>(a: &[u8], b: &PackedI8, c: &mut [i32], row: usize) {
+        let panels = b.n.div_ceil(PANEL);
+        let mut p = 0;
+        while p + 2 <= panels {
+            vnni_tile::<R, 2>(a, b, c, row, p);
+            p += 2;
+        }
+        if p < panels {
+            vnni_tile::<R, 1>(a, b, c, row, p);
+        }
+    }
+
     /// # Safety
     /// AVX-512 F + BW + VNNI; `a`, `c` as [`super::gemm_u8i8`] checked.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn vnni(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
-        let (lda, k4, n) = (b.a_stride(), b.k.div_ceil(4), b.n);
-        let panel_len = k4 * PANEL * 4;
+        // Tiles of 4 rows x 32 columns (8 accumulators), then the last 1-3 rows.
         let mut row = 0;
-        while row < m {
-            let rows = ROWS.min(m - row);
-            for (p, panel) in b.bytes.chunks_exact(panel_len).enumerate() {
-                let mut acc = [_mm512_setzero_si512(); ROWS];
-                let w = panel.as_ptr();
-                let a0 = a.as_ptr().add(row * lda);
-                for q in 0..k4 {
-                    // SAFETY: q < k4, so 64 bytes at q * 64 lie inside the panel.
-                    let wv = _mm512_loadu_si512(w.add(q * PANEL * 4) as *const _);
-                    for (r, acc) in acc.iter_mut().enumerate().take(rows) {
-                        // SAFETY: rows <= m - row and 4 * q + 4 <= lda: inside `a` (checked
-                        // by the caller: a.len() >= m * lda).
-                        let a4 = (a0.add(r * lda + q * 4) as *const i32).read_unaligned();
-                        *acc = _mm512_dpbusd_epi32(*acc, _mm512_set1_epi32(a4), wv);
-                    }
-                }
-                let cols = PANEL.min(n - p * PANEL);
-                for (r, acc) in acc.iter().enumerate().take(rows) {
-                    let mut sums = [0i32; PANEL];
-                    _mm512_storeu_si512(sums.as_mut_ptr() as *mut _, *acc);
-                    // SAFETY: (row + r) * n + p * PANEL + cols <= m * n <= c.len().
-                    store(c.as_mut_ptr().add((row + r) * n + p * PANEL), &sums, cols);
+        while row + ROWS <= m {
+            vnni_rows::<ROWS>(a, b, c, row);
+            row += ROWS;
+        }
+        match m - row {
+            3 => vnni_rows::<3>(a, b, c, row),
+            2 => vnni_rows::<2>(a, b, c, row),
+            1 => vnni_rows::<1>(a, b, c, row),
+            _ => {}
+        }
+    }
+
+    /// 16 sums requantized ([`super::Requant`]) to 16 bytes at `dst`, the first `cols` kept.
+    ///
+    /// # Safety
+    /// AVX-512 F + BW + VL; `col + cols <= n` for `rq`'s slices, `dst` valid for `cols`
+    /// writes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[inline]
+    pub(crate) unsafe fn requant16(
+        acc: __m512i,
+        rq: &Requant<'_>,
+        col: usize,
+        cols: usize,
+        dst: *mut u8,
+    ) {
+        let m: __mmask16 = if cols == PANEL { !0 } else { (1 << cols) - 1 };
+        // SAFETY (the loads): col + cols <= n, the masked-off lanes are not read.
+        let corr = _mm512_maskz_loadu_epi32(m, rq.corr.as_ptr().add(col) as *const _);
+        let mult = _mm512_maskz_loadu_ps(m, rq.mult.as_ptr().add(col));
+        let bias = _mm512_maskz_loadu_ps(m, rq.bias.as_ptr().add(col));
+        let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, corr));
+        let v = _mm512_add_ps(_mm512_mul_ps(v, mult), bias);
+        let v = _mm512_min_ps(
+            _mm512_max_ps(v, _mm512_set1_ps(rq.bounds.0)),
+            _mm512_set1_ps(rq.bounds.1),
+        );
+        let q = _mm512_add_ps(
+            _mm512_mul_ps(v, _mm512_set1_ps(rq.inv)),
+            _mm512_set1_ps(rq.zph),
+        );
+        let q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.0));
+        let bytes = _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(q));
+        // SAFETY: the caller's contract; masked-off bytes are not written.
+        _mm_mask_storeu_epi8(dst as *mut _, m, bytes);
+    }
+
+    /// `R` pixels (at byte offsets `at` in `x`) by `P` panels; with `POOL` the four pixels of
+    /// a 2x2 window, maxed into one output pixel.
+    ///
+    /// # Safety
+    /// AVX-512 F + BW + VL + VNNI; `at[r] + k <= x.len()`; panels `p..p + P` exist; the
+    /// output pixel(s) from `o` (in pixels) lie inside `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn pw_tile<const R: usize, const P: usize, const POOL: bool>(
+        x: &[u8],
+        at: [usize; R],
+        b: &PackedI8,
+        rq: &Requant<'_>,
+        p: usize,
+        out: &mut [u8],
+        o: usize,
+    ) {
+        let (k4, n) = (b.k / 4, b.n);
+        let panel_len = k4 * PANEL * 4;
+        let mut acc = [[_mm512_setzero_si512(); P]; R];
+        let w0 = b.bytes.as_ptr().add(p * panel_len);
+        for q in 0..k4 {
+            let mut wv = [_mm512_setzero_si512(); P];
+            for (j, wv) in wv.iter_mut().enumerate() {
+                // SAFETY: panel p + j exists and q < k4.
+                *wv = _mm512_loadu_si512(w0.add(j * panel_len + q * PANEL * 4) as *const _);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: at[r] + 4 * q + 4 <= at[r] + k <= x.len().
+                let a4 = (x.as_ptr().add(at[r] + q * 4) as *const i32).read_unaligned();
+                let av = _mm512_set1_epi32(a4);
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_dpbusd_epi32(*acc, av, *wv);
                 }
             }
-            row += rows;
+        }
+        for j in 0..P {
+            let col = (p + j) * PANEL;
+            let cols = PANEL.min(n - col);
+            if POOL {
+                let mut m = acc[0][j];
+                for acc in &acc[1..] {
+                    m = _mm512_max_epi32(m, acc[j]);
+                }
+                // SAFETY: output pixel o exists: o * n + col + cols <= out.len().
+                requant16(m, rq, col, cols, out.as_mut_ptr().add(o * n + col));
+            } else {
+                for (r, acc) in acc.iter().enumerate() {
+                    // SAFETY: output pixels o..o + R exist.
+                    requant16(
+                        acc[j],
+                        rq,
+                        col,
+                        cols,
+                        out.as_mut_ptr().add((o + r) * n + col),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every panel of one tile, two at a time.
+    ///
+    /// # Safety
+    /// As [`pw_tile`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn pw_panels<const R: usize, const POOL: bool>(
+        x: &[u8],
+        at: [usize; R],
+        b: &PackedI8,
+        rq: &Requant<'_>,
+        out: &mut [u8],
+        o: usize,
+    ) {
+        let panels = b.n.div_ceil(PANEL);
+        let mut p = 0;
+        while p + 2 <= panels {
+            pw_tile::<R, 2, POOL>(x, at, b, rq, p, out, o);
+            p += 2;
+        }
+        if p < panels {
+            pw_tile::<R, 1, POOL>(x, at, b, rq, p, out, o);
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F + BW + VL + VNNI; the shapes as [`super::pointwise_fused`] checked.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn pointwise_vnni(
+        x: &[u8],
+        (rows, w): (usize, usize),
+        b: &PackedI8,
+        rq: &Requant<'_>,
+        pool: bool,
+        out: &mut [u8],
+    ) {
+        let k = b.k;
+        if pool {
+            let ow = w / 2;
+            for oy in 0..rows / 2 {
+                for ox in 0..ow {
+                    let px = |dy: usize, dx: usize| ((2 * oy + dy) * w + 2 * ox + dx) * k;
+                    let at = [px(0, 0), px(0, 1), px(1, 0), px(1, 1)];
+                    pw_panels::<4, true>(x, at, b, rq, out, oy * ow + ox);
+                }
+            }
+            return;
+        }
+        let m = rows * w;
+        let mut i = 0;
+        while i + 4 <= m {
+            let at = [i * k, (i + 1) * k, (i + 2) * k, (i + 3) * k];
+            pw_panels::<4, false>(x, at, b, rq, out, i);
+            i += 4;
+        }
+        while i < m {
+            pw_panels::<1, false>(x, [i * k], b, rq, out, i);
+            i += 1;
         }
     }
 
@@ -345,7 +603,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let shapes: [(usize, usize, usize); 8] = [
+        let shapes: [(usize, usize, usize); 9] = [
             (1, 1, 1),
             (1, 3, 17),
             (3, 27, 16),
@@ -354,6 +612,7 @@ mod tests {
             (7, 144, 50),
             (9, 300, 33),
             (2, 1152, 128),
+            (13, 40, 96),
         ];
         for &(m, k, n) in &shapes {
             for extreme in [false, true] {

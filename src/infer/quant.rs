@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::int8::{gemm_u8i8, Int8Isa, PackedI8};
+use super::int8::{gemm_u8i8, pointwise_fused, Int8Isa, PackedI8, Requant};
 use super::kernels::Act;
 
 /// Scale and zero point of a u8 tensor: `real = scale * (q - zero_point)`.
@@ -212,6 +212,15 @@ impl QConv {
     fn band(&self, x: &[u8], (h, w): (usize, usize), y0: usize, rows: usize, dst: &mut [u8]) {
         let r = rows.min(h - y0);
         let lda = self.packed.a_stride();
+        if self.kernel == 1 && lda == self.ic {
+            // A pooled band of odd height (the image's last row) drops its last row.
+            let used = if self.pool { r / 2 * 2 } else { r };
+            let rows = &x[y0 * w * lda..(y0 + used) * w * lda];
+            let rq = self.epilogue().requant();
+            if pointwise_fused(rows, (used, w), &self.packed, &rq, self.pool, dst) {
+                return;
+            }
+        }
         let mut acc = vec![0i32; r * w * self.oc];
         if self.kernel == 1 && lda == self.ic {
             // The activation rows are the GEMM's rows as they are.
@@ -311,7 +320,19 @@ struct Epilogue<'a> {
     isa: Int8Isa,
 }
 
-impl Epilogue<'_> {
+impl<'a> Epilogue<'a> {
+    /// The same requantization for kernels that apply it themselves.
+    fn requant(&self) -> Requant<'a> {
+        Requant {
+            corr: self.zp_sums,
+            mult: self.mult,
+            bias: self.bias,
+            bounds: self.act.bounds(),
+            inv: 1.0 / self.output.scale,
+            zph: self.output.zero_point as f32 + 0.5,
+        }
+    }
+
     fn run(&self, acc: &[i32], (h, w): (usize, usize), out: &mut [u8]) {
         let c = self.mult.len();
         let (oh, ow) = if self.pool { (h / 2, w / 2) } else { (h, w) };
@@ -406,7 +427,92 @@ impl Epilogue<'_> {
 /// (`#[inline(always)]` bodies), vectorised by the compiler for each instruction set.
 #[cfg(x86_simd)]
 mod x86 {
-    use super::{Epilogue, QDepthwise};
+    use super::{DwVnni, Epilogue, QDepthwise};
+    use crate::infer::int8::x86::requant16;
+    use std::arch::x86_64::*;
+
+    /// Sixteen u8 at `src` widened to the low bytes of sixteen i32 lanes.
+    ///
+    /// # Safety
+    /// AVX-512 F; `src` valid for 16 reads.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn widen(src: *const u8) -> __m512i {
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(src as *const _))
+    }
+
+    /// The depthwise layer on AVX-512 VNNI: for each output row, input rows `y - 1`, `y` and
+    /// `y + 1` interleaved per channel into `[w + 2][c][4]` bytes (three rows and a zero; the
+    /// border columns and the rows outside the image hold the zero point), then three
+    /// `vpdpbusd` per output pixel and 16 channels, one per column tap, each adding that
+    /// column's three products exactly in i32, requantized in registers. `zero_point *
+    /// sum(weights)` is the requantization's correction ([`DwVnni`]).
+    ///
+    /// # Safety
+    /// AVX-512 F + BW + VL + VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn depthwise_vnni(
+        d: &QDepthwise,
+        v: &DwVnni,
+        x: &[u8],
+        (h, w): (usize, usize),
+        y0: usize,
+        out: &mut [u8],
+    ) {
+        let c = d.c;
+        assert!(c % 16 == 0 && v.taps.len() == 12 * c && v.corr.len() == c);
+        assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
+        assert!(out.len() % (w * c) == 0 && y0 + out.len() / (w * c) <= h);
+        let e = d.epilogue(&v.corr);
+        let rq = e.requant();
+        let zp = d.input.zero_point;
+        let zp32 = _mm512_set1_epi32(zp as i32);
+        let pad = _mm512_set1_epi32(i32::from_le_bytes([zp, zp, zp, 0]));
+        let mut t = vec![0u8; (w + 2) * c * 4];
+        let (tp, wp) = (t.as_mut_ptr(), v.taps.as_ptr());
+        // SAFETY (every pointer access below): `t` holds (w + 2) * c * 4 bytes and `taps`
+        // 12 * c; pixel p < w + 2 and channel j + 16 <= c address bytes (p * c + j) * 4 ..
+        // + 64 of `t`; input rows y - 1, y, y + 1 are checked against h and hold w * c bytes;
+        // the output row holds w * c bytes.
+        for j in (0..c).step_by(16) {
+            _mm512_storeu_si512(tp.add(j * 4) as *mut _, pad);
+            _mm512_storeu_si512(tp.add(((w + 1) * c + j) * 4) as *mut _, pad);
+        }
+        for (i, dst) in out.chunks_exact_mut(w * c).enumerate() {
+            let y = y0 + i;
+            let row = x.as_ptr().add(y * w * c);
+            let (above, below) = (y > 0, y + 1 < h);
+            for at in (0..w * c).step_by(16) {
+                let a = if above {
+                    widen(row.sub(w * c).add(at))
+                } else {
+                    zp32
+                };
+                let b = widen(row.add(at));
+                let f = if below {
+                    widen(row.add(w * c + at))
+                } else {
+                    zp32
+                };
+                let bytes = _mm512_or_si512(
+                    _mm512_or_si512(a, _mm512_slli_epi32::<8>(b)),
+                    _mm512_slli_epi32::<16>(f),
+                );
+                _mm512_storeu_si512(tp.add((c + at) * 4) as *mut _, bytes);
+            }
+            for xx in 0..w {
+                for j in (0..c).step_by(16) {
+                    let mut s = _mm512_setzero_si512();
+                    for kx in 0..3 {
+                        let tv = _mm512_loadu_si512(tp.add(((xx + kx) * c + j) * 4) as *const _);
+                        let wv = _mm512_loadu_si512(wp.add((kx * c + j) * 4) as *const _);
+                        s = _mm512_dpbusd_epi32(s, tv, wv);
+                    }
+                    requant16(s, &rq, j, 16, dst.as_mut_ptr().add(xx * c + j));
+                }
+            }
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn epilogue_avx2(
@@ -467,6 +573,42 @@ pub struct QDepthwise {
     isa: Int8Isa,
     /// `c` zeros: the epilogue's correction (the zero point is subtracted in the sums).
     no_correction: Vec<i32>,
+    /// The weights laid out for `vpdpbusd`, where the layer runs on AVX-512 VNNI.
+    #[cfg_attr(not(x86_simd), allow(dead_code))]
+    vnni: Option<DwVnni>,
+}
+
+/// A depthwise layer's weights for AVX-512 VNNI (`c` a multiple of 16): per column tap `kx`
+/// and channel, the three kernel rows' weights and a zero (`[3][c][4]`), so that one
+/// `vpdpbusd` adds a column's three products for 16 channels; and per channel
+/// `zero_point * sum(weights)`, the correction for sums taken over the raw u8 values with the
+/// image's border padded with the zero point.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(x86_simd), allow(dead_code))]
+struct DwVnni {
+    taps: Vec<i8>,
+    corr: Vec<i32>,
+}
+
+impl DwVnni {
+    /// From the per-channel weights `q` (`[c][3][3]`), where the set and `c` allow it.
+    fn new(q: &[i8], c: usize, zero_point: u8, isa: Int8Isa) -> Option<Self> {
+        if isa != Int8Isa::Avx512Vnni || c % 16 != 0 {
+            return None;
+        }
+        let mut taps = vec![0i8; 3 * c * 4];
+        for ch in 0..c {
+            for ky in 0..3 {
+                for kx in 0..3 {
+                    taps[(kx * c + ch) * 4 + ky] = q[ch * 9 + ky * 3 + kx];
+                }
+            }
+        }
+        let corr = (0..c)
+            .map(|ch| zero_point as i32 * q[ch * 9..][..9].iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
+        Some(DwVnni { taps, corr })
+    }
 }
 
 impl QDepthwise {
@@ -499,6 +641,7 @@ impl QDepthwise {
             output,
             isa,
             no_correction: vec![0; c],
+            vnni: DwVnni::new(&q, c, input.zero_point, isa),
         }
     }
 
@@ -566,7 +709,10 @@ impl QDepthwise {
             // SAFETY (both): as in `Epilogue::run`.
             #[cfg(x86_simd)]
             Int8Isa::Avx512Vnni if self.isa.supported() => unsafe {
-                x86::depthwise_avx512(self, x, (h, w), y0, out)
+                match &self.vnni {
+                    Some(v) => x86::depthwise_vnni(self, v, x, (h, w), y0, out),
+                    None => x86::depthwise_avx512(self, x, (h, w), y0, out),
+                }
             },
             #[cfg(x86_simd)]
             Int8Isa::Avx2 if self.isa.supported() => unsafe {
@@ -576,18 +722,23 @@ impl QDepthwise {
         }
     }
 
-    #[inline(always)]
-    fn rows(&self, x: &[u8], (h, w): (usize, usize), y0: usize, out: &mut [u8]) {
-        let c = self.c;
-        let e = Epilogue {
+    /// The requantization of this layer's sums, `zp_sums` subtracted first.
+    fn epilogue<'a>(&'a self, zp_sums: &'a [i32]) -> Epilogue<'a> {
+        Epilogue {
             mult: &self.mult,
             bias: &self.bias,
-            zp_sums: &self.no_correction,
+            zp_sums,
             act: self.act,
             pool: false,
             output: self.output,
             isa: self.isa,
-        };
+        }
+    }
+
+    #[inline(always)]
+    fn rows(&self, x: &[u8], (h, w): (usize, usize), y0: usize, out: &mut [u8]) {
+        let c = self.c;
+        let e = self.epilogue(&self.no_correction);
         let mut acc = vec![0i32; w * c];
         for (y, dst) in out.chunks_exact_mut(w * c).enumerate() {
             self.row_sums(x, (h, w), y0 + y, &mut acc);
@@ -718,6 +869,8 @@ mod tests {
                 (9, 40, 7, 20, 3, false, Act::Relu),
                 (33, 17, 24, 40, 1, true, Act::None),
                 (6, 6, 16, 32, 1, false, Act::None),
+                (5, 9, 20, 50, 1, false, Act::Relu6),
+                (4, 7, 12, 16, 1, true, Act::Relu),
             ] {
                 let wts: Vec<f32> = (0..oc * ic * kernel * kernel).map(|_| rng.f32()).collect();
                 let bias: Vec<f32> = (0..oc).map(|_| rng.f32()).collect();
@@ -850,6 +1003,50 @@ mod tests {
 
     /// The depthwise layer's integer sums equal the exact reference (the 3x3 reference with
     /// one input channel per output channel), and its output follows the f32 layer.
+    /// Every kernel set this CPU runs (the VNNI one where `c` is a multiple of 16, on its
+    /// own interleaved layout) gives the portable set's bytes exactly: the same integer sums
+    /// through the same requantization. Odd sizes, one-pixel images, zero points at both ends
+    /// (the border padding), bands split over the pool.
+    #[test]
+    fn depthwise_kernel_sets_agree_exactly() {
+        let mut rng = Rng(7);
+        let sets = sets();
+        for &(h, w, c) in &[
+            (5, 7, 16),
+            (1, 1, 16),
+            (4, 9, 32),
+            (3, 3, 48),
+            (6, 5, 17),
+            (2, 8, 3),
+        ] {
+            for zp in [0u8, 255, (rng.next() % 256) as u8] {
+                let wts: Vec<f32> = (0..c * 9).map(|_| rng.f32()).collect();
+                let bias: Vec<f32> = (0..c).map(|_| rng.f32() * 0.1).collect();
+                let input = QParams {
+                    scale: 1.0 / 64.0,
+                    zero_point: zp,
+                };
+                let output = QParams::from_range(-1.0, 6.0);
+                let x: Vec<u8> = (0..h * w * c).map(|_| rng.next() as u8).collect();
+                let layer = |isa| QDepthwise::new(&wts, &bias, c, Act::Relu6, input, output, isa);
+                let mut want = vec![0u8; h * w * c];
+                layer(Int8Isa::Portable).run(&x, (h, w), &mut want, false);
+                for &isa in &sets {
+                    for split in [false, true] {
+                        let mut got = vec![0u8; h * w * c];
+                        layer(isa).run(&x, (h, w), &mut got, split);
+                        assert_eq!(
+                            got,
+                            want,
+                            "{} {h}x{w}x{c} zp={zp} split={split}",
+                            isa.name()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn depthwise_matches_the_exact_reference_and_the_f32_layer() {
         let mut rng = Rng(99);
