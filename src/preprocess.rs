@@ -227,7 +227,7 @@ fn check_png_palette(bytes: &[u8]) -> Result<(), PreprocessError> {
                 }
                 let n = len / 3;
                 let most = if indexed { 1usize << depth.min(8) } else { 256 };
-                if len % 3 != 0 || n == 0 || n > most {
+                if !len.is_multiple_of(3) || n == 0 || n > most {
                     return bad(format!(
                         "palette (PLTE) of {len} bytes; it must hold 1 to {most} RGB entries \
                          (3 bytes each)"

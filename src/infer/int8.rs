@@ -219,7 +219,7 @@ pub(crate) fn pointwise_fused(
     pool: bool,
     out: &mut [u8],
 ) -> bool {
-    if b.isa != Int8Isa::Avx512Vnni || !b.isa.supported() || b.k % 4 != 0 {
+    if b.isa != Int8Isa::Avx512Vnni || !b.isa.supported() || !b.k.is_multiple_of(4) {
         return false;
     }
     let (k, n) = (b.k, b.n);

@@ -460,9 +460,9 @@ mod x86 {
         out: &mut [u8],
     ) {
         let c = d.c;
-        assert!(c % 16 == 0 && v.taps.len() == 12 * c && v.corr.len() == c);
+        assert!(c.is_multiple_of(16) && v.taps.len() == 12 * c && v.corr.len() == c);
         assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
-        assert!(out.len() % (w * c) == 0 && y0 + out.len() / (w * c) <= h);
+        assert!(out.len().is_multiple_of(w * c) && y0 + out.len() / (w * c) <= h);
         let e = d.epilogue(&v.corr);
         let rq = e.requant();
         let zp = d.input.zero_point;
@@ -593,7 +593,7 @@ struct DwVnni {
 impl DwVnni {
     /// From the per-channel weights `q` (`[c][3][3]`), where the set and `c` allow it.
     fn new(q: &[i8], c: usize, zero_point: u8, isa: Int8Isa) -> Option<Self> {
-        if isa != Int8Isa::Avx512Vnni || c % 16 != 0 {
+        if isa != Int8Isa::Avx512Vnni || !c.is_multiple_of(16) {
             return None;
         }
         let mut taps = vec![0i8; 3 * c * 4];
