@@ -272,9 +272,55 @@ pub(crate) mod x86 {
         unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), dst, cols) }
     }
 
-    /// One tile of `R` rows by `P` panels (16 columns each): `R * P` accumulators stay in
-    /// registers for the whole `k` loop, and each weight vector loaded serves `R` rows and each
-    /// broadcast activation word `P` panels. Columns past `n` in the last panel are not stored.
+    /// The sums of one tile: `R` rows of `a` (starting at byte offsets `at`, `k` bytes each)
+    /// by `P` panels from panel `p` (16 columns each). The `R * P` accumulators stay in
+    /// registers for the whole `k` loop; each weight vector loaded serves `R` rows and each
+    /// broadcast activation word `P` panels.
+    ///
+    /// # Safety
+    /// AVX-512 F + BW + VNNI; `at[r] + b.a_stride() <= a.len()`; panels `p..p + P` exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn tile_sums<const R: usize, const P: usize>(
+        a: &[u8],
+        at: [usize; R],
+        b: &PackedI8,
+        p: usize,
+    ) -> [[__m512i; P]; R] {
+        let k4 = b.k.div_ceil(4);
+        let panel_len = k4 * PANEL * 4;
+        let mut acc = [[_mm512_setzero_si512(); P]; R];
+        let w0 = b.bytes.as_ptr().add(p * panel_len);
+        for q in 0..k4 {
+            let mut wv = [_mm512_setzero_si512(); P];
+            for (j, wv) in wv.iter_mut().enumerate() {
+                // SAFETY: panel p + j exists and q < k4: 64 bytes inside `b.bytes`.
+                *wv = _mm512_loadu_si512(w0.add(j * panel_len + q * PANEL * 4) as *const _);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: 4 * q + 4 <= a_stride, so inside `a` (the caller's contract).
+                let a4 = (a.as_ptr().add(at[r] + q * 4) as *const i32).read_unaligned();
+                let av = _mm512_set1_epi32(a4);
+                for (acc, wv) in acc.iter_mut().zip(&wv) {
+                    *acc = _mm512_dpbusd_epi32(*acc, av, *wv);
+                }
+            }
+        }
+        acc
+    }
+
+    /// The lanes of the first `cols` (at most 16) columns of a panel.
+    #[inline(always)]
+    fn lanes(cols: usize) -> __mmask16 {
+        if cols == PANEL {
+            !0
+        } else {
+            (1 << cols) - 1
+        }
+    }
+
+    /// One tile of `R` rows by `P` panels ([`tile_sums`]) stored as i32 sums; columns past
+    /// `n` in the last panel are not stored.
     ///
     /// # Safety
     /// AVX-512 F + BW + VNNI; rows `row..row + R` of `a` (stride `lda`) and of `c` (stride `n`)
@@ -288,36 +334,18 @@ pub(crate) mod x86 {
         row: usize,
         p: usize,
     ) {
-        let (lda, k4, n) = (b.a_stride(), b.k.div_ceil(4), b.n);
-        let panel_len = k4 * PANEL * 4;
-        let mut acc = [[_mm512_setzero_si512(); P]; R];
-        let a0 = a.as_ptr().add(row * lda);
-        let w0 = b.bytes.as_ptr().add(p * panel_len);
-        for q in 0..k4 {
-            let mut wv = [_mm512_setzero_si512(); P];
-            for (j, wv) in wv.iter_mut().enumerate() {
-                // SAFETY: panel p + j < panels and q < k4: 64 bytes inside `b.bytes`.
-                *wv = _mm512_loadu_si512(w0.add(j * panel_len + q * PANEL * 4) as *const _);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: row + r < m and 4 * q + 4 <= lda: inside `a` (a.len() >= m * lda).
-                let a4 = (a0.add(r * lda + q * 4) as *const i32).read_unaligned();
-                let av = _mm512_set1_epi32(a4);
-                for (acc, wv) in acc.iter_mut().zip(&wv) {
-                    *acc = _mm512_dpbusd_epi32(*acc, av, *wv);
-                }
-            }
-        }
+        let (lda, n) = (b.a_stride(), b.n);
+        let at = std::array::from_fn(|r| (row + r) * lda);
+        let acc = tile_sums::<R, P>(a, at, b, p);
         for (r, acc) in acc.iter().enumerate() {
             for (j, acc) in acc.iter().enumerate() {
                 let col = (p + j) * PANEL;
                 let cols = PANEL.min(n - col);
-                let mask: __mmask16 = if cols == PANEL { !0 } else { (1 << cols) - 1 };
                 // SAFETY: (row + r) * n + col + cols <= m * n <= c.len(); the masked-off
                 // lanes are neither written nor faulted on.
                 _mm512_mask_storeu_epi32(
                     c.as_mut_ptr().add((row + r) * n + col) as *mut _,
-                    mask,
+                    lanes(cols),
                     *acc,
                 );
             }
@@ -374,7 +402,7 @@ pub(crate) mod x86 {
         cols: usize,
         dst: *mut u8,
     ) {
-        let m: __mmask16 = if cols == PANEL { !0 } else { (1 << cols) - 1 };
+        let m = lanes(cols);
         // SAFETY (the loads): col + cols <= n, the masked-off lanes are not read.
         let corr = _mm512_maskz_loadu_epi32(m, rq.corr.as_ptr().add(col) as *const _);
         let mult = _mm512_maskz_loadu_ps(m, rq.mult.as_ptr().add(col));
@@ -412,25 +440,8 @@ pub(crate) mod x86 {
         out: &mut [u8],
         o: usize,
     ) {
-        let (k4, n) = (b.k / 4, b.n);
-        let panel_len = k4 * PANEL * 4;
-        let mut acc = [[_mm512_setzero_si512(); P]; R];
-        let w0 = b.bytes.as_ptr().add(p * panel_len);
-        for q in 0..k4 {
-            let mut wv = [_mm512_setzero_si512(); P];
-            for (j, wv) in wv.iter_mut().enumerate() {
-                // SAFETY: panel p + j exists and q < k4.
-                *wv = _mm512_loadu_si512(w0.add(j * panel_len + q * PANEL * 4) as *const _);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: at[r] + 4 * q + 4 <= at[r] + k <= x.len().
-                let a4 = (x.as_ptr().add(at[r] + q * 4) as *const i32).read_unaligned();
-                let av = _mm512_set1_epi32(a4);
-                for (acc, wv) in acc.iter_mut().zip(&wv) {
-                    *acc = _mm512_dpbusd_epi32(*acc, av, *wv);
-                }
-            }
-        }
+        let n = b.n;
+        let acc = tile_sums::<R, P>(x, at, b, p);
         for j in 0..P {
             let col = (p + j) * PANEL;
             let cols = PANEL.min(n - col);

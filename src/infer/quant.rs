@@ -212,18 +212,19 @@ impl QConv {
     fn band(&self, x: &[u8], (h, w): (usize, usize), y0: usize, rows: usize, dst: &mut [u8]) {
         let r = rows.min(h - y0);
         let lda = self.packed.a_stride();
-        if self.kernel == 1 && lda == self.ic {
-            // A pooled band of odd height (the image's last row) drops its last row.
-            let used = if self.pool { r / 2 * 2 } else { r };
-            let rows = &x[y0 * w * lda..(y0 + used) * w * lda];
+        // A pooled band of odd height (the image's last row) drops its last row.
+        let kept = if self.pool { r / 2 * 2 } else { r };
+        // A 1x1 layer's activation rows are the GEMM's rows as they are.
+        let direct = self.kernel == 1 && lda == self.ic;
+        if direct {
+            let rows = &x[y0 * w * lda..(y0 + kept) * w * lda];
             let rq = self.epilogue().requant();
-            if pointwise_fused(rows, (used, w), &self.packed, &rq, self.pool, dst) {
+            if pointwise_fused(rows, (kept, w), &self.packed, &rq, self.pool, dst) {
                 return;
             }
         }
         let mut acc = vec![0i32; r * w * self.oc];
-        if self.kernel == 1 && lda == self.ic {
-            // The activation rows are the GEMM's rows as they are.
+        if direct {
             let rows = &x[y0 * w * lda..(y0 + r) * w * lda];
             gemm_u8i8(rows, r * w, &self.packed, &mut acc);
         } else {
@@ -231,9 +232,8 @@ impl QConv {
             self.im2col(x, (h, w), y0..y0 + r, &mut a);
             gemm_u8i8(&a, r * w, &self.packed, &mut acc);
         }
-        // A pooled band of odd height (the image's last row) drops its last row.
-        let r = if self.pool { r / 2 * 2 } else { r };
-        self.epilogue().run(&acc[..r * w * self.oc], (r, w), dst);
+        self.epilogue()
+            .run(&acc[..kept * w * self.oc], (kept, w), dst);
     }
 
     /// The im2col rows (stride [`PackedI8::a_stride`]) of output rows `ys`: padding pixels
