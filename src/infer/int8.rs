@@ -203,6 +203,96 @@ pub(crate) struct Requant<'a> {
     pub zph: f32,
 }
 
+/// Where a fused layer's output pixel reads its activation bytes: `runs` runs of `len` bytes
+/// (a multiple of four), `stride` bytes apart, from the pixel's offset.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(x86_simd), allow(dead_code))]
+pub(crate) struct Window {
+    pub runs: usize,
+    pub len: usize,
+    pub stride: usize,
+}
+
+#[cfg_attr(not(x86_simd), allow(dead_code))]
+impl Window {
+    /// One run of `len` bytes (a GEMM row, a 1x1 layer's pixel).
+    pub fn run(len: usize) -> Self {
+        Window {
+            runs: 1,
+            len,
+            stride: 0,
+        }
+    }
+}
+
+/// The layout of a fused layer's input: output pixel `(y, x)` reads `win` from byte
+/// `y * row + x * px`.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(x86_simd), allow(dead_code))]
+struct Geometry {
+    row: usize,
+    px: usize,
+    win: Window,
+}
+
+impl Geometry {
+    /// The bytes the input must hold for `rows` x `w` output pixels (before a pool).
+    #[cfg_attr(not(x86_simd), allow(dead_code))]
+    fn needs(&self, (rows, w): (usize, usize)) -> usize {
+        if rows == 0 || w == 0 {
+            return 0;
+        }
+        (rows - 1) * self.row
+            + (w - 1) * self.px
+            + (self.win.runs - 1) * self.win.stride
+            + self.win.len
+    }
+}
+
+/// Whether the fused kernels run for `b` here (only AVX-512 VNNI has them).
+fn fused_available(b: &PackedI8) -> bool {
+    b.isa == Int8Isa::Avx512Vnni && b.isa.supported()
+}
+
+/// Checks a fused layer's shapes and runs it.
+fn fused(
+    x: &[u8],
+    (rows, w): (usize, usize),
+    geo: Geometry,
+    b: &PackedI8,
+    rq: &Requant<'_>,
+    pool: bool,
+    out: &mut [u8],
+) {
+    let n = b.n;
+    assert!(fused_available(b), "no fused kernel for {}", b.isa.name());
+    assert_eq!(
+        geo.win.runs * geo.win.len,
+        b.a_stride(),
+        "window of {geo:?} for k = {}",
+        b.k
+    );
+    assert!(
+        geo.win.len.is_multiple_of(4),
+        "window runs of {} bytes",
+        geo.win.len
+    );
+    assert!(
+        x.len() >= geo.needs((rows, w)),
+        "input of {} bytes for {rows}x{w} pixels of {geo:?}",
+        x.len()
+    );
+    let pixels = if pool { (rows / 2) * (w / 2) } else { rows * w };
+    assert_eq!(out.len(), pixels * n, "output is not {pixels} x {n}");
+    assert!(rq.corr.len() == n && rq.mult.len() == n && rq.bias.len() == n);
+    assert!(rq.mult.iter().all(|&m| m > 0.0), "a non-positive scale");
+    #[cfg(x86_simd)]
+    // SAFETY: the CPU has AVX-512 BW + VNNI (asserted above); shapes checked above.
+    unsafe {
+        x86::fused_vnni(x, (rows, w), geo, b, rq, pool, out)
+    };
+}
+
 /// A 1x1 convolution over `rows` x `w` NHWC pixels of `b.k()` channels with the
 /// requantization, and the 2x2 max pool where `pool`, fused into the GEMM's register tiles
 /// (the sums never leave the registers). The pool is taken on the integer sums before
@@ -219,21 +309,59 @@ pub(crate) fn pointwise_fused(
     pool: bool,
     out: &mut [u8],
 ) -> bool {
-    if b.isa != Int8Isa::Avx512Vnni || !b.isa.supported() || !b.k.is_multiple_of(4) {
+    if !fused_available(b) || !b.k.is_multiple_of(4) {
         return false;
     }
-    let (k, n) = (b.k, b.n);
+    let k = b.k;
     assert_eq!(x.len(), rows * w * k, "input is not {rows}x{w}x{k}");
-    let pixels = if pool { (rows / 2) * (w / 2) } else { rows * w };
-    assert_eq!(out.len(), pixels * n, "output is not {pixels} x {n}");
-    assert!(rq.corr.len() == n && rq.mult.len() == n && rq.bias.len() == n);
-    assert!(rq.mult.iter().all(|&m| m > 0.0), "a non-positive scale");
-    #[cfg(x86_simd)]
-    // SAFETY: the CPU has AVX-512 BW + VNNI (checked above); lengths checked above.
-    unsafe {
-        x86::pointwise_vnni(x, (rows, w), b, rq, pool, out)
+    let geo = Geometry {
+        row: w * k,
+        px: k,
+        win: Window::run(k),
     };
-    cfg!(x86_simd)
+    fused(x, (rows, w), geo, b, rq, pool, out);
+    true
+}
+
+/// A 3x3 "same" convolution, stride 1, of `ic` channels (a multiple of four) computed directly
+/// from the padded NHWC input (no im2col), with the requantization and the 2x2 pool fused as in
+/// [`pointwise_fused`]. `xp` holds `rows + 2` rows of `w + 2` pixels: the band's input rows
+/// with one row above and below and one pixel left and right (the padding holds the input's
+/// zero point). `b` is `[k][oc]` with `k` ordered (ky, kx, ic): each of a window's three rows
+/// is one contiguous run of `3 * ic` bytes.
+///
+/// Returns `false`, doing nothing, where there is no fused kernel.
+pub(crate) fn conv3x3_fused(
+    xp: &[u8],
+    (rows, w): (usize, usize),
+    ic: usize,
+    b: &PackedI8,
+    rq: &Requant<'_>,
+    pool: bool,
+    out: &mut [u8],
+) -> bool {
+    if !fused_available(b) || !ic.is_multiple_of(4) || b.k != 9 * ic {
+        return false;
+    }
+    let pitch = (w + 2) * ic;
+    assert_eq!(
+        xp.len(),
+        (rows + 2) * pitch,
+        "padded input is not {}x{}x{ic}",
+        rows + 2,
+        w + 2
+    );
+    let geo = Geometry {
+        row: pitch,
+        px: ic,
+        win: Window {
+            runs: 3,
+            len: 3 * ic,
+            stride: pitch,
+        },
+    };
+    fused(xp, (rows, w), geo, b, rq, pool, out);
+    true
 }
 
 fn portable(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
@@ -256,7 +384,7 @@ fn portable(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {
 
 #[cfg(x86_simd)]
 pub(crate) mod x86 {
-    use super::{PackedI8, Requant, PANEL};
+    use super::{Geometry, PackedI8, Requant, Window, PANEL};
     use std::arch::x86_64::*;
 
     /// Rows computed together: each loaded weight vector is used this many times.
@@ -272,18 +400,23 @@ pub(crate) mod x86 {
         unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), dst, cols) }
     }
 
-    /// The sums of one tile: `R` rows of `a` (starting at byte offsets `at`, `k` bytes each)
-    /// by `P` panels from panel `p` (16 columns each). The `R * P` accumulators stay in
-    /// registers for the whole `k` loop; each weight vector loaded serves `R` rows and each
-    /// broadcast activation word `P` panels.
+    /// The sums of one tile: `R` rows of `a` (starting at byte offsets `at`) by `P` panels from
+    /// panel `p` (16 columns each). A row's `k` bytes are `win`'s runs (one run of
+    /// `b.a_stride()` bytes for a GEMM or a 1x1 layer; three runs of a 3x3 window's rows for a
+    /// direct 3x3 convolution). The `R * P` accumulators stay in registers for the whole `k`
+    /// loop; each weight vector loaded serves `R` rows and each broadcast activation word `P`
+    /// panels.
     ///
     /// # Safety
-    /// AVX-512 F + BW + VNNI; `at[r] + b.a_stride() <= a.len()`; panels `p..p + P` exist.
+    /// AVX-512 F + BW + VNNI; `win.runs * win.len == b.a_stride()`; every run of every row lies
+    /// inside `a` (`at[r] + (win.runs - 1) * win.stride + win.len <= a.len()`); panels
+    /// `p..p + P` exist.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[inline]
     unsafe fn tile_sums<const R: usize, const P: usize>(
         a: &[u8],
         at: [usize; R],
+        win: Window,
         b: &PackedI8,
         p: usize,
     ) -> [[__m512i; P]; R] {
@@ -291,18 +424,24 @@ pub(crate) mod x86 {
         let panel_len = k4 * PANEL * 4;
         let mut acc = [[_mm512_setzero_si512(); P]; R];
         let w0 = b.bytes.as_ptr().add(p * panel_len);
-        for q in 0..k4 {
-            let mut wv = [_mm512_setzero_si512(); P];
-            for (j, wv) in wv.iter_mut().enumerate() {
-                // SAFETY: panel p + j exists and q < k4: 64 bytes inside `b.bytes`.
-                *wv = _mm512_loadu_si512(w0.add(j * panel_len + q * PANEL * 4) as *const _);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: 4 * q + 4 <= a_stride, so inside `a` (the caller's contract).
-                let a4 = (a.as_ptr().add(at[r] + q * 4) as *const i32).read_unaligned();
-                let av = _mm512_set1_epi32(a4);
-                for (acc, wv) in acc.iter_mut().zip(&wv) {
-                    *acc = _mm512_dpbusd_epi32(*acc, av, *wv);
+        let groups = win.len / 4;
+        for run in 0..win.runs {
+            let a0 = a.as_ptr().add(run * win.stride);
+            let w0 = w0.add(run * groups * PANEL * 4);
+            for g in 0..groups {
+                let mut wv = [_mm512_setzero_si512(); P];
+                for (j, wv) in wv.iter_mut().enumerate() {
+                    // SAFETY: panel p + j exists and run * groups + g < k4: 64 bytes inside
+                    // `b.bytes`.
+                    *wv = _mm512_loadu_si512(w0.add(j * panel_len + g * PANEL * 4) as *const _);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: inside the run, inside `a` (the caller's contract).
+                    let a4 = (a0.add(at[r] + g * 4) as *const i32).read_unaligned();
+                    let av = _mm512_set1_epi32(a4);
+                    for (acc, wv) in acc.iter_mut().zip(&wv) {
+                        *acc = _mm512_dpbusd_epi32(*acc, av, *wv);
+                    }
                 }
             }
         }
@@ -336,7 +475,7 @@ pub(crate) mod x86 {
     ) {
         let (lda, n) = (b.a_stride(), b.n);
         let at = std::array::from_fn(|r| (row + r) * lda);
-        let acc = tile_sums::<R, P>(a, at, b, p);
+        let acc = tile_sums::<R, P>(a, at, Window::run(lda), b, p);
         for (r, acc) in acc.iter().enumerate() {
             for (j, acc) in acc.iter().enumerate() {
                 let col = (p + j) * PANEL;
@@ -423,17 +562,19 @@ pub(crate) mod x86 {
         _mm_mask_storeu_epi8(dst as *mut _, m, bytes);
     }
 
-    /// `R` pixels (at byte offsets `at` in `x`) by `P` panels; with `POOL` the four pixels of
-    /// a 2x2 window, maxed into one output pixel.
+    /// `R` pixels (at byte offsets `at` in `x`, each reading `win`) by `P` panels; with `POOL`
+    /// the four pixels of a 2x2 window, maxed into one output pixel.
     ///
     /// # Safety
-    /// AVX-512 F + BW + VL + VNNI; `at[r] + k <= x.len()`; panels `p..p + P` exist; the
-    /// output pixel(s) from `o` (in pixels) lie inside `out`.
+    /// AVX-512 F + BW + VL + VNNI; as [`tile_sums`] for `at` and `win`; panels `p..p + P`
+    /// exist; the output pixel(s) from `o` (in pixels) lie inside `out`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn pw_tile<const R: usize, const P: usize, const POOL: bool>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn fused_tile<const R: usize, const P: usize, const POOL: bool>(
         x: &[u8],
         at: [usize; R],
+        win: Window,
         b: &PackedI8,
         rq: &Requant<'_>,
         p: usize,
@@ -441,7 +582,7 @@ pub(crate) mod x86 {
         o: usize,
     ) {
         let n = b.n;
-        let acc = tile_sums::<R, P>(x, at, b, p);
+        let acc = tile_sums::<R, P>(x, at, win, b, p);
         for j in 0..P {
             let col = (p + j) * PANEL;
             let cols = PANEL.min(n - col);
@@ -470,12 +611,13 @@ pub(crate) mod x86 {
     /// Every panel of one tile, two at a time.
     ///
     /// # Safety
-    /// As [`pw_tile`].
+    /// As [`fused_tile`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     #[inline]
-    unsafe fn pw_panels<const R: usize, const POOL: bool>(
+    unsafe fn fused_panels<const R: usize, const POOL: bool>(
         x: &[u8],
         at: [usize; R],
+        win: Window,
         b: &PackedI8,
         rq: &Requant<'_>,
         out: &mut [u8],
@@ -484,46 +626,49 @@ pub(crate) mod x86 {
         let panels = b.n.div_ceil(PANEL);
         let mut p = 0;
         while p + 2 <= panels {
-            pw_tile::<R, 2, POOL>(x, at, b, rq, p, out, o);
+            fused_tile::<R, 2, POOL>(x, at, win, b, rq, p, out, o);
             p += 2;
         }
         if p < panels {
-            pw_tile::<R, 1, POOL>(x, at, b, rq, p, out, o);
+            fused_tile::<R, 1, POOL>(x, at, win, b, rq, p, out, o);
         }
     }
 
     /// # Safety
-    /// AVX-512 F + BW + VL + VNNI; the shapes as [`super::pointwise_fused`] checked.
+    /// AVX-512 F + BW + VL + VNNI; the shapes as [`super::fused`] checked.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn pointwise_vnni(
+    pub(super) unsafe fn fused_vnni(
         x: &[u8],
         (rows, w): (usize, usize),
+        geo: Geometry,
         b: &PackedI8,
         rq: &Requant<'_>,
         pool: bool,
         out: &mut [u8],
     ) {
-        let k = b.k;
+        let win = geo.win;
+        let at = |y: usize, x: usize| y * geo.row + x * geo.px;
         if pool {
             let ow = w / 2;
             for oy in 0..rows / 2 {
                 for ox in 0..ow {
-                    let px = |dy: usize, dx: usize| ((2 * oy + dy) * w + 2 * ox + dx) * k;
-                    let at = [px(0, 0), px(0, 1), px(1, 0), px(1, 1)];
-                    pw_panels::<4, true>(x, at, b, rq, out, oy * ow + ox);
+                    let (y, x0) = (2 * oy, 2 * ox);
+                    let px = [at(y, x0), at(y, x0 + 1), at(y + 1, x0), at(y + 1, x0 + 1)];
+                    fused_panels::<4, true>(x, px, win, b, rq, out, oy * ow + ox);
                 }
             }
             return;
         }
         let m = rows * w;
+        let pixel = |i: usize| at(i / w, i % w);
         let mut i = 0;
         while i + 4 <= m {
-            let at = [i * k, (i + 1) * k, (i + 2) * k, (i + 3) * k];
-            pw_panels::<4, false>(x, at, b, rq, out, i);
+            let px = [pixel(i), pixel(i + 1), pixel(i + 2), pixel(i + 3)];
+            fused_panels::<4, false>(x, px, win, b, rq, out, i);
             i += 4;
         }
         while i < m {
-            pw_panels::<1, false>(x, [i * k], b, rq, out, i);
+            fused_panels::<1, false>(x, [pixel(i)], win, b, rq, out, i);
             i += 1;
         }
     }

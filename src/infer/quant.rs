@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::int8::{gemm_u8i8, pointwise_fused, Int8Isa, PackedI8, Requant};
+use super::int8::{conv3x3_fused, gemm_u8i8, pointwise_fused, Int8Isa, PackedI8, Requant};
 use super::kernels::Act;
 
 /// Scale and zero point of a u8 tensor: `real = scale * (q - zero_point)`.
@@ -77,6 +77,18 @@ pub fn quantize_per_channel(w: &[f32], oc: usize) -> (Vec<i8>, Vec<f32>) {
         }
     }
     (q, scales)
+}
+
+/// `x` (`[h][w][c]`) with a one-pixel border holding `zero_point` (a real zero): the input of
+/// a direct 3x3 convolution ([`QConv::run_padded`]).
+pub fn pad(x: &[u8], (h, w): (usize, usize), c: usize, zero_point: u8) -> Vec<u8> {
+    assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
+    let pitch = (w + 2) * c;
+    let mut xp = vec![zero_point; (h + 2) * pitch];
+    for (y, row) in x.chunks_exact(w * c).enumerate() {
+        xp[(y + 1) * pitch + c..][..w * c].copy_from_slice(row);
+    }
+    xp
 }
 
 /// A convolution lowered to the int8 GEMM: 3x3 "same" (stride 1) or 1x1, with its bias,
@@ -177,12 +189,74 @@ impl QConv {
         }
     }
 
+    /// Input channels.
+    pub fn ic(&self) -> usize {
+        self.ic
+    }
+
+    /// Whether this layer runs as a direct 3x3 convolution on a padded input
+    /// ([`conv3x3_fused`]): AVX-512 VNNI, `ic` a multiple of four.
+    fn direct3x3(&self) -> bool {
+        self.kernel == 3
+            && self.ic.is_multiple_of(4)
+            && self.packed.isa() == Int8Isa::Avx512Vnni
+            && self.packed.isa().supported()
+    }
+
     /// The layer on one NHWC u8 image `x` (`[h][w][ic]`), into `out` (`[oh][ow][oc]`), in
-    /// bands of rows: each band's im2col rows and integer sums stay in the core's cache, and
-    /// its epilogue runs right after its GEMM. `split`: the bands spread over rayon's pool (one
-    /// image on every core, as batch 1 runs).
+    /// bands of rows: each band's sums stay in the core's registers or cache, and its
+    /// epilogue runs right after them. `split`: the bands spread over rayon's pool (one image on
+    /// every core, as batch 1 runs).
     pub fn run(&self, x: &[u8], (h, w): (usize, usize), out: &mut [u8], split: bool) {
         assert_eq!(x.len(), h * w * self.ic, "input is not {h}x{w}x{}", self.ic);
+        if self.direct3x3() {
+            let xp = pad(x, (h, w), self.ic, self.input.zero_point);
+            return self.run_padded(&xp, (h, w), out, split);
+        }
+        self.bands((h, w), out, split, |y0, rows, dst| {
+            self.band(x, (h, w), y0, rows, dst)
+        });
+    }
+
+    /// As [`QConv::run`] on the input already padded (`[h + 2][w + 2][ic]`, the border holding
+    /// the input's zero point), as [`pad`] makes it: the input layer writes its quantized image
+    /// straight into that form.
+    pub fn run_padded(&self, xp: &[u8], (h, w): (usize, usize), out: &mut [u8], split: bool) {
+        let ic = self.ic;
+        let pitch = (w + 2) * ic;
+        assert_eq!(
+            xp.len(),
+            (h + 2) * pitch,
+            "padded input is not {}x{}x{ic}",
+            h + 2,
+            w + 2
+        );
+        if !self.direct3x3() {
+            let mut x = vec![0u8; h * w * ic];
+            for (y, row) in x.chunks_exact_mut(w * ic).enumerate() {
+                row.copy_from_slice(&xp[(y + 1) * pitch + ic..][..w * ic]);
+            }
+            return self.run(&x, (h, w), out, split);
+        }
+        let rq = self.epilogue().requant();
+        self.bands((h, w), out, split, |y0, rows, dst| {
+            let r = rows.min(h - y0);
+            let kept = if self.pool { r / 2 * 2 } else { r };
+            let src = &xp[y0 * pitch..(y0 + kept + 2) * pitch];
+            let done = conv3x3_fused(src, (kept, w), ic, &self.packed, &rq, self.pool, dst);
+            assert!(done, "the direct kernel is available (checked above)");
+        });
+    }
+
+    /// Splits the output into bands of about 256 input pixels (whole pooling row pairs) and
+    /// runs `band(first input row, input rows, output band)` on each.
+    fn bands(
+        &self,
+        (h, w): (usize, usize),
+        out: &mut [u8],
+        split: bool,
+        band: impl Fn(usize, usize, &mut [u8]) + Sync,
+    ) {
         let (oh, ow) = self.out_size((h, w));
         assert_eq!(
             out.len(),
@@ -193,18 +267,17 @@ impl QConv {
         if oh == 0 || ow == 0 {
             return;
         }
-        // About 256 pixels per band, whole pooling row pairs.
         let mut rows = (256 / w.max(1)).clamp(1, h.max(1));
         if self.pool {
             rows = (rows.div_ceil(2) * 2).max(2);
         }
         let out_rows = if self.pool { rows / 2 } else { rows };
         let band_len = out_rows * ow * self.oc;
-        let band = |(i, dst): (usize, &mut [u8])| self.band(x, (h, w), i * rows, rows, dst);
+        let each = |(i, dst): (usize, &mut [u8])| band(i * rows, rows, dst);
         if split {
-            out.par_chunks_mut(band_len).enumerate().for_each(band);
+            out.par_chunks_mut(band_len).enumerate().for_each(each);
         } else {
-            out.chunks_mut(band_len).enumerate().for_each(band);
+            out.chunks_mut(band_len).enumerate().for_each(each);
         }
     }
 
@@ -871,6 +944,12 @@ mod tests {
                 (6, 6, 16, 32, 1, false, Act::None),
                 (5, 9, 20, 50, 1, false, Act::Relu6),
                 (4, 7, 12, 16, 1, true, Act::Relu),
+                // Multiples of four input channels: the direct 3x3 kernel on VNNI.
+                (13, 11, 4, 16, 3, true, Act::Relu6),
+                (7, 9, 8, 40, 3, false, Act::Relu),
+                (10, 3, 12, 33, 3, true, Act::None),
+                (1, 1, 4, 5, 3, false, Act::Relu),
+                (3, 70, 32, 64, 3, true, Act::Relu),
             ] {
                 let wts: Vec<f32> = (0..oc * ic * kernel * kernel).map(|_| rng.f32()).collect();
                 let bias: Vec<f32> = (0..oc).map(|_| rng.f32()).collect();
@@ -905,6 +984,12 @@ mod tests {
                 let mut split = vec![0u8; oh * ow * oc];
                 layer.run(&x, (h, w), &mut split, true);
                 assert_eq!(split, got, "{} split", isa.name());
+                if kernel == 3 {
+                    let xp = pad(&x, (h, w), ic, input.zero_point);
+                    let mut padded = vec![0u8; oh * ow * oc];
+                    layer.run_padded(&xp, (h, w), &mut padded, false);
+                    assert_eq!(padded, got, "{} padded input", isa.name());
+                }
                 assert_eq!(
                     got,
                     want,
