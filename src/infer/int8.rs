@@ -563,7 +563,7 @@ pub(crate) mod x86 {
     }
 
     /// `R` pixels (at byte offsets `at` in `x`, each reading `win`) by `P` panels; with `POOL`
-    /// the four pixels of a 2x2 window, maxed into one output pixel.
+    /// each four pixels are a 2x2 window, maxed into one output pixel.
     ///
     /// # Safety
     /// AVX-512 F + BW + VL + VNNI; as [`tile_sums`] for `at` and `win`; panels `p..p + P`
@@ -587,12 +587,15 @@ pub(crate) mod x86 {
             let col = (p + j) * PANEL;
             let cols = PANEL.min(n - col);
             if POOL {
-                let mut m = acc[0][j];
-                for acc in &acc[1..] {
-                    m = _mm512_max_epi32(m, acc[j]);
+                // Each four pixels are a 2x2 window: one output pixel.
+                for (g, win4) in acc.chunks_exact(4).enumerate() {
+                    let mut m = win4[0][j];
+                    for acc in &win4[1..] {
+                        m = _mm512_max_epi32(m, acc[j]);
+                    }
+                    // SAFETY: output pixels o..o + R / 4 exist.
+                    requant16(m, rq, col, cols, out.as_mut_ptr().add((o + g) * n + col));
                 }
-                // SAFETY: output pixel o exists: o * n + col + cols <= out.len().
-                requant16(m, rq, col, cols, out.as_mut_ptr().add(o * n + col));
             } else {
                 for (r, acc) in acc.iter().enumerate() {
                     // SAFETY: output pixels o..o + R exist.
@@ -650,11 +653,21 @@ pub(crate) mod x86 {
         let at = |y: usize, x: usize| y * geo.row + x * geo.px;
         if pool {
             let ow = w / 2;
+            let window = |oy: usize, ox: usize| {
+                let (y, x0) = (2 * oy, 2 * ox);
+                [at(y, x0), at(y, x0 + 1), at(y + 1, x0), at(y + 1, x0 + 1)]
+            };
             for oy in 0..rows / 2 {
-                for ox in 0..ow {
-                    let (y, x0) = (2 * oy, 2 * ox);
-                    let px = [at(y, x0), at(y, x0 + 1), at(y + 1, x0), at(y + 1, x0 + 1)];
-                    fused_panels::<4, true>(x, px, win, b, rq, out, oy * ow + ox);
+                // Two windows at a time (each weight vector serves eight pixels), then the last.
+                let mut ox = 0;
+                while ox + 2 <= ow {
+                    let (a, b2) = (window(oy, ox), window(oy, ox + 1));
+                    let px = std::array::from_fn(|i| if i < 4 { a[i] } else { b2[i - 4] });
+                    fused_panels::<8, true>(x, px, win, b, rq, out, oy * ow + ox);
+                    ox += 2;
+                }
+                if ox < ow {
+                    fused_panels::<4, true>(x, window(oy, ox), win, b, rq, out, oy * ow + ox);
                 }
             }
             return;

@@ -321,11 +321,11 @@ impl Int8Model {
         for l in &self.layers {
             let (oc, (oh, ow), next) = match l {
                 QLayer::Input(conv) => {
-                    let xp = quantize_image(x, s, self.input);
+                    let xp = quantize_image(x, s, self.input, self.isa);
                     lap(format!("quantize input @{s}x{s}"), &mut times);
                     let (oh, ow) = conv.out_size((h, w));
                     let mut out = vec![0u8; oh * ow * conv.oc()];
-                    conv.run_padded(&xp, (h, w), &mut out, split);
+                    conv.run_padded(bytemuck::cast_slice(&xp), (h, w), &mut out, split);
                     lap(format!("conv {c}->{} @{h}x{w}", conv.oc()), &mut times);
                     (conv.oc(), (oh, ow), out)
                 }
@@ -401,24 +401,63 @@ impl Int8Model {
 }
 
 /// A CHW f32 image (`3 x s x s`) quantized to the padded RGBx form of [`QLayer::Input`]:
-/// `[s + 2][s + 2][4]` u8, every byte of the border and every pixel's fourth byte holding the
-/// zero point (a real zero; the fourth channel's weights are zero anyway).
-fn quantize_image(x: &[f32], s: usize, q: QParams) -> Vec<u8> {
+/// `[s + 2][s + 2]` pixels of four bytes (R, G, B, then the zero point; the fourth channel's
+/// weights are zero), the border holding the zero point (a real zero) in every byte. Words, so
+/// that a pixel is one store; [`bytemuck::cast_slice`] views them as the bytes the kernel reads.
+fn quantize_image(x: &[f32], s: usize, q: QParams, isa: Int8Isa) -> Vec<u32> {
+    assert_eq!(x.len(), 3 * s * s, "input is not 3x{s}x{s}");
+    let mut words = vec![q.zero_point as u32 * 0x0101_0101; (s + 2) * (s + 2)];
+    match isa {
+        // SAFETY: the model was compiled for this set only where it is supported (checked
+        // again here), which implies AVX-512 F + BW.
+        #[cfg(x86_simd)]
+        Int8Isa::Avx512Vnni if isa.supported() => unsafe {
+            quantize_image_avx512(x, s, q, &mut words)
+        },
+        _ => quantize_image_body(x, s, q, &mut words),
+    }
+    words
+}
+
+/// # Safety
+/// AVX-512 F + BW.
+#[cfg(x86_simd)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn quantize_image_avx512(x: &[f32], s: usize, q: QParams, words: &mut [u32]) {
+    quantize_image_body(x, s, q, words)
+}
+
+/// The loop of [`quantize_image`], the same arithmetic as [`QParams::quantize`] (NaN to 0),
+/// written so that it vectorises.
+#[inline(always)]
+fn quantize_image_body(x: &[f32], s: usize, q: QParams, words: &mut [u32]) {
     let hw = s * s;
     let (r, g, b) = (&x[..hw], &x[hw..2 * hw], &x[2 * hw..3 * hw]);
+    let (inv, zph) = (1.0 / q.scale, q.zero_point as f32 + 0.5);
     let zp = q.zero_point;
-    let pitch = (s + 2) * 4;
-    let mut xp = vec![zp; (s + 2) * pitch];
+    #[inline(always)]
+    fn byte(v: f32, inv: f32, zph: f32) -> u8 {
+        // `max` then `min` never yield NaN (a NaN input becomes 0, as the saturating cast in
+        // `QParams::quantize` makes it), so the conversion is defined.
+        #[allow(clippy::manual_clamp)]
+        let t = (v * inv + zph).max(0.0).min(255.0);
+        // SAFETY: `t` is finite and within 0..=255.
+        unsafe { t.to_int_unchecked::<i32>() as u8 }
+    }
+    let pitch = s + 2;
     for y in 0..s {
-        let dst = &mut xp[(y + 1) * pitch + 4..][..4 * s];
+        let dst = &mut words[(y + 1) * pitch + 1..][..s];
         let (r, g, b) = (&r[y * s..][..s], &g[y * s..][..s], &b[y * s..][..s]);
-        for (i, px) in dst.chunks_exact_mut(4).enumerate() {
-            px[0] = q.quantize(r[i]);
-            px[1] = q.quantize(g[i]);
-            px[2] = q.quantize(b[i]);
+        for i in 0..s {
+            // Native byte order: the bytes in memory are R, G, B, zero point on any target.
+            dst[i] = u32::from_ne_bytes([
+                byte(r[i], inv, zph),
+                byte(g[i], inv, zph),
+                byte(b[i], inv, zph),
+                zp,
+            ]);
         }
     }
-    xp
 }
 
 #[cfg(test)]
@@ -522,6 +561,39 @@ mod tests {
     #[test]
     fn big_in_int8_follows_the_f32_engine() {
         check(Arch::Big, 64);
+    }
+
+    /// The padded RGBx image, on every kernel set, is `QParams::quantize` of each value (NaN,
+    /// infinities and out-of-range values included) with the zero point in the border and in
+    /// every fourth byte.
+    #[test]
+    fn the_quantized_image_is_exact_on_every_kernel_set() {
+        let s = 19;
+        let mut x = images(1, s, 3);
+        x[5] = f32::NAN;
+        x[s * s + 7] = f32::INFINITY;
+        x[2 * s * s + 11] = f32::NEG_INFINITY;
+        x[40] = 1e9;
+        let q = QParams::from_range(-1.7, 2.3);
+        let zp = q.zero_point;
+        let mut want = vec![zp; (s + 2) * (s + 2) * 4];
+        for y in 0..s {
+            for xx in 0..s {
+                for c in 0..3 {
+                    want[((y + 1) * (s + 2) + xx + 1) * 4 + c] =
+                        q.quantize(x[c * s * s + y * s + xx]);
+                }
+            }
+        }
+        for isa in Int8Isa::testable("quantized input image") {
+            let got = quantize_image(&x, s, q, isa);
+            assert_eq!(
+                bytemuck::cast_slice::<u32, u8>(&got),
+                &want[..],
+                "{}",
+                isa.name()
+            );
+        }
     }
 
     #[test]
