@@ -250,7 +250,7 @@ impl Geometry {
 }
 
 /// Whether the fused kernels run for `b` here (only AVX-512 VNNI has them).
-fn fused_available(b: &PackedI8) -> bool {
+pub(crate) fn fused_available(b: &PackedI8) -> bool {
     b.isa == Int8Isa::Avx512Vnni && b.isa.supported()
 }
 

@@ -13,7 +13,9 @@
 
 use rayon::prelude::*;
 
-use super::int8::{conv3x3_fused, gemm_u8i8, pointwise_fused, Int8Isa, PackedI8, Requant};
+use super::int8::{
+    conv3x3_fused, fused_available, gemm_u8i8, pointwise_fused, Int8Isa, PackedI8, Requant,
+};
 use super::kernels::Act;
 
 /// Scale and zero point of a u8 tensor: `real = scale * (q - zero_point)`.
@@ -189,18 +191,10 @@ impl QConv {
         }
     }
 
-    /// Input channels.
-    pub fn ic(&self) -> usize {
-        self.ic
-    }
-
     /// Whether this layer runs as a direct 3x3 convolution on a padded input
     /// ([`conv3x3_fused`]): AVX-512 VNNI, `ic` a multiple of four.
     fn direct3x3(&self) -> bool {
-        self.kernel == 3
-            && self.ic.is_multiple_of(4)
-            && self.packed.isa() == Int8Isa::Avx512Vnni
-            && self.packed.isa().supported()
+        self.kernel == 3 && self.ic.is_multiple_of(4) && fused_available(&self.packed)
     }
 
     /// The layer on one NHWC u8 image `x` (`[h][w][ic]`), into `out` (`[oh][ow][oc]`), in
