@@ -199,6 +199,8 @@ impl TestServer {
             .unwrap()
     }
 
+    /// The metrics recorder is global to the test process and the tests run in parallel: a test
+    /// that reads a per-model series must use a model name no other test serves.
     pub fn metrics_text(&self) -> String {
         http_get(self.metrics, "/metrics")
     }

@@ -82,17 +82,22 @@ fn state_of<'a>(
 async fn versioned_layout_policy_and_requests_by_version() {
     let dir = tempfile::tempdir().unwrap();
     for v in 1..=3 {
-        publish(dir.path(), "m", v);
+        publish(dir.path(), "versioned", v);
     }
     std::fs::write(
-        dir.path().join("m/policy.json"),
+        dir.path().join("versioned/policy.json"),
         r#"{"latest": {"num_versions": 2}}"#,
     )
     .unwrap();
     make_model(dir.path(), "flat");
     let (input, bytes) = f32_input(1, 5);
     let refs: BTreeMap<u64, Vec<f32>> = (1..=3)
-        .map(|v| (v, reference(&dir.path().join(format!("m/{v}")), &input)))
+        .map(|v| {
+            (
+                v,
+                reference(&dir.path().join(format!("versioned/{v}")), &input),
+            )
+        })
         .collect();
     assert!(
         max_diff(&refs[&2], &refs[&3]) > 1e-2,
@@ -103,7 +108,7 @@ async fn versioned_layout_policy_and_requests_by_version() {
 
     for (asked, answered) in [("", "3"), ("3", "3"), ("2", "2")] {
         let r = own
-            .classify(classify_version("m", asked, bytes.clone()))
+            .classify(classify_version("versioned", asked, bytes.clone()))
             .await
             .unwrap()
             .into_inner();
@@ -115,7 +120,7 @@ async fn versioned_layout_policy_and_requests_by_version() {
         );
     }
     let err = own
-        .classify(classify_version("m", "1", bytes.clone()))
+        .classify(classify_version("versioned", "1", bytes.clone()))
         .await
         .unwrap_err();
     assert_status(&err, Code::NotFound, &["no version `1`", "2, 3"]);
@@ -123,7 +128,7 @@ async fn versioned_layout_policy_and_requests_by_version() {
     let mut kserve = server.kserve().await;
     let meta = kserve
         .model_metadata(kpb::ModelMetadataRequest {
-            name: "m".into(),
+            name: "versioned".into(),
             version: String::new(),
         })
         .await
@@ -133,7 +138,7 @@ async fn versioned_layout_policy_and_requests_by_version() {
     for (version, ready) in [("1", false), ("2", true), ("3", true), ("", true)] {
         let r = kserve
             .model_ready(kpb::ModelReadyRequest {
-                name: "m".into(),
+                name: "versioned".into(),
                 version: version.into(),
             })
             .await
@@ -143,7 +148,7 @@ async fn versioned_layout_policy_and_requests_by_version() {
     }
     let infer = kserve
         .model_infer(kpb::ModelInferRequest {
-            model_name: "m".into(),
+            model_name: "versioned".into(),
             model_version: "2".into(),
             inputs: vec![kpb::model_infer_request::InferInputTensor {
                 name: "input".into(),
@@ -173,9 +178,12 @@ async fn versioned_layout_policy_and_requests_by_version() {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
     };
-    assert_eq!(listed, pairs(&[("flat", "1"), ("m", "2"), ("m", "3")]));
+    assert_eq!(
+        listed,
+        pairs(&[("flat", "1"), ("versioned", "2"), ("versioned", "3")])
+    );
     let idx = index(&server).await;
-    for (m, v) in [("flat", "1"), ("m", "2"), ("m", "3")] {
+    for (m, v) in [("flat", "1"), ("versioned", "2"), ("versioned", "3")] {
         assert_eq!(
             state_of(&idx, m, v).map(|e| e.2.as_str()),
             Some("READY"),
@@ -183,14 +191,14 @@ async fn versioned_layout_policy_and_requests_by_version() {
         );
     }
     assert!(
-        state_of(&idx, "m", "1").is_none(),
+        state_of(&idx, "versioned", "1").is_none(),
         "version 1 was never loaded: {idx:?}"
     );
 
     // Load/unload belong to explicit mode.
     let err = kserve
         .repository_model_load(kpb::RepositoryModelLoadRequest {
-            model_name: "m".into(),
+            model_name: "versioned".into(),
             ..Default::default()
         })
         .await
@@ -202,7 +210,10 @@ async fn versioned_layout_policy_and_requests_by_version() {
     );
     let text = server.metrics_text();
     assert_eq!(
-        sample(&text, r#"slimserve_model_versions_loaded{model="m"}"#),
+        sample(
+            &text,
+            r#"slimserve_model_versions_loaded{model="versioned"}"#
+        ),
         Some(2.0),
         "{text}"
     );
@@ -276,7 +287,7 @@ async fn served_version(server: &TestServer, model: &str) -> Vec<String> {
 async fn poll_swaps_ten_versions_under_load_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    publish(&root, "m", 1);
+    publish(&root, "poll-swapped", 1);
     let (input, bytes) = f32_input(1, 9);
     let server = TestServer::start_dir(dir, |c| {
         c.model_control = ModelControl::Poll;
@@ -284,19 +295,19 @@ async fn poll_swaps_ten_versions_under_load_without_a_failed_request() {
     })
     .await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = closed_loop(&server, 4, "m", bytes, stop.clone()).await;
+    let load = closed_loop(&server, 4, "poll-swapped", bytes, stop.clone()).await;
     let mut refs: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-    refs.insert("1".into(), reference(&root.join("m/1"), &input));
+    refs.insert("1".into(), reference(&root.join("poll-swapped/1"), &input));
     let bad: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
     // Ten versions, 2..=11: corrupt weights (3), an unparsable config (5), weights of another
     // shape (8), and one written in place in two halves, a poll apart (6).
     let mut serving = 1u64;
     for v in 2..=11u64 {
-        let vdir = root.join(format!("m/{v}"));
+        let vdir = root.join(format!("poll-swapped/{v}"));
         match v {
             3 | 5 | 8 => {
-                publish(&root, "m", v);
+                publish(&root, "poll-swapped", v);
                 match v {
                     3 => std::fs::write(
                         vdir.join("model.safetensors"),
@@ -330,11 +341,12 @@ async fn poll_swaps_ten_versions_under_load_without_a_failed_request() {
                 bad.lock().unwrap().push(v);
                 let vs = v.to_string();
                 wait_index(&server, &format!("version {v} to fail"), |idx| {
-                    state_of(idx, "m", &vs).is_some_and(|e| e.2 == "UNAVAILABLE" && !e.3.is_empty())
+                    state_of(idx, "poll-swapped", &vs)
+                        .is_some_and(|e| e.2 == "UNAVAILABLE" && !e.3.is_empty())
                 })
                 .await;
                 assert_eq!(
-                    served_version(&server, "m").await,
+                    served_version(&server, "poll-swapped").await,
                     [serving.to_string()],
                     "a failed version {v} changes nothing"
                 );
@@ -354,7 +366,7 @@ async fn poll_swaps_ten_versions_under_load_without_a_failed_request() {
                 std::fs::write(vdir.join("model.safetensors"), &full[..full.len() / 2]).unwrap();
                 tokio::time::sleep(Duration::from_millis(2500)).await;
                 assert_eq!(
-                    served_version(&server, "m").await,
+                    served_version(&server, "poll-swapped").await,
                     [serving.to_string()],
                     "half-written version 6 is not served"
                 );
@@ -363,14 +375,14 @@ async fn poll_swaps_ten_versions_under_load_without_a_failed_request() {
                 serving = v;
             }
             _ => {
-                publish(&root, "m", v);
+                publish(&root, "poll-swapped", v);
                 refs.insert(v.to_string(), reference(&vdir, &input));
                 serving = v;
             }
         }
         let want = [serving.to_string()];
         let until = Instant::now() + Duration::from_secs(30);
-        while served_version(&server, "m").await != want {
+        while served_version(&server, "poll-swapped").await != want {
             assert!(
                 Instant::now() < until,
                 "version {serving} not served after 30 s: {:?}",
@@ -420,7 +432,9 @@ async fn poll_swaps_ten_versions_under_load_without_a_failed_request() {
     for v in [3, 5, 8] {
         let failed = sample(
             &text,
-            &format!(r#"slimserve_model_loads_total{{model="m",version="{v}",result="failure"}}"#),
+            &format!(
+                r#"slimserve_model_loads_total{{model="poll-swapped",version="{v}",result="failure"}}"#
+            ),
         );
         assert_eq!(
             failed,
@@ -429,13 +443,16 @@ async fn poll_swaps_ten_versions_under_load_without_a_failed_request() {
         );
     }
     assert_eq!(
-        sample(&text, r#"slimserve_model_versions_loaded{model="m"}"#),
+        sample(
+            &text,
+            r#"slimserve_model_versions_loaded{model="poll-swapped"}"#
+        ),
         Some(1.0)
     );
     assert_eq!(
         sample(
             &text,
-            r#"slimserve_model_unloads_total{model="m",version="10"}"#
+            r#"slimserve_model_unloads_total{model="poll-swapped",version="10"}"#
         ),
         Some(1.0)
     );
