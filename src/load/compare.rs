@@ -46,6 +46,45 @@ pub struct CompareArgs {
     /// Also write every row, with its full load report, as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+
+    /// Directory of `slimtrain eval --json` reports named `eval-<model>.json` (as in
+    /// docs/results/food-photos): each model's row gets its accuracy on that split ("eval acc"
+    /// column; "-" for a model without a report). The provenance's validation accuracy ("val
+    /// acc") picks epochs and is optimistic; an eval on a held-out split is the figure to compare.
+    #[arg(long, value_name = "DIR")]
+    pub eval_dir: Option<PathBuf>,
+}
+
+/// A model's accuracy from a `slimtrain eval --json` report.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct EvalFigure {
+    pub accuracy: f64,
+    pub split: String,
+    pub images: u64,
+}
+
+/// Reads `dir/eval-<model>.json`: `None` when there is no such file, an error naming the file
+/// when it is not an eval report.
+pub fn read_eval(dir: &std::path::Path, model: &str) -> Result<Option<EvalFigure>> {
+    let path = dir.join(format!("eval-{model}.json"));
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("--eval-dir: reading {}", path.display())),
+    };
+    let figure: EvalFigure = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "--eval-dir: {} is not a `slimtrain eval --json` report (needs accuracy, split, images)",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&figure.accuracy),
+        "--eval-dir: {}: accuracy {} is not in [0, 1]",
+        path.display(),
+        figure.accuracy
+    );
+    Ok(Some(figure))
 }
 
 /// Server-side means over one run, from `/metrics` deltas.
@@ -75,6 +114,8 @@ pub struct Row {
     /// The engine computing the model (`fused`, `int8`, ...).
     pub engine: Option<String>,
     pub val_accuracy: Option<f64>,
+    /// From `--eval-dir`.
+    pub eval: Option<EvalFigure>,
     pub concurrency: u32,
     pub server: ServerSplit,
     pub load: Report,
@@ -128,6 +169,18 @@ pub async fn compare(args: &CompareArgs) -> Result<Vec<Row>> {
         target.resolve(&args.models)?
     };
     anyhow::ensure!(!models.is_empty(), "the server serves no models");
+    // Read before any load runs, so that a bad report fails at once.
+    let mut evals = std::collections::BTreeMap::new();
+    if let Some(dir) = &args.eval_dir {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--eval-dir {}: not a directory",
+            dir.display()
+        );
+        for m in &models {
+            evals.insert(m.name.clone(), read_eval(dir, &m.name)?);
+        }
+    }
     anyhow::ensure!(
         !args.concurrency.is_empty() && !args.concurrency.contains(&0),
         "--concurrency needs levels >= 1"
@@ -173,6 +226,7 @@ pub async fn compare(args: &CompareArgs) -> Result<Vec<Row>> {
                 weight_format: one.map(|m| m.weight_format.clone()),
                 engine: one.map(|m| m.engine.clone()),
                 val_accuracy: one.and_then(|m| m.val_accuracy),
+                eval: one.and_then(|m| evals.get(&m.name).cloned().flatten()),
                 concurrency,
                 server: split(&before, &after, group),
                 load: report,
@@ -193,21 +247,25 @@ pub async fn compare(args: &CompareArgs) -> Result<Vec<Row>> {
 /// The comparison as a markdown table.
 pub fn markdown(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| model | format | engine | params | file bytes | val acc | concurrency | req/s | p50 ms | p99 ms | errors | queue wait ms | upload ms/batch | compute ms/batch | batch size | compute ms/input | p50 - upload - compute ms |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | format | engine | params | file bytes | val acc | eval acc | concurrency | req/s | p50 ms | p99 ms | errors | queue wait ms | upload ms/batch | compute ms/batch | batch size | compute ms/input | p50 - upload - compute ms |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for r in rows {
         let s = &r.server;
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
             r.model,
             opt(r.weight_format.clone()),
             opt(r.engine.clone()),
             opt(r.parameters.map(thousands)),
             opt(r.file_bytes.map(thousands)),
             opt(r.val_accuracy.map(|a| format!("{a:.3}"))),
+            opt(r
+                .eval
+                .as_ref()
+                .map(|e| format!("{:.3} ({} {})", e.accuracy, e.split, e.images))),
             r.concurrency,
             r.load.throughput_rps,
             r.load.latency_ms.p50,

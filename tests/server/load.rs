@@ -268,6 +268,13 @@ fn shape(addr: String, requests: u64) -> LoadShape {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
     let s = TestServer::start(&["cmp-a", "cmp-b"], |_| {}).await;
+    // An eval report for cmp-b only (extra fields, as `slimtrain eval --json` writes them).
+    let evals = tempfile::tempdir().unwrap();
+    std::fs::write(
+        evals.path().join("eval-cmp-b.json"),
+        r#"{"model": "x", "split": "test", "images": 83, "accuracy": 0.5903, "ci95": [0.48, 0.69]}"#,
+    )
+    .unwrap();
     let args = CompareArgs {
         shape: shape(s.grpc.to_string(), 12),
         models: vec![],
@@ -276,6 +283,7 @@ async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
         metrics_url: format!("http://{}/metrics", s.metrics),
         markdown: Some(s.dir.path().join("table.md")),
         json: None,
+        eval_dir: Some(evals.path().to_path_buf()),
     };
     let rows = compare::compare(&args).await.unwrap();
     let labels: Vec<(String, u32)> = rows
@@ -311,8 +319,20 @@ async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
     assert_eq!(table.lines().count(), 2 + rows.len(), "{table}");
     assert!(table.contains("| cmp-a | f32 | fused | "), "{table}");
     assert!(
-        table.lines().all(|l| l.matches('|').count() == 18),
+        table.lines().all(|l| l.matches('|').count() == 19),
         "{table}"
+    );
+    assert_eq!(rows[0].eval, None, "cmp-a has no report");
+    assert_eq!(
+        rows[1]
+            .eval
+            .as_ref()
+            .map(|e| (e.accuracy, e.split.as_str(), e.images)),
+        Some((0.5903, "test", 83))
+    );
+    assert!(
+        table.contains("| 0.500 | 0.590 (test 83) | 1 |"),
+        "cmp-b's row shows both accuracies: {table}"
     );
     assert_eq!(rows[0].engine.as_deref(), Some("fused"));
     assert_eq!(rows[2].engine, None, "the mix has no single engine");
@@ -324,6 +344,14 @@ async fn compare_tables_each_model_and_the_mix_with_the_server_split() {
     };
     let e = format!("{:#}", compare::compare(&bad).await.unwrap_err());
     assert!(e.contains("--metrics-url") && e.contains("404"), "{e}");
+
+    // A report that is not one names the file, before any load runs.
+    std::fs::write(evals.path().join("eval-cmp-a.json"), b"{\"accuracy\": ").unwrap();
+    let e = format!("{:#}", compare::compare(&args).await.unwrap_err());
+    assert!(
+        e.contains("eval-cmp-a.json") && e.contains("--eval-dir"),
+        "{e}"
+    );
     s.stop().await.unwrap();
 }
 
