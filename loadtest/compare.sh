@@ -35,5 +35,5 @@ images=()
 [[ "$API" == classify && -d "$IMAGES" ]] && images=(--images "$IMAGES")
 "$BIN" compare --api "$API" --addr "$GRPC" --metrics-url "http://$METRICS/metrics" --concurrency 1,32 \
   --requests "$REQUESTS" --duration "$DURATION" --warmup 20 "${images[@]}" \
-  --markdown "$OUT/compare.md" --json "$OUT/compare.json"
+  --eval-dir docs/results/food-photos --markdown "$OUT/compare.md" --json "$OUT/compare.json"
 echo "table: $OUT/compare.md ($(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
