@@ -25,7 +25,7 @@ use prost::bytes::Bytes;
 pub use decode::DecodePool;
 pub use drain::{Drain, RequestGuard};
 pub use input::{Layout, RawTensor};
-pub use models::{LoadError, LoadOptions, Models, ServedModel};
+pub use models::{Int8Engine, LoadError, LoadOptions, Models, ServedModel};
 pub use repository::{ModelControl, Repository};
 pub use shadow::ShadowRule;
 

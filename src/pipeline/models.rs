@@ -195,6 +195,34 @@ pub struct LoadOptions {
     pub batching: BatcherConfig,
     /// Label of the device in `slimserve_model_info` (e.g. `cpu`, `cuda:0`).
     pub device_label: String,
+    /// Which engine computes int8 model directories on the CPU (`--int8-engine`).
+    pub int8_engine: Int8Engine,
+}
+
+/// Which engine computes an int8 model directory on the CPU (`slimserve serve --int8-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Int8Engine {
+    /// The int8 engine where this CPU has its fast kernels (AVX-512 VNNI), else `f32`: without
+    /// VNNI the int8 kernels (AVX2 `vpmaddwd`, portable) are slower than the fused f32 engine
+    /// on the same weights (about 2x on the shipped kd and big; BENCHMARKS.md).
+    #[default]
+    Auto,
+    /// Always the int8 engine (integer activations and sums, on whatever kernel set the CPU
+    /// has): to profile it, or where its numerics must match another int8 runtime.
+    Int8,
+    /// The fused f32 engine on the dequantized int8 weights (f32 activations).
+    F32,
+}
+
+impl Int8Engine {
+    /// Whether an int8 model computes in int8 on a CPU whose best int8 kernel set is `isa`.
+    pub fn computes_in_int8(self, isa: crate::infer::int8::Int8Isa) -> bool {
+        match self {
+            Int8Engine::Auto => isa == crate::infer::int8::Int8Isa::Avx512Vnni,
+            Int8Engine::Int8 => true,
+            Int8Engine::F32 => false,
+        }
+    }
 }
 
 /// Model directories under `root`, sorted by name (hidden entries skipped). A missing root
@@ -247,15 +275,31 @@ pub fn load_version(
         model: name.clone(),
         message,
     };
+    let isa = crate::infer::int8::Int8Isa::detect();
     let backend = match &model.calibration {
-        // An int8 model computes in int8 on the CPU; on a GPU its dequantized weights take the
-        // device path like any other model.
-        Some(ranges) if device.is_cpu() => {
+        // An int8 model computes in int8 on the CPU where that is the faster engine (or where
+        // --int8-engine says so); otherwise, and on a GPU, its dequantized weights take the
+        // f32 path like any other model.
+        Some(ranges) if device.is_cpu() && options.int8_engine.computes_in_int8(isa) => {
             Backend::new_int8(built, ranges, &model.config.preprocessing)
                 .map_err(|e| warmup_error(format!("int8 engine: {e}")))?
         }
-        _ => Backend::new(built, device.clone(), &model.config.preprocessing)
-            .map_err(|e| warmup_error(e.to_string()))?,
+        calibration => {
+            if calibration.is_some() && device.is_cpu() {
+                tracing::warn!(
+                    "model {name} version {version}: int8 weights computed by the f32 engine \
+                     (--int8-engine {}: this CPU's int8 kernels are {}, not AVX-512 VNNI, and \
+                     slower than f32 here; --int8-engine int8 forces them)",
+                    match options.int8_engine {
+                        Int8Engine::F32 => "f32",
+                        _ => "auto",
+                    },
+                    isa.name()
+                );
+            }
+            Backend::new(built, device.clone(), &model.config.preprocessing)
+                .map_err(|e| warmup_error(e.to_string()))?
+        }
     };
     let warm = backend
         .warm_up(options.batching.max_batch_size)

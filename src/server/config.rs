@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::backend::DeviceSpec;
 use crate::grpc::KServeInput;
-use crate::pipeline::{ModelControl, ShadowRule};
+use crate::pipeline::{Int8Engine, ModelControl, ShadowRule};
 use crate::preprocess::DEFAULT_MAX_PIXELS;
 
 /// `--max-batch-size` when unset, on the CPU.
@@ -75,6 +75,19 @@ pub struct Config {
     /// Where models run: cpu, cuda or cuda:N (needs a build with `--features cuda`).
     #[arg(long, env = "SLIMSERVE_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
+
+    /// Which engine computes int8 model directories (`slimtrain quantize --format int8`) on the
+    /// CPU: `auto` (the int8 engine where the CPU has AVX-512 VNNI, where it is the faster one;
+    /// elsewhere the fused f32 engine on the dequantized weights, logged at load), `int8`
+    /// (always the int8 engine, on whatever int8 kernels the CPU has) or `f32`. ListModels and
+    /// `slimserve_model_info` name the engine each model got.
+    #[arg(
+        long,
+        env = "SLIMSERVE_INT8_ENGINE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub int8_engine: Int8Engine,
 
     /// Most inputs per forward pass. Default: 32 on the CPU (where a batch runs image by image
     /// on the cores and larger ones only add latency), 128 with `--device cuda` (where one
@@ -228,6 +241,7 @@ impl Config {
             max_image_pixels: DEFAULT_MAX_PIXELS,
             decode_threads: None,
             kserve_input: KServeInput::Image,
+            int8_engine: Int8Engine::Auto,
             skip_bad_models: false,
             tls_cert: None,
             tls_key: None,

@@ -211,6 +211,7 @@ impl Server {
                 max_in_flight: config.max_in_flight,
             },
             device_label: config.device.to_string(),
+            int8_engine: config.int8_engine,
         };
         let scheduler = Arc::new(scheduler);
         let loader = scheduler.clone();

@@ -5,6 +5,8 @@ use tonic::Code;
 
 use crate::common::*;
 use slimserve::grpc::pb::slimserve::v1 as pb;
+use slimserve::infer::int8::Int8Isa;
+use slimserve::pipeline::Int8Engine;
 
 const M: &str = "own";
 
@@ -77,15 +79,16 @@ async fn stream_answers_every_request_by_id_and_survives_bad_items() {
     assert_eq!(seen, ["r0", "r1", "r2", "r3", "r4"]);
 }
 
-/// An int8 model directory is served on the int8 engine (ListModels, `slimserve_model_info`)
-/// and answers like the f32 model it was quantized from: the same top class on nearly every
-/// input, logits close, and answers that depend on the input.
+/// With `--int8-engine int8`, an int8 model directory is served on the int8 engine (ListModels,
+/// `slimserve_model_info`), whatever int8 kernels this CPU has, and answers like the f32 model
+/// it was quantized from: the same top class on nearly every input, logits close, and answers
+/// that depend on the input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn int8_models_run_on_the_int8_engine_and_follow_their_f32_source() {
     let dir = tempfile::tempdir().unwrap();
     make_model(dir.path(), "m");
     make_int8_model(dir.path(), "m", "m-int8", 16);
-    let s = TestServer::start_dir(dir, |_| {}).await;
+    let s = TestServer::start_dir(dir, |c| c.int8_engine = Int8Engine::Int8).await;
     let mut c = s.classifier().await;
     let list = c
         .list_models(pb::ListModelsRequest {})
@@ -148,4 +151,74 @@ async fn int8_models_run_on_the_int8_engine_and_follow_their_f32_source() {
         answers.windows(2).any(|w| w[0] != w[1]),
         "the int8 model answers the same for every input"
     );
+}
+
+/// `--int8-engine auto` (the default) computes an int8 model in int8 only where the CPU has
+/// AVX-512 VNNI (elsewhere the int8 kernels lose to the f32 engine); `f32` always takes the
+/// fused f32 engine on the dequantized weights, whose answers then follow the f32 source model
+/// closely (only the weights were rounded) and still depend on the input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
+    let isa = Int8Isa::detect();
+    println!("best int8 kernel set here: {}", isa.name());
+    for (option, expected) in [
+        (
+            Int8Engine::Auto,
+            if isa == Int8Isa::Avx512Vnni {
+                "int8"
+            } else {
+                "fused"
+            },
+        ),
+        (Int8Engine::F32, "fused"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        make_model(dir.path(), "m");
+        make_int8_model(dir.path(), "m", "m-int8", 16);
+        let s = TestServer::start_dir(dir, |c| c.int8_engine = option).await;
+        let mut c = s.classifier().await;
+        let list = c
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let m = list.models.iter().find(|m| m.name == "m-int8").unwrap();
+        assert_eq!(
+            (m.weight_format.as_str(), m.engine.as_str()),
+            ("int8", expected),
+            "--int8-engine {option:?}"
+        );
+        if option != Int8Engine::F32 {
+            continue;
+        }
+        let mut answers = Vec::new();
+        for i in 0..6 {
+            let (_, bytes) = f32_input(1, 2000 + i);
+            let mut logits = Vec::new();
+            for model in ["m", "m-int8"] {
+                let r = c
+                    .classify(tensor_request(
+                        model,
+                        pb::DataType::Float32,
+                        &[3, SIZE as i64, SIZE as i64],
+                        bytes.clone(),
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                logits.push(r.logits);
+            }
+            let spread = logits[0].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_diff(&logits[0], &logits[1]);
+            assert!(
+                diff < 0.05 * spread,
+                "dequantized int8 weights: max |diff| {diff} against logits up to {spread}"
+            );
+            answers.push(logits.pop().unwrap());
+        }
+        assert!(
+            answers.windows(2).any(|w| w[0] != w[1]),
+            "the dequantized int8 model answers the same for every input"
+        );
+    }
 }
