@@ -159,6 +159,8 @@ async fn int8_models_run_on_the_int8_engine_and_follow_their_f32_source() {
 /// closely (only the weights were rounded) and still depend on the input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
+    // Model names no other test serves: `slimserve_model_info` is process-global, and another
+    // test reads the engine label of its own int8 model there.
     let isa = Int8Isa::detect();
     println!("best int8 kernel set here: {}", isa.name());
     for (option, expected) in [
@@ -173,8 +175,8 @@ async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
         (Int8Engine::F32, "fused"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        make_model(dir.path(), "m");
-        make_int8_model(dir.path(), "m", "m-int8", 16);
+        make_model(dir.path(), "opt-f32");
+        make_int8_model(dir.path(), "opt-f32", "opt-int8", 16);
         let s = TestServer::start_dir(dir, |c| c.int8_engine = option).await;
         let mut c = s.classifier().await;
         let list = c
@@ -182,7 +184,7 @@ async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
             .await
             .unwrap()
             .into_inner();
-        let m = list.models.iter().find(|m| m.name == "m-int8").unwrap();
+        let m = list.models.iter().find(|m| m.name == "opt-int8").unwrap();
         assert_eq!(
             (m.weight_format.as_str(), m.engine.as_str()),
             ("int8", expected),
@@ -195,7 +197,7 @@ async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
         for i in 0..6 {
             let (_, bytes) = f32_input(1, 2000 + i);
             let mut logits = Vec::new();
-            for model in ["m", "m-int8"] {
+            for model in ["opt-f32", "opt-int8"] {
                 let r = c
                     .classify(tensor_request(
                         model,
