@@ -286,16 +286,18 @@ pub fn load_version(
         }
         calibration => {
             if calibration.is_some() && device.is_cpu() {
-                tracing::warn!(
-                    "model {name} version {version}: int8 weights computed by the f32 engine \
-                     (--int8-engine {}: this CPU's int8 kernels are {}, not AVX-512 VNNI, and \
-                     slower than f32 here; --int8-engine int8 forces them)",
-                    match options.int8_engine {
-                        Int8Engine::F32 => "f32",
-                        _ => "auto",
-                    },
-                    isa.name()
-                );
+                match options.int8_engine {
+                    Int8Engine::F32 => tracing::info!(
+                        "model {name} version {version}: int8 weights computed by the f32 \
+                         engine (--int8-engine f32)"
+                    ),
+                    _ => tracing::warn!(
+                        "model {name} version {version}: int8 weights computed by the f32 \
+                         engine (--int8-engine auto: this CPU's int8 kernels are {}, not \
+                         AVX-512 VNNI, and slower than f32 here; --int8-engine int8 forces them)",
+                        isa.name()
+                    ),
+                }
             }
             Backend::new(built, device.clone(), &model.config.preprocessing)
                 .map_err(|e| warmup_error(e.to_string()))?

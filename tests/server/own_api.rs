@@ -1,6 +1,7 @@
 //! The own API's batch and stream RPCs.
 
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::common::*;
@@ -117,23 +118,8 @@ async fn int8_models_run_on_the_int8_engine_and_follow_their_f32_source() {
     let mut answers = Vec::new();
     for i in 0..n {
         let (_, bytes) = f32_input(1, 1000 + i);
-        let mut logits = Vec::new();
-        for model in ["m", "m-int8"] {
-            let r = c
-                .classify(tensor_request(
-                    model,
-                    pb::DataType::Float32,
-                    &[3, SIZE as i64, SIZE as i64],
-                    bytes.clone(),
-                ))
-                .await
-                .unwrap()
-                .into_inner();
-            logits.push(r.logits.clone());
-            if model == "m-int8" {
-                answers.push(r.logits);
-            }
-        }
+        let logits = logits_of(&mut c, ["m", "m-int8"], &bytes).await;
+        answers.push(logits[1].clone());
         let top = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
         agree += usize::from(top(&logits[0]) == top(&logits[1]));
         worst = worst.max(max_diff(&logits[0], &logits[1]));
@@ -159,8 +145,6 @@ async fn int8_models_run_on_the_int8_engine_and_follow_their_f32_source() {
 /// closely (only the weights were rounded) and still depend on the input.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
-    // Model names no other test serves: `slimserve_model_info` is process-global, and another
-    // test reads the engine label of its own int8 model there.
     let isa = Int8Isa::detect();
     println!("best int8 kernel set here: {}", isa.name());
     for (option, expected) in [
@@ -174,6 +158,8 @@ async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
         ),
         (Int8Engine::F32, "fused"),
     ] {
+        // Model names no other test serves: `slimserve_model_info` is process-global, and
+        // another test reads the engine label of its own int8 model there.
         let dir = tempfile::tempdir().unwrap();
         make_model(dir.path(), "opt-f32");
         make_int8_model(dir.path(), "opt-f32", "opt-int8", 16);
@@ -196,31 +182,42 @@ async fn the_int8_engine_option_picks_the_engine_of_int8_models() {
         let mut answers = Vec::new();
         for i in 0..6 {
             let (_, bytes) = f32_input(1, 2000 + i);
-            let mut logits = Vec::new();
-            for model in ["opt-f32", "opt-int8"] {
-                let r = c
-                    .classify(tensor_request(
-                        model,
-                        pb::DataType::Float32,
-                        &[3, SIZE as i64, SIZE as i64],
-                        bytes.clone(),
-                    ))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                logits.push(r.logits);
-            }
-            let spread = logits[0].iter().fold(0f32, |m, v| m.max(v.abs()));
-            let diff = max_diff(&logits[0], &logits[1]);
+            let [source, int8] = logits_of(&mut c, ["opt-f32", "opt-int8"], &bytes).await;
+            let spread = source.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = max_diff(&source, &int8);
             assert!(
                 diff < 0.05 * spread,
                 "dequantized int8 weights: max |diff| {diff} against logits up to {spread}"
             );
-            answers.push(logits.pop().unwrap());
+            answers.push(int8);
         }
         assert!(
             answers.windows(2).any(|w| w[0] != w[1]),
             "the dequantized int8 model answers the same for every input"
         );
     }
+}
+
+/// The logits each of `models` gives for one preprocessed f32 image (`bytes`, little-endian
+/// `[3, SIZE, SIZE]`), in order.
+async fn logits_of(
+    c: &mut ClassifierClient<Channel>,
+    models: [&str; 2],
+    bytes: &[u8],
+) -> [Vec<f32>; 2] {
+    let mut out = [Vec::new(), Vec::new()];
+    for (model, logits) in models.into_iter().zip(&mut out) {
+        *logits = c
+            .classify(tensor_request(
+                model,
+                pb::DataType::Float32,
+                &[3, SIZE as i64, SIZE as i64],
+                bytes.to_vec(),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .logits;
+    }
+    out
 }
