@@ -267,25 +267,32 @@ pub fn conv3x3(
     assert!(out.len() >= oc * oh * ow, "output is not {oc}x{oh}x{ow}");
     let out = OutPtr(out.as_mut_ptr());
     #[cfg(x86_simd)]
-    if ic <= direct::MAX_INPUT_CHANNELS && crate::ops::simd_level() == 2 {
-        let work = tasks(&bands(h, w, pool, 4096), oc, split);
-        for_tasks(&work, split, |rows, (o0, o1)| {
-            // SAFETY: o0 < oc planes (checked above).
-            let dst = unsafe { plane_offset(out, o0, (h, w), pool) };
-            // SAFETY: AVX-512 is present (simd_level 2); dst is plane o0 of the output and
-            // this task writes rows `rows` of channels o0..o1 only.
-            unsafe {
-                direct::conv3x3(
-                    x,
-                    (ic, h, w, rows.0, rows.1),
-                    &wt[o0 * k..o1 * k],
-                    &b[o0..o1],
-                    (act, pool),
-                    dst.0,
-                )
-            };
-        });
-        return;
+    {
+        let level = crate::ops::simd_level();
+        let direct = match level {
+            2 => ic <= direct::MAX_INPUT_CHANNELS,
+            1 => ic <= super::avx2::DIRECT_MAX_INPUT_CHANNELS,
+            _ => false,
+        };
+        if direct {
+            let work = tasks(&bands(h, w, pool, 4096), oc, split);
+            for_tasks(&work, split, |rows, (o0, o1)| {
+                // SAFETY: o0 < oc planes (checked above).
+                let dst = unsafe { plane_offset(out, o0, (h, w), pool) };
+                let shape = (ic, h, w, rows.0, rows.1);
+                let (wt, b) = (&wt[o0 * k..o1 * k], &b[o0..o1]);
+                // SAFETY: the CPU has `level`'s instructions (simd_level); dst is plane o0 of
+                // the output and this task writes rows `rows` of channels o0..o1 only.
+                unsafe {
+                    if level == 2 {
+                        direct::conv3x3(x, shape, wt, b, (act, pool), dst.0)
+                    } else {
+                        super::avx2::conv3x3(x, shape, wt, b, (act, pool), dst.0)
+                    }
+                };
+            });
+            return;
+        }
     }
     if conv3x3_gathered(
         x,

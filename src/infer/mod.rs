@@ -21,6 +21,8 @@
 //! without a compiled form (`group-conv`, `resnet18`) keep candle's path;
 //! [`FastModel::compile`] says which.
 
+#[cfg(x86_simd)]
+mod avx2;
 pub mod int8;
 mod inverted;
 mod kernels;
@@ -131,6 +133,8 @@ pub fn release_scratch() {
 fn release_thread_scratch() {
     kernels::free_local(&ACTIVATIONS);
     kernels::release_thread_scratch();
+    #[cfg(x86_simd)]
+    avx2::release_thread_scratch();
     separable::release_thread_scratch();
     winograd::release_thread_scratch();
     inverted::release_thread_scratch();

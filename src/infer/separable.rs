@@ -79,17 +79,18 @@ impl Separable {
     /// `x` is `[ic, h, w]`; `out` receives `[oc, h', w']`. `split` spreads the bands over the
     /// thread pool.
     pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
-        self.run_with(x, (h, w), out, split, avx512());
+        self.run_with(x, (h, w), out, split, crate::ops::simd_level());
     }
 
-    /// As [`Self::run`], `avx` choosing the AVX-512 kernels (the caller checked the CPU).
+    /// As [`Self::run`], with the kernels of `level` ([`crate::ops::simd_level`]'s numbering:
+    /// 2 AVX-512, 1 AVX2 + FMA, 0 portable; the caller checked the CPU has it).
     pub(super) fn run_with(
         &self,
         x: &[f32],
         (h, w): (usize, usize),
         out: &mut [f32],
         split: bool,
-        avx: bool,
+        level: u8,
     ) {
         let (ic, oc, pool) = (self.ic, self.oc, self.pool);
         assert!(x.len() >= ic * h * w, "input smaller than {ic}x{h}x{w}");
@@ -108,31 +109,36 @@ impl Separable {
             DW.with(|dw| {
                 let mut dw = dw.borrow_mut();
                 dw.resize(ic * n, 0.0);
-                self.depthwise(x, (h, w), (y0, y1), &mut dw, avx);
-                if pool && avx {
+                self.depthwise(x, (h, w), (y0, y1), &mut dw, level);
+                #[cfg(x86_simd)]
+                let fused_pool = level == 2 || (level == 1 && w >= super::avx2::POOL_MIN_WIDTH);
+                #[cfg(not(x86_simd))]
+                let fused_pool = false;
+                if pool && fused_pool {
                     #[cfg(x86_simd)]
-                    // SAFETY: AVX-512F checked by the caller; dw is [ic, n]; the band's pooled
-                    // rows y0/2.. of every output plane are written by this band only.
-                    unsafe {
-                        avx512::gemm_pool(
-                            &self.packed,
-                            &self.pw_b,
-                            (oc, ic),
-                            dw.as_ptr(),
-                            (y1 - y0, w),
-                            out.0,
-                            (h / 2, w / 2, y0 / 2),
-                        )
-                    };
+                    {
+                        let (shape, band, at) = ((oc, ic), (y1 - y0, w), (h / 2, w / 2, y0 / 2));
+                        let (wt, b, x) = (&self.packed, &self.pw_b, dw.as_ptr());
+                        // SAFETY: the CPU has `level`'s instructions (the caller's word); dw
+                        // is [ic, n]; the band's pooled rows y0/2.. of every output plane are
+                        // written by this band only.
+                        unsafe {
+                            if level == 2 {
+                                avx512::gemm_pool(wt, b, shape, x, band, out.0, at)
+                            } else {
+                                super::avx2::gemm_pool(wt, b, shape, x, band, out.0, at)
+                            }
+                        };
+                    }
                 } else if pool {
                     PW.with(|pw| {
                         let mut pw = pw.borrow_mut();
                         pw.resize(oc * n, 0.0);
                         // SAFETY: pw holds oc rows of n; the pooled rows y0/2.. of every
-                        // output plane (checked above) are written by this band only; `avx` is
-                        // the caller's word for the CPU.
+                        // output plane (checked above) are written by this band only; `level`
+                        // is the caller's word for the CPU.
                         unsafe {
-                            self.pointwise(&dw, n, pw.as_mut_ptr(), n, false, avx);
+                            self.pointwise(&dw, n, pw.as_mut_ptr(), n, false, level);
                             epilogue(
                                 &pw,
                                 (y0, y1, h, w),
@@ -145,10 +151,10 @@ impl Separable {
                     })
                 } else {
                     // SAFETY: row y0 of plane 0; the GEMM writes rows y0..y1 of every plane,
-                    // which only this band does; `avx` is the caller's word for the CPU.
+                    // which only this band does; `level` is the caller's word for the CPU.
                     unsafe {
                         let dst = out.0.add(y0 * w);
-                        self.pointwise(&dw, n, dst, h * w, true, avx);
+                        self.pointwise(&dw, n, dst, h * w, true, level);
                     }
                 }
             })
@@ -162,16 +168,24 @@ impl Separable {
         (h, w): (usize, usize),
         (y0, y1): (usize, usize),
         dst: &mut [f32],
-        avx: bool,
+        level: u8,
     ) {
         let (plane, n) = (h * w, (y1 - y0) * w);
         #[cfg(x86_simd)]
-        if avx {
-            // SAFETY: the caller checked AVX-512F; x holds ic planes of h x w, dst ic x n.
-            unsafe { avx512::depthwise(x, (self.ic, h, w), (y0, y1), &self.dw_w, &self.dw_b, dst) };
+        if level >= 1 {
+            let shape = (self.ic, h, w);
+            // SAFETY: the caller checked the CPU has `level`'s instructions; the kernels check
+            // x (ic planes of h x w) and dst (ic x n).
+            unsafe {
+                if level == 2 {
+                    avx512::depthwise(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst)
+                } else {
+                    super::avx2::depthwise(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst)
+                }
+            };
             return;
         }
-        let _ = avx;
+        let _ = level;
         let zeros = vec![0f32; w];
         for (ch, d) in dst.chunks_exact_mut(n).enumerate() {
             depthwise_rows(
@@ -191,7 +205,7 @@ impl Separable {
     ///
     /// # Safety
     /// `dw` holds `ic` rows of `n`; `c` addresses `oc` rows of `n` floats at stride `ldc`
-    /// that no other thread touches meanwhile; with `avx`, the CPU has AVX-512F.
+    /// that no other thread touches meanwhile; the CPU has `level`'s instructions.
     unsafe fn pointwise(
         &self,
         dw: &[f32],
@@ -199,18 +213,25 @@ impl Separable {
         c: *mut f32,
         ldc: usize,
         bias: bool,
-        avx: bool,
+        level: u8,
     ) {
         let (ic, oc) = (self.ic, self.oc);
+        assert!(dw.len() >= ic * n, "depthwise band smaller than {ic}x{n}");
         #[cfg(x86_simd)]
-        if avx {
-            let b = bias.then_some(&self.pw_b[..]);
-            // SAFETY: AVX-512F checked by the caller; dw is [ic, n]; c addresses oc rows of
-            // n floats at stride ldc that only this band writes.
-            unsafe { packed::avx512::gemm(&self.packed, b, (oc, ic), dw.as_ptr(), n, c, ldc) };
+        if level >= 1 {
+            let (b, x) = (bias.then_some(&self.pw_b[..]), dw.as_ptr());
+            // SAFETY: the CPU has `level`'s instructions (the caller's word); dw is [ic, n];
+            // c addresses oc rows of n floats at stride ldc that only this band writes.
+            unsafe {
+                if level == 2 {
+                    packed::avx512::gemm(&self.packed, b, (oc, ic), x, n, c, ldc)
+                } else {
+                    super::avx2::gemm(&self.packed, b, (oc, ic), x, n, c, ldc)
+                }
+            };
             return;
         }
-        let _ = avx;
+        let _ = level;
         // SAFETY: w is [oc, ic] and dw [ic, n], both dense row-major; c is oc rows of n at
         // stride ldc (gemm takes column stride, then row stride).
         unsafe {
@@ -244,11 +265,6 @@ impl Separable {
             }
         }
     }
-}
-
-/// Whether this CPU runs the AVX-512 kernels.
-pub(super) fn avx512() -> bool {
-    cfg!(x86_simd) && crate::ops::simd_level() == 2
 }
 
 /// Bands of rows for one block: the band's depthwise and pointwise buffers (`channels` floats

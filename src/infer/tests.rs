@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::kernels::{conv3x3, Act};
-use super::separable::{avx512, Separable};
+use super::separable::Separable;
 use super::{winograd, FastModel};
 use crate::ops::test_util::each_simd_level;
 use crate::zoo::{Arch, Model, ModelSpec};
@@ -31,17 +31,6 @@ fn model(arch: Arch, size: usize, seed: u64) -> Model {
 
 fn check_model(arch: Arch, size: usize, batches: &[usize]) {
     check_model_within(arch, size, batches, 1e-4);
-}
-
-/// Says whether a kernel test ran its AVX-512 form (never a silent skip).
-fn report_avx512(what: &str) {
-    crate::ops::test_util::report(&if avx512() {
-        format!("{what}: tested AVX-512 and portable")
-    } else if cfg!(x86_simd) {
-        format!("{what}: tested portable; AVX-512 NOT tested: this CPU lacks it")
-    } else {
-        format!("{what}: tested portable; AVX-512 NOT tested: built without x86 kernels")
-    });
 }
 
 /// candle's eval forward is the reference; the fused engine runs every instruction-set level
@@ -371,9 +360,12 @@ fn conv3x3_cases() {
 #[test]
 fn separable_kernel_matches_candle() {
     let mut rng = StdRng::seed_from_u64(4);
-    let kernels: &[bool] = if avx512() { &[true, false] } else { &[false] };
-    report_avx512("separable kernels");
-    for (ic, h, w) in SHAPES.into_iter().chain([(16, 16, 16), (40, 17, 33)]) {
+    let mut blocks = Vec::new();
+    for (ic, h, w) in
+        SHAPES
+            .into_iter()
+            .chain([(16, 16, 16), (40, 17, 33), (9, 4, 53), (12, 6, 72)])
+    {
         for (oc, pool) in [(8, false), (5, true), (300, false), (19, true)] {
             if pool && h < 2 {
                 continue;
@@ -404,25 +396,29 @@ fn separable_kernel_matches_candle() {
             );
             let taps = dw.chunks_exact(9).map(|k| k.try_into().unwrap()).collect();
             let block = Separable::new(taps, dw_b, pw, pw_b, pool);
-            for &avx in kernels {
-                for split in [false, true] {
-                    let mut out = vec![f32::NAN; want.len()];
-                    block.run_with(&x, (h, w), &mut out, split, avx);
-                    let rel = max_rel(&out, &want);
-                    assert!(
-                        rel < 1e-5,
-                        "separable {ic}x{h}x{w} -> {oc} pool {pool} avx {avx} split {split}: {rel:e}"
-                    );
-                }
-            }
+            blocks.push((block, x, (ic, h, w), want));
         }
     }
+    each_simd_level("separable kernels", |level| {
+        for (block, x, (ic, h, w), want) in &blocks {
+            let (oc, pool) = (block.oc, block.pool);
+            for split in [false, true] {
+                let mut out = vec![f32::NAN; want.len()];
+                block.run_with(x, (*h, *w), &mut out, split, level);
+                let rel = max_rel(&out, want);
+                assert!(
+                    rel < 1e-5,
+                    "separable {ic}x{h}x{w} -> {oc} pool {pool} level {level} split {split}: {rel:e}"
+                );
+            }
+        }
+    });
 }
 
 #[test]
 fn winograd_kernel_matches_candle() {
-    report_avx512("winograd kernels");
     let mut rng = StdRng::seed_from_u64(6);
+    let mut cases = Vec::new();
     for (ic, h, w) in SHAPES
         .into_iter()
         .chain([(16, 8, 8), (32, 17, 6), (16, 40, 70)])
@@ -441,21 +437,23 @@ fn winograd_kernel_matches_candle() {
             let b = rand_vec(&mut rng, oc, 0.5);
             let u = winograd::Weights::new(&wt, oc, ic);
             let want = reference(&x, (ic, h, w), (&wt, (oc, ic, 3, 3)), 1, &b, act, pool);
-            for (split, avx) in [(false, false), (true, false), (false, true), (true, true)] {
-                if avx && !avx512() {
-                    continue; // the portable transforms only
-                }
+            cases.push(((ic, h, w), (oc, act, pool), x, u, b, want));
+        }
+    }
+    each_simd_level("winograd kernels", |level| {
+        for ((ic, h, w), (oc, act, pool), x, u, b, want) in &cases {
+            for split in [false, true] {
                 let mut out = vec![f32::NAN; want.len()];
-                let layer = (act, pool);
-                winograd::conv3x3_with(&x, (ic, h, w), &u, &b, oc, layer, &mut out, split, avx);
-                let rel = max_rel(&out, &want);
+                let (shape, layer) = ((*ic, *h, *w), (*act, *pool));
+                winograd::conv3x3_with(x, shape, u, b, *oc, layer, &mut out, split, level);
+                let rel = max_rel(&out, want);
                 assert!(
                     rel < 1e-5,
-                    "winograd {ic}x{h}x{w} -> {oc} {act:?} pool {pool} split {split} avx {avx}: {rel:e}"
+                    "winograd {ic}x{h}x{w} -> {oc} {act:?} pool {pool} split {split} level {level}: {rel:e}"
                 );
             }
         }
-    }
+    });
 }
 
 /// Many callers share one rayon pool, as the server's executors (one per model) do: while a

@@ -21,7 +21,7 @@ use crate::ops::conv2d::matmul;
 use crate::ops::multiversion;
 
 /// A layer's transformed weights: `u` is `U[xi, o, i]` (16 x oc x ic); `packed` the same 16
-/// matrices packed for the AVX-512 GEMM ([`super::packed::pack`]).
+/// matrices packed for the AVX-512 and AVX2 GEMMs ([`super::packed::pack`]).
 #[derive(Debug, Clone)]
 pub struct Weights {
     pub u: Vec<f32>,
@@ -267,11 +267,13 @@ pub fn conv3x3(
     out: &mut [f32],
     split: bool,
 ) {
-    let avx = super::separable::avx512();
-    conv3x3_with(x, shape, u, b, oc, (act, pool), out, split, avx);
+    let level = crate::ops::simd_level();
+    conv3x3_with(x, shape, u, b, oc, (act, pool), out, split, level);
 }
 
-/// As [`conv3x3`]; `avx` picks the AVX-512 transforms (the caller checked the CPU).
+/// As [`conv3x3`], with the kernels of `level` ([`crate::ops::simd_level`]'s numbering; the
+/// caller checked the CPU has it): AVX-512 transforms and products at 2, the AVX2 products
+/// ([`super::avx2::gemm`]) at 1.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv3x3_with(
     x: &[f32],
@@ -282,8 +284,9 @@ pub(super) fn conv3x3_with(
     (act, pool): (Act, bool),
     out: &mut [f32],
     split: bool,
-    avx: bool,
+    level: u8,
 ) {
+    let avx = level == 2;
     // Tiles that produce needed outputs (a pool drops an odd last row / column).
     let (th, tw) = if pool {
         (h / 2, w / 2)
@@ -328,13 +331,20 @@ pub(super) fn conv3x3_with(
                             m.as_mut_ptr().wrapping_add(xi * mo * n),
                         );
                         #[cfg(x86_simd)]
-                        if avx {
+                        if level >= 1 {
                             assert_eq!(o0 % MR, 0, "channel slices start on a packed tile");
                             let per = packed_len(oc, ic);
                             let u = &weights.packed[xi * per + o0 * ic..(xi + 1) * per];
-                            // SAFETY: AVX-512F checked by the caller; u holds the tiles of
-                            // channels o0..o1 of U[xi], V[xi] is [ic, n], M[xi] is [mo, n].
-                            unsafe { packed::avx512::gemm(u, None, (mo, ic), vx, n, mx, n) };
+                            // SAFETY: the CPU has `level`'s instructions (the caller's word);
+                            // u holds the tiles of channels o0..o1 of U[xi], V[xi] is [ic, n],
+                            // M[xi] is [mo, n].
+                            unsafe {
+                                if avx {
+                                    packed::avx512::gemm(u, None, (mo, ic), vx, n, mx, n)
+                                } else {
+                                    super::avx2::gemm(u, None, (mo, ic), vx, n, mx, n)
+                                }
+                            };
                             continue;
                         }
                         // SAFETY: U[xi] rows o0..o1 ([oc, ic]), V[xi] is [ic, n], M[xi] is
