@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod preprocess;
 pub mod scheduler;
 pub mod server;
+pub mod simd;
 pub mod telemetry;
 pub mod zoo;
 

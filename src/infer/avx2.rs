@@ -239,9 +239,7 @@ pub unsafe fn gemm(
     c: *mut f32,
     ldc: usize,
 ) {
-    let tiles = oc.div_ceil(MR);
-    assert!(packed.len() >= tiles * MR * ic);
-    assert!(bias.is_none_or(|b| b.len() >= tiles * MR));
+    super::packed::check(packed, bias, (oc, ic));
     if ic == 0 || oc == 0 {
         return;
     }
@@ -327,8 +325,7 @@ pub unsafe fn gemm_pool(
     out: *mut f32,
     (oh, ow, yo): (usize, usize, usize),
 ) {
-    let tiles = oc.div_ceil(MR);
-    assert!(packed.len() >= tiles * MR * ic && bias.len() >= tiles * MR);
+    super::packed::check(packed, Some(bias), (oc, ic));
     assert!(rows % 2 == 0 && yo + rows / 2 <= oh && ow == w / 2);
     if ic == 0 || oc == 0 {
         return;
@@ -412,17 +409,7 @@ pub unsafe fn conv3x3(
     let pw = w.div_ceil(L) * L + 2;
     PAD.with(|pad| {
         let mut pad = pad.borrow_mut();
-        pad.clear();
-        pad.resize(ic * nr * pw, 0.0);
-        for ci in 0..ic {
-            for r in 0..nr {
-                let y = (y0 + r) as isize - 1;
-                if y >= 0 && (y as usize) < h {
-                    let src = &x[(ci * h + y as usize) * w..][..w];
-                    pad[(ci * nr + r) * pw + 1..][..w].copy_from_slice(src);
-                }
-            }
-        }
+        super::kernels::fill_padded(&mut pad, x, (ic, h, w), (y0, y1), pw);
         let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
         let ob = if pool { OB_POOL } else { OB };
         let mut wv = vec![[0f32; OB]; k];

@@ -30,7 +30,7 @@ impl Int8Isa {
     /// The best set this CPU has, capped by `SLIMSERVE_SIMD` like the f32 kernels
     /// (`avx512` allows VNNI, `avx2` the AVX2 set, `portable` neither).
     pub fn detect() -> Self {
-        let level = crate::ops::simd_level();
+        let level = crate::simd::level();
         if level >= 2 && Self::Avx512Vnni.supported() {
             Int8Isa::Avx512Vnni
         } else if level >= 1 && Self::Avx2.supported() {

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use crate::ops::conv2d::matmul;
 use crate::ops::depthwise::correlate_row;
 pub(crate) use crate::ops::depthwise::dot;
-use crate::ops::multiversion;
+use crate::simd::multiversion;
 
 /// The activation fused after a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,13 +66,37 @@ pub(super) fn free_local<T: Default>(key: &'static std::thread::LocalKey<RefCell
     });
 }
 
+/// Rows `y0 - 1 ..= y1` of every channel of `x` (`[ic, h, w]`) into `pad`, as `[ic, nr, pw]`
+/// with `nr = y1 - y0 + 2`: each row from column 1, zeros around it (`pw >= w + 2`), and zero
+/// rows above and below the image. The direct 3x3 kernels read their taps from it.
+#[cfg(x86_simd)]
+pub(super) fn fill_padded(
+    pad: &mut Vec<f32>,
+    x: &[f32],
+    (ic, h, w): (usize, usize, usize),
+    (y0, y1): (usize, usize),
+    pw: usize,
+) {
+    assert!(y0 <= y1 && y1 <= h && pw >= w + 2 && x.len() >= ic * h * w);
+    let nr = y1 - y0 + 2;
+    pad.clear();
+    pad.resize(ic * nr * pw, 0.0);
+    for ci in 0..ic {
+        for r in 0..nr {
+            let y = (y0 + r) as isize - 1;
+            if y >= 0 && (y as usize) < h {
+                let src = &x[(ci * h + y as usize) * w..][..w];
+                pad[(ci * nr + r) * pw + 1..][..w].copy_from_slice(src);
+            }
+        }
+    }
+}
+
 /// Frees this module's thread-local scratch on the calling thread.
 pub(super) fn release_thread_scratch() {
     free_local(&COL);
     free_local(&BAND);
     free_local(&PADDED);
-    #[cfg(x86_simd)]
-    direct::release_thread_scratch();
 }
 
 thread_local! {
@@ -268,9 +292,9 @@ pub fn conv3x3(
     let out = OutPtr(out.as_mut_ptr());
     #[cfg(x86_simd)]
     {
-        let level = crate::ops::simd_level();
+        let level = crate::simd::level();
         let direct = match level {
-            2 => ic <= direct::MAX_INPUT_CHANNELS,
+            2 => ic <= super::avx512::DIRECT_MAX_INPUT_CHANNELS,
             1 => ic <= super::avx2::DIRECT_MAX_INPUT_CHANNELS,
             _ => false,
         };
@@ -281,11 +305,11 @@ pub fn conv3x3(
                 let dst = unsafe { plane_offset(out, o0, (h, w), pool) };
                 let shape = (ic, h, w, rows.0, rows.1);
                 let (wt, b) = (&wt[o0 * k..o1 * k], &b[o0..o1]);
-                // SAFETY: the CPU has `level`'s instructions (simd_level); dst is plane o0 of
+                // SAFETY: the CPU has `level`'s instructions (simd::level); dst is plane o0 of
                 // the output and this task writes rows `rows` of channels o0..o1 only.
                 unsafe {
                     if level == 2 {
-                        direct::conv3x3(x, shape, wt, b, (act, pool), dst.0)
+                        super::avx512::conv3x3(x, shape, wt, b, (act, pool), dst.0)
                     } else {
                         super::avx2::conv3x3(x, shape, wt, b, (act, pool), dst.0)
                     }
@@ -450,173 +474,4 @@ pub(super) fn depthwise_rows(
         }
     }
 }
-}
-
-/// Direct 3x3 convolution for the RGB input layer (AVX-512): an im2col reduction of only
-/// `9 * ic` is too short for a GEMM to run well, so each 8-channel x 16-pixel output tile
-/// accumulates in eight registers over all taps, one load and eight FMAs per tap.
-#[cfg(x86_simd)]
-mod direct {
-    use std::arch::x86_64::*;
-    use std::cell::RefCell;
-
-    use super::Act;
-    use crate::infer::packed::avx512::{lanes, pool2x2};
-
-    /// Up to this many input channels the direct kernel is used.
-    pub const MAX_INPUT_CHANNELS: usize = 4;
-    const OB: usize = 8;
-    const L: usize = 16;
-
-    thread_local! {
-        static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    }
-
-    pub(super) fn release_thread_scratch() {
-        super::free_local(&PAD);
-    }
-
-    /// Output rows `y0..y1` of the channels whose weights `wt` (`[m, ic * 9]`) and biases `b`
-    /// hold, + activation (+ 2x2 max pool), written from `out` (that layer's plane of the
-    /// first of these channels).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `out` must address `b.len()` output planes of the layer
-    /// (`[h', w']` each) and no other thread may write rows `y0..y1` (pooled: `y0/2..y1/2`)
-    /// of them.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn conv3x3(
-        x: &[f32],
-        (ic, h, w, y0, y1): (usize, usize, usize, usize, usize),
-        wt: &[f32],
-        b: &[f32],
-        (act, pool): (Act, bool),
-        out: *mut f32,
-    ) {
-        let (m, k) = (b.len(), ic * 9);
-        let nr = y1 - y0 + 2;
-        // Padded rows y0-1 ..= y1: a zero column on the left, zeros on the right up to whole
-        // tiles plus the right neighbour.
-        let pw = w.div_ceil(L) * L + 2;
-        PAD.with(|pad| {
-            let mut pad = pad.borrow_mut();
-            pad.clear();
-            pad.resize(ic * nr * pw, 0.0);
-            for ci in 0..ic {
-                for r in 0..nr {
-                    let y = (y0 + r) as isize - 1;
-                    if y >= 0 && (y as usize) < h {
-                        let src = &x[(ci * h + y as usize) * w..(ci * h + y as usize + 1) * w];
-                        let at = (ci * nr + r) * pw + 1;
-                        pad[at..at + w].copy_from_slice(src);
-                    }
-                }
-            }
-            let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
-            let mut wv = vec![[0f32; OB]; k];
-            let mut top = [_mm512_setzero_ps(); OB];
-            let mut bottom = [_mm512_setzero_ps(); OB];
-            let (lo, hi) = act.bounds();
-            let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-            for o in (0..m).step_by(OB) {
-                let mo = OB.min(m - o);
-                for (tap, v) in wv.iter_mut().enumerate() {
-                    for (j, x) in v.iter_mut().enumerate() {
-                        *x = if j < mo { wt[(o + j) * k + tap] } else { 0.0 };
-                    }
-                }
-                let step = if pool { 2 } else { 1 };
-                for y in (y0..y1).step_by(step) {
-                    for xs in (0..w).step_by(L) {
-                        if pool {
-                            let base = (y - y0) * pw + xs;
-                            tile_pair(&pad, base, (nr * pw, pw), &wv, &mut top, &mut bottom);
-                            let mask = lanes((ow - xs / 2).min(L / 2));
-                            for j in 0..mo {
-                                let v = pool2x2(top[j], bottom[j]);
-                                let v = _mm512_add_ps(v, _mm512_set1_ps(b[o + j]));
-                                let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-                                let dst = out.add((o + j) * oh * ow + (y / 2) * ow + xs / 2);
-                                _mm512_mask_storeu_ps(dst, mask, v);
-                            }
-                        } else {
-                            tile(&pad, (y - y0) * pw + xs, (nr * pw, pw), &wv, &mut top);
-                            let mask = lanes(w - xs);
-                            for j in 0..mo {
-                                let v = _mm512_add_ps(top[j], _mm512_set1_ps(b[o + j]));
-                                let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-                                let dst = out.add((o + j) * oh * ow + y * ow + xs);
-                                _mm512_mask_storeu_ps(dst, mask, v);
-                            }
-                        }
-                    }
-                }
-            }
-        })
-    }
-
-    /// Two tiles, one above the other (the rows of a 2x2 pool window): each weight broadcast
-    /// feeds both, 16 accumulators in flight.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F (the reads are bounds-checked by the assert inside).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile_pair(
-        pad: &[f32],
-        base: usize,
-        (cs, pw): (usize, usize),
-        wv: &[[f32; OB]],
-        top: &mut [__m512; OB],
-        bottom: &mut [__m512; OB],
-    ) {
-        let mut t = [_mm512_setzero_ps(); OB];
-        let mut b = [_mm512_setzero_ps(); OB];
-        for (ci, taps) in wv.chunks_exact(9).enumerate() {
-            for ky in 0..3 {
-                let row = base + ci * cs + ky * pw;
-                assert!(row + pw + 2 + L <= pad.len());
-                for kx in 0..3 {
-                    let s0 = _mm512_loadu_ps(pad.as_ptr().add(row + kx));
-                    let s1 = _mm512_loadu_ps(pad.as_ptr().add(row + pw + kx));
-                    let wj = &taps[ky * 3 + kx];
-                    for j in 0..OB {
-                        let wv = _mm512_set1_ps(wj[j]);
-                        t[j] = _mm512_fmadd_ps(wv, s0, t[j]);
-                        b[j] = _mm512_fmadd_ps(wv, s1, b[j]);
-                    }
-                }
-            }
-        }
-        *top = t;
-        *bottom = b;
-    }
-
-    /// One tile: `acc[j][l] = sum over (ci, ky, kx) of w[j][tap] * pad[ci][row + ky][x + l + kx]`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `pad` must hold every row the taps read (`row + 2 + L`
-    /// floats past each channel's offset, as `conv3x3` lays it out).
-    #[target_feature(enable = "avx512f")]
-    unsafe fn tile(
-        pad: &[f32],
-        base: usize,
-        (cs, pw): (usize, usize),
-        wv: &[[f32; OB]],
-        acc: &mut [__m512; OB],
-    ) {
-        *acc = [_mm512_setzero_ps(); OB];
-        for (ci, taps) in wv.chunks_exact(9).enumerate() {
-            for ky in 0..3 {
-                let row = base + ci * cs + ky * pw;
-                debug_assert!(row + 2 + L <= pad.len());
-                for kx in 0..3 {
-                    let s = _mm512_loadu_ps(pad.as_ptr().add(row + kx));
-                    let wj = &taps[ky * 3 + kx];
-                    for j in 0..OB {
-                        acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(wj[j]), s, acc[j]);
-                    }
-                }
-            }
-        }
-    }
 }

@@ -23,6 +23,8 @@
 
 #[cfg(x86_simd)]
 mod avx2;
+#[cfg(x86_simd)]
+mod avx512;
 pub mod int8;
 mod inverted;
 mod kernels;
@@ -135,6 +137,8 @@ fn release_thread_scratch() {
     kernels::release_thread_scratch();
     #[cfg(x86_simd)]
     avx2::release_thread_scratch();
+    #[cfg(x86_simd)]
+    avx512::release_thread_scratch();
     separable::release_thread_scratch();
     winograd::release_thread_scratch();
     inverted::release_thread_scratch();

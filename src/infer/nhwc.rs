@@ -25,7 +25,7 @@ const MR: usize = 6;
 /// Whether the AVX2+FMA kernels run on this CPU.
 #[cfg(x86_simd)]
 fn avx2() -> bool {
-    crate::ops::simd_level() >= 1
+    crate::simd::level() >= 1
 }
 
 /// Floats aligned to 64 bytes: `Vec` with `off` leading floats skipped.
@@ -835,7 +835,7 @@ mod tests {
     /// every panel width, strided rows, the residual add and each activation.
     #[test]
     fn kernels_match_reference() {
-        use crate::ops::test_util::report;
+        use crate::simd::testing::report;
         #[cfg(x86_simd)]
         report(if avx2() {
             "nhwc kernels: tested AVX2+FMA and portable"

@@ -14,8 +14,6 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 
 use super::kernels::{depthwise_rows, epilogue, for_tasks, plane_offset, Act, OutPtr};
-#[cfg(x86_simd)]
-use super::packed;
 use super::packed::{pack, MR};
 
 /// Frees this module's thread-local scratch on the calling thread.
@@ -79,10 +77,10 @@ impl Separable {
     /// `x` is `[ic, h, w]`; `out` receives `[oc, h', w']`. `split` spreads the bands over the
     /// thread pool.
     pub fn run(&self, x: &[f32], (h, w): (usize, usize), out: &mut [f32], split: bool) {
-        self.run_with(x, (h, w), out, split, crate::ops::simd_level());
+        self.run_with(x, (h, w), out, split, crate::simd::level());
     }
 
-    /// As [`Self::run`], with the kernels of `level` ([`crate::ops::simd_level`]'s numbering:
+    /// As [`Self::run`], with the kernels of `level` ([`crate::simd::level`]'s numbering:
     /// 2 AVX-512, 1 AVX2 + FMA, 0 portable; the caller checked the CPU has it).
     pub(super) fn run_with(
         &self,
@@ -124,7 +122,7 @@ impl Separable {
                         // written by this band only.
                         unsafe {
                             if level == 2 {
-                                avx512::gemm_pool(wt, b, shape, x, band, out.0, at)
+                                super::avx512::gemm_pool(wt, b, shape, x, band, out.0, at)
                             } else {
                                 super::avx2::gemm_pool(wt, b, shape, x, band, out.0, at)
                             }
@@ -178,7 +176,7 @@ impl Separable {
             // x (ic planes of h x w) and dst (ic x n).
             unsafe {
                 if level == 2 {
-                    avx512::depthwise(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst)
+                    super::avx512::depthwise(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst)
                 } else {
                     super::avx2::depthwise(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst)
                 }
@@ -224,7 +222,7 @@ impl Separable {
             // c addresses oc rows of n floats at stride ldc that only this band writes.
             unsafe {
                 if level == 2 {
-                    packed::avx512::gemm(&self.packed, b, (oc, ic), x, n, c, ldc)
+                    super::avx512::gemm(&self.packed, b, (oc, ic), x, n, c, ldc)
                 } else {
                     super::avx2::gemm(&self.packed, b, (oc, ic), x, n, c, ldc)
                 }
@@ -276,137 +274,4 @@ fn bands(h: usize, w: usize, channels: usize, pool: bool, split: bool) -> Vec<(u
         target = target.min((rows * w).div_ceil(2 * rayon::current_num_threads()));
     }
     super::kernels::bands(h, w, pool, target)
-}
-
-#[cfg(x86_simd)]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::MR;
-    use crate::infer::packed::avx512::{accumulate, lanes, pool2x2};
-
-    /// Depthwise 3x3 (pad 1) + bias + ReLU6 of rows `y0..y1` of every channel of `x`
-    /// (`[c, h, w]`) into `dst` (`[c, rows * w]`), 16 pixels per vector: the left and right
-    /// taps are masked loads one float before and after, with the lanes that fall outside the
-    /// row switched off. Each 16-pixel column runs down the rows with the three source rows'
-    /// shifted vectors in registers (three loads per output vector), and each output is three
-    /// short FMA chains, one per kernel row, so consecutive rows overlap in the pipeline.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn depthwise(
-        x: &[f32],
-        (c, h, w): (usize, usize, usize),
-        (y0, y1): (usize, usize),
-        taps: &[[f32; 9]],
-        bias: &[f32],
-        dst: &mut [f32],
-    ) {
-        let n = (y1 - y0) * w;
-        assert!(x.len() >= c * h * w && dst.len() >= c * n && taps.len() >= c && bias.len() >= c);
-        assert!(y0 < y1 && y1 <= h);
-        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
-        for ch in 0..c {
-            let k = taps[ch].map(|t| _mm512_set1_ps(t));
-            let b = _mm512_set1_ps(bias[ch]);
-            let plane = x.as_ptr().add(ch * h * w);
-            let out = dst.as_mut_ptr().add(ch * n);
-            for xs in (0..w).step_by(16) {
-                let mid = lanes(w - xs);
-                let left = if xs == 0 { mid & !1 } else { mid };
-                let right = lanes(w - xs - 1);
-                // Row y's (left, centre, right) neighbours of the 16 pixels; zeros outside.
-                // Masked-off lanes are never read, so the pointers one float before the row
-                // (or past it) are not dereferenced there.
-                let load = |y: usize| -> [__m512; 3] {
-                    if y >= h {
-                        return [zero; 3];
-                    }
-                    let p = plane.add(y * w + xs);
-                    [
-                        _mm512_maskz_loadu_ps(left, p.wrapping_sub(1)),
-                        _mm512_maskz_loadu_ps(mid, p),
-                        _mm512_maskz_loadu_ps(right, p.wrapping_add(1)),
-                    ]
-                };
-                let mut above = if y0 == 0 { [zero; 3] } else { load(y0 - 1) };
-                let mut cur = load(y0);
-                for y in y0..y1 {
-                    let below = load(y + 1);
-                    let s0 = _mm512_fmadd_ps(
-                        k[2],
-                        above[2],
-                        _mm512_fmadd_ps(k[1], above[1], _mm512_fmadd_ps(k[0], above[0], b)),
-                    );
-                    let s1 = _mm512_fmadd_ps(
-                        k[5],
-                        cur[2],
-                        _mm512_fmadd_ps(k[4], cur[1], _mm512_mul_ps(k[3], cur[0])),
-                    );
-                    let s2 = _mm512_fmadd_ps(
-                        k[8],
-                        below[2],
-                        _mm512_fmadd_ps(k[7], below[1], _mm512_mul_ps(k[6], below[0])),
-                    );
-                    let v = _mm512_add_ps(_mm512_add_ps(s0, s1), s2);
-                    let v = _mm512_min_ps(_mm512_max_ps(v, zero), six);
-                    _mm512_mask_storeu_ps(out.add((y - y0) * w + xs), mid, v);
-                    above = cur;
-                    cur = below;
-                }
-            }
-        }
-    }
-
-    /// As [`crate::infer::packed::avx512::gemm`] followed by a 2x2 max pool, then the bias: `x` is a band of `rows` (even)
-    /// rows of width `w` (`[ic, rows * w]`) whose first row is row `2 * yo` of the layer. A
-    /// tile is 8 channels x (16 pixels of a row and the 16 below them), so the pool is a
-    /// vertical max and a max of lane pairs in registers; it writes rows `yo..yo + rows / 2`
-    /// of every output plane (`[oh, ow]` each, from `out`).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `x` must address `ic * rows * w` floats, `out` `oc` planes
-    /// of `oh * ow` floats whose rows `yo..yo + rows / 2` no other thread writes.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn gemm_pool(
-        packed: &[f32],
-        bias: &[f32],
-        (oc, ic): (usize, usize),
-        x: *const f32,
-        (rows, w): (usize, usize),
-        out: *mut f32,
-        (oh, ow, yo): (usize, usize, usize),
-    ) {
-        let tiles = oc.div_ceil(MR);
-        assert!(packed.len() >= tiles * MR * ic && bias.len() >= tiles * MR);
-        assert!(rows % 2 == 0 && yo + rows / 2 <= oh && ow == w / 2);
-        let n = rows * w;
-        for r in (0..rows).step_by(2) {
-            for xs in (0..w).step_by(16) {
-                let m = lanes(w - xs);
-                let keep = lanes((ow - xs / 2).min(8));
-                for t in 0..tiles {
-                    let ch = MR.min(oc - t * MR);
-                    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-                    let wp = packed.as_ptr().add(t * ic * MR);
-                    let top = x.add(r * w + xs);
-                    accumulate(&mut acc, wp, ic, (top, top.add(w)), (m, m), n);
-                    for (j, a) in acc.iter().enumerate() {
-                        if j < ch {
-                            let v = pool2x2(a[0], a[1]);
-                            let v = _mm512_add_ps(v, _mm512_set1_ps(bias[t * MR + j]));
-                            let o = t * MR + j;
-                            _mm512_mask_storeu_ps(
-                                out.add(o * oh * ow + (yo + r / 2) * ow + xs / 2),
-                                keep,
-                                v,
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

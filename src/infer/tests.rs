@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 use super::kernels::{conv3x3, Act};
 use super::separable::Separable;
 use super::{winograd, FastModel};
-use crate::ops::test_util::each_simd_level;
+use crate::simd::testing::each_level;
 use crate::zoo::{Arch, Model, ModelSpec};
 
 fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -56,7 +56,7 @@ fn check_model_within(arch: Arch, size: usize, batches: &[usize], tolerance: f32
             (n, x, want)
         })
         .collect();
-    each_simd_level(&format!("engine {arch} {size}x{size}"), |level| {
+    each_level(&format!("engine {arch} {size}x{size}"), |level| {
         for (n, x, want) in &cases {
             let n = *n;
             let got = fast.forward(x, n);
@@ -115,7 +115,7 @@ fn inverted_kernel_matches_candle() {
         Tensor::from_vec(v.to_vec(), shape, &dev).unwrap()
     };
     let bias = |y: Tensor, b: &[f32]| y.broadcast_add(&t(b, (1, b.len(), 1, 1))).unwrap();
-    each_simd_level("inverted, stem and pointwise kernels", |_| {
+    each_level("inverted, stem and pointwise kernels", |_| {
         let shapes = [
             (4, 7, 5),
             (8, 13, 16),
@@ -322,7 +322,7 @@ const SHAPES: [(usize, usize, usize); 7] = [
 /// panels), im2col + GEMM otherwise.
 #[test]
 fn conv3x3_kernel_matches_candle() {
-    each_simd_level("conv3x3 kernels", |_| conv3x3_cases());
+    each_level("conv3x3 kernels", |_| conv3x3_cases());
 }
 
 fn conv3x3_cases() {
@@ -399,7 +399,7 @@ fn separable_kernel_matches_candle() {
             blocks.push((block, x, (ic, h, w), want));
         }
     }
-    each_simd_level("separable kernels", |level| {
+    each_level("separable kernels", |level| {
         for (block, x, (ic, h, w), want) in &blocks {
             let (oc, pool) = (block.oc, block.pool);
             for split in [false, true] {
@@ -440,7 +440,7 @@ fn winograd_kernel_matches_candle() {
             cases.push(((ic, h, w), (oc, act, pool), x, u, b, want));
         }
     }
-    each_simd_level("winograd kernels", |level| {
+    each_level("winograd kernels", |level| {
         for ((ic, h, w), (oc, act, pool), x, u, b, want) in &cases {
             for split in [false, true] {
                 let mut out = vec![f32::NAN; want.len()];

@@ -18,7 +18,7 @@ use super::packed;
 #[cfg(x86_simd)]
 use super::packed::{packed_len, MR};
 use crate::ops::conv2d::matmul;
-use crate::ops::multiversion;
+use crate::simd::multiversion;
 
 /// A layer's transformed weights: `u` is `U[xi, o, i]` (16 x oc x ic); `packed` the same 16
 /// matrices packed for the AVX-512 and AVX2 GEMMs ([`super::packed::pack`]).
@@ -221,7 +221,7 @@ fn transform_input(
     #[cfg(x86_simd)]
     if avx {
         // SAFETY: AVX-512F checked by the caller.
-        unsafe { avx512::input_transform(x, shape, tiles, v, rows) };
+        unsafe { super::avx512::winograd_input(x, shape, tiles, v, rows) };
         return;
     }
     let _ = avx;
@@ -246,7 +246,7 @@ unsafe fn transform_output(
     #[cfg(x86_simd)]
     if avx {
         // SAFETY: the caller's contract.
-        unsafe { avx512::output_transform(m, geom, b, (act, pool), out.0) };
+        unsafe { super::avx512::winograd_output(m, geom, b, (act, pool), out.0) };
         return;
     }
     let _ = avx;
@@ -267,11 +267,11 @@ pub fn conv3x3(
     out: &mut [f32],
     split: bool,
 ) {
-    let level = crate::ops::simd_level();
+    let level = crate::simd::level();
     conv3x3_with(x, shape, u, b, oc, (act, pool), out, split, level);
 }
 
-/// As [`conv3x3`], with the kernels of `level` ([`crate::ops::simd_level`]'s numbering; the
+/// As [`conv3x3`], with the kernels of `level` ([`crate::simd::level`]'s numbering; the
 /// caller checked the CPU has it): AVX-512 transforms and products at 2, the AVX2 products
 /// ([`super::avx2::gemm`]) at 1.
 #[allow(clippy::too_many_arguments)]
@@ -340,7 +340,7 @@ pub(super) fn conv3x3_with(
                             // M[xi] is [mo, n].
                             unsafe {
                                 if avx {
-                                    packed::avx512::gemm(u, None, (mo, ic), vx, n, mx, n)
+                                    super::avx512::gemm(u, None, (mo, ic), vx, n, mx, n)
                                 } else {
                                     super::avx2::gemm(u, None, (mo, ic), vx, n, mx, n)
                                 }
@@ -371,170 +371,4 @@ pub(super) fn conv3x3_with(
             })
         })
     });
-}
-
-/// The transforms with AVX-512, 16 tiles per vector: the input's stride-2 tile columns come
-/// from even/odd lane permutes of two loads, the outputs' column pairs are interleaved back
-/// the same way, so neither transform touches a scalar.
-#[cfg(x86_simd)]
-mod avx512 {
-    use std::arch::x86_64::*;
-
-    use super::Act;
-    use crate::infer::packed::avx512::lanes;
-
-    /// As the portable `input_transform`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn input_transform(
-        x: &[f32],
-        (ic, h, w): (usize, usize, usize),
-        (ty0, ty1, tw): (usize, usize, usize),
-        v: &mut [f32],
-        rows: &mut Vec<f32>,
-    ) {
-        let n = (ty1 - ty0) * tw;
-        assert!(x.len() >= ic * h * w && v.len() >= 16 * ic * n && 2 * tw <= w + 1);
-        let groups = tw.div_ceil(16);
-        // Padded rows: column -1 first, zeros after the row up to the last group's loads
-        // (columns 2 * t0 ..= 2 * t0 + 33 of its first tile t0).
-        let pw = 32 * groups + 2;
-        rows.clear();
-        rows.resize(4 * pw, 0.0);
-        let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-        let vp = v.as_mut_ptr();
-        for i in 0..ic {
-            let plane = &x[i * h * w..(i + 1) * h * w];
-            for ty in ty0..ty1 {
-                for r in 0..4 {
-                    let dst = &mut rows[r * pw + 1..r * pw + 1 + w];
-                    let y = (2 * ty + r) as isize - 1;
-                    if y >= 0 && (y as usize) < h {
-                        dst.copy_from_slice(&plane[y as usize * w..(y as usize + 1) * w]);
-                    } else {
-                        dst.fill(0.0);
-                    }
-                }
-                let base = (ty - ty0) * tw;
-                for g in 0..groups {
-                    let t0 = 16 * g;
-                    let mask = lanes(tw - t0);
-                    // d[r][c][t] = padded row r, column 2 t + c.
-                    let mut d = [[_mm512_setzero_ps(); 4]; 4];
-                    for (r, dr) in d.iter_mut().enumerate() {
-                        let p = rows.as_ptr().add(r * pw + 2 * t0);
-                        let (a, b) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
-                        let (a2, b2) = (_mm512_loadu_ps(p.add(2)), _mm512_loadu_ps(p.add(18)));
-                        dr[0] = _mm512_permutex2var_ps(a, evens, b);
-                        dr[1] = _mm512_permutex2var_ps(a, odds, b);
-                        dr[2] = _mm512_permutex2var_ps(a2, evens, b2);
-                        dr[3] = _mm512_permutex2var_ps(a2, odds, b2);
-                    }
-                    // B^T d over rows, then (.) B over columns.
-                    let mut t = [[_mm512_setzero_ps(); 4]; 4];
-                    for c in 0..4 {
-                        t[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
-                        t[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
-                        t[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
-                        t[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
-                    }
-                    for (ri, tr) in t.iter().enumerate() {
-                        let out = [
-                            _mm512_sub_ps(tr[0], tr[2]),
-                            _mm512_add_ps(tr[1], tr[2]),
-                            _mm512_sub_ps(tr[2], tr[1]),
-                            _mm512_sub_ps(tr[1], tr[3]),
-                        ];
-                        for (cj, o) in out.into_iter().enumerate() {
-                            let at = ((ri * 4 + cj) * ic + i) * n + base + t0;
-                            _mm512_mask_storeu_ps(vp.add(at), mask, o);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// As the portable `output_transform`, writing from `out` (plane of the first channel).
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `out` must address `b.len()` output planes whose rows of
-    /// tile rows `ty0..ty1` no other thread writes.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn output_transform(
-        m: &[f32],
-        (mo, n, ty0, ty1, h, w): (usize, usize, usize, usize, usize, usize),
-        b: &[f32],
-        (act, pool): (Act, bool),
-        out: *mut f32,
-    ) {
-        let tw = n / (ty1 - ty0);
-        assert!(m.len() >= 16 * mo * n && b.len() >= mo);
-        let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
-        let (lo, hi) = act.bounds();
-        let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-        // Interleave two rows of 16 into 32 consecutive outputs.
-        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-        let second =
-            _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-        let mp = m.as_ptr();
-        for (o, &bias) in b.iter().enumerate().take(mo) {
-            let bias = _mm512_set1_ps(bias);
-            let dst = out.add(o * oh * ow);
-            for ty in ty0..ty1 {
-                let row = (ty - ty0) * tw;
-                for t0 in (0..tw).step_by(16) {
-                    let mask = lanes(tw - t0);
-                    let mut mm = [_mm512_setzero_ps(); 16];
-                    for (xi, v) in mm.iter_mut().enumerate() {
-                        *v = _mm512_maskz_loadu_ps(mask, mp.add((xi * mo + o) * n + row + t0));
-                    }
-                    // A^T M: rows 0 and 1 of 4 columns, then (.) A: 2 columns each.
-                    let mut r = [[_mm512_setzero_ps(); 4]; 2];
-                    for c in 0..4 {
-                        r[0][c] = _mm512_add_ps(_mm512_add_ps(mm[c], mm[4 + c]), mm[8 + c]);
-                        r[1][c] = _mm512_sub_ps(_mm512_sub_ps(mm[4 + c], mm[8 + c]), mm[12 + c]);
-                    }
-                    let y = |row: &[__m512; 4]| {
-                        (
-                            _mm512_add_ps(_mm512_add_ps(row[0], row[1]), row[2]),
-                            _mm512_sub_ps(_mm512_sub_ps(row[1], row[2]), row[3]),
-                        )
-                    };
-                    let finish =
-                        |v: __m512| _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, bias), lo), hi);
-                    let (y00, y01) = y(&r[0]);
-                    let (y10, y11) = y(&r[1]);
-                    if pool {
-                        let v = _mm512_max_ps(_mm512_max_ps(y00, y01), _mm512_max_ps(y10, y11));
-                        _mm512_mask_storeu_ps(dst.add(ty * ow + t0), mask, finish(v));
-                    } else {
-                        for (dy, (a, c)) in [(y00, y01), (y10, y11)].into_iter().enumerate() {
-                            let yy = 2 * ty + dy;
-                            if yy >= h {
-                                continue;
-                            }
-                            let (a, c) = (finish(a), finish(c));
-                            let x0 = 2 * t0;
-                            let p = dst.add(yy * w + x0);
-                            _mm512_mask_storeu_ps(
-                                p,
-                                lanes(w - x0),
-                                _mm512_permutex2var_ps(a, first, c),
-                            );
-                            let rest = lanes(w.saturating_sub(x0 + 16));
-                            _mm512_mask_storeu_ps(
-                                p.wrapping_add(16),
-                                rest,
-                                _mm512_permutex2var_ps(a, second, c),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

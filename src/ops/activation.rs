@@ -14,7 +14,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use rayon::prelude::*;
 
-use super::{f32_slice, multiversion, with_f32_slices, OpTimer};
+use super::{f32_slice, with_f32_slices, OpTimer};
+use crate::simd::multiversion;
 
 /// The activations that follow a BatchNorm in the zoo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

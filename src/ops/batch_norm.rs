@@ -32,7 +32,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var
 use rayon::prelude::*;
 
 use super::activation::{act, activation, by_act, passes, Activation};
-use super::{f32_slice, multiversion, needs_grad, with_f32_slices, OpTimer};
+use super::{f32_slice, needs_grad, with_f32_slices, OpTimer};
+use crate::simd::multiversion;
 
 /// Block of values summed in f32 before the running total moves to f64.
 const BLOCK: usize = 4096;

@@ -22,7 +22,8 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{f32_slice, multiversion, needs_grad, sum16, with_f32_slices, OpTimer};
+use super::{f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
+use crate::simd::multiversion;
 
 /// y = conv2d(x, w) + b with stride `stride`, zero padding `padding` on every side and `groups`
 /// groups. f32 on the CPU runs the custom op; anything else candle's `conv2d` (+ bias).

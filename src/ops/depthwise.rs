@@ -18,7 +18,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, multiversion, needs_grad, sum16, with_f32_slices, OpTimer};
+use super::{f32_slice, needs_grad, sum16, with_f32_slices, OpTimer};
+use crate::simd::multiversion;
 
 /// y[n,c] = sum_{ky,kx} w[c,0,ky,kx] * x[n,c,h+ky-1,w+kx-1] (zero padding). x: [N,C,H,W] f32, w: [C,1,3,3] f32 -> [N,C,H,W].
 ///

@@ -15,7 +15,8 @@
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_slice, multiversion, with_f32_slices, OpTimer};
+use super::{f32_slice, with_f32_slices, OpTimer};
+use crate::simd::multiversion;
 
 /// 2x2/2 max pool of x [N, C, H, W] -> [N, C, H/2, W/2]; the custom op for f32 on the CPU,
 /// candle's `max_pool2d` otherwise.

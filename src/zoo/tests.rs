@@ -477,7 +477,7 @@ fn train_step_matches_generic_ops() {
         // inputs make the comparison ill-conditioned, and a test must not be flaky.
         let x = seeded_input(0x5eed, &[8, 3, size, size]);
         let y = Tensor::new(&[1u32, 5, 10, 0, 3, 3, 7, 9], &Device::Cpu).unwrap();
-        let _simd = crate::ops::test_util::SIMD_LOCK.lock();
+        let _simd = crate::simd::testing::LOCK.lock();
         let step = |m: &Model| {
             let logits = m.forward_t(&x, true).unwrap();
             let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
@@ -591,9 +591,9 @@ fn seeded_input(seed: u64, dims: &[usize]) -> Tensor {
 #[test]
 #[cfg(x86_simd)]
 fn kernels_agree_across_instruction_sets() {
-    use crate::ops::test_util::FORCED_SIMD_LEVEL;
+    use crate::simd::testing::FORCED_LEVEL;
     use std::sync::atomic::Ordering;
-    let _simd = crate::ops::test_util::SIMD_LOCK.lock();
+    let _simd = crate::simd::testing::LOCK.lock();
     let x64 = seeded_input(0x64, &[4, 3, 64, 64]);
     let y = Tensor::new(&[1u32, 5, 10, 0], &Device::Cpu).unwrap();
     for arch in [Arch::Student, Arch::StdConv] {
@@ -627,15 +627,15 @@ fn kernels_agree_across_instruction_sets() {
         };
         let floor = 1e-3 * g_best.iter().map(max_abs).fold(0f32, f32::max);
         for level in [0u8, 1] {
-            if level > crate::ops::simd_level() {
-                crate::ops::test_util::report(&format!(
+            if level > crate::simd::level() {
+                crate::simd::testing::report(&format!(
                     "training ops {arch}: level {level} NOT tested: this CPU lacks it"
                 ));
                 continue;
             }
-            FORCED_SIMD_LEVEL.store(level, Ordering::Relaxed);
+            FORCED_LEVEL.store(level, Ordering::Relaxed);
             let (l, g) = step();
-            FORCED_SIMD_LEVEL.store(u8::MAX, Ordering::Relaxed);
+            FORCED_LEVEL.store(u8::MAX, Ordering::Relaxed);
             assert!(rel_err(&l, &l_best) <= 1e-4, "{arch} level {level}: logits");
             for ((key, _), (a, b)) in params.iter().zip(g.iter().zip(&g_best)) {
                 // Judged against the parameter's gradient scale, floored by the model's (the
