@@ -18,6 +18,11 @@
       (a number of seconds) measures that long and prints one JSON line as bench does.
       Exits at the end of stdin.
 
+  ort_run.py profile --model m.onnx --batch 1 --threads 2 --iterations 100
+      As bench, then that many runs with ONNX Runtime's profiler on: prints
+      {"run_ms": median whole run, "nodes": [{"name", "op", "ms"}, ...]} on stdout, each node
+      (after ORT's graph optimisations and fusions) with its median kernel time, in run order.
+
   ort_run.py quantize --model m.onnx --calibration x.f32 --shape 16,3,256,256 --output q.onnx
       ONNX Runtime's own static quantization (onnxruntime.quantization.quantize_static) of
       the f32 model: QDQ format, u8 activations, s8 weights per channel, MinMax calibration
@@ -40,9 +45,12 @@ INPUT = "input"
 OUTPUT = "logits"
 
 
-def session(model, threads=None):
+def session(model, threads=None, profile_prefix=None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if threads is not None:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -138,6 +146,58 @@ def cmd_serve(args):
         print(json.dumps(measure(sess, feed, args, seconds=seconds)), flush=True)
 
 
+def cmd_profile(args):
+    import os
+    import tempfile
+
+    from statistics import median
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(args.model, threads=args.threads, profile_prefix=os.path.join(tmp, "ort"))
+        inp = sess.get_inputs()[0]
+        _, c, h, w = inp.shape
+        x = np.random.default_rng(0).standard_normal((args.batch, c, h, w), dtype=np.float32)
+        feed = {INPUT: x}
+        # The profiler is on from the start: the warm-up runs are dropped below.
+        warm = 0
+        warm_end = time.perf_counter() + args.warmup_seconds
+        while warm < 2 or time.perf_counter() < warm_end:
+            sess.run([OUTPUT], feed)
+            warm += 1
+        for _ in range(args.iterations):
+            sess.run([OUTPUT], feed)
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    runs = runs[warm:]
+    if not runs:
+        sys.exit("profile: ONNX Runtime's trace has no model_run events")
+    start = runs[0]["ts"]
+    order, times, ops = [], {}, {}
+    for e in events:
+        if e.get("cat") != "Node" or e["ts"] < start or not e["name"].endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        if name not in times:
+            order.append(name)
+            times[name] = []
+            ops[name] = e.get("args", {}).get("op_name", "")
+        times[name].append(e["dur"] / 1e3)
+    nodes = [
+        {"name": n, "op": ops[n], "ms": median(times[n]) * len(times[n]) / len(runs)} for n in order
+    ]
+    print(
+        json.dumps(
+            {
+                "run_ms": median(e["dur"] / 1e3 for e in runs),
+                "runs": len(runs),
+                "nodes": nodes,
+                "onnxruntime": ort.__version__,
+            }
+        )
+    )
+
+
 def cmd_quantize(args):
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -197,6 +257,14 @@ def main():
     g.add_argument("--seconds", type=float, default=5.0, help="measure for this long (default)")
     g.add_argument("--iterations", type=int, help="measure exactly this many runs instead")
     b.set_defaults(func=cmd_bench)
+
+    f = sub.add_parser("profile", help="median time per node with ONNX Runtime's profiler, print JSON")
+    f.add_argument("--model", required=True)
+    f.add_argument("--batch", type=int, default=1)
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--warmup-seconds", type=float, default=0.5)
+    f.add_argument("--iterations", type=int, default=100)
+    f.set_defaults(func=cmd_profile)
 
     v = sub.add_parser("serve", help="measure on request: one line of seconds in, one JSON line out")
     v.add_argument("--model", required=True)

@@ -199,7 +199,7 @@ fn fused_images_per_s(model: Engine<'_>, batch: usize, size: usize, seconds: f64
     (iters * batch) as f64 / start.elapsed().as_secs_f64()
 }
 
-fn profile(archs: &[Arch], args: &Args) -> Result<()> {
+fn profile(archs: &[Arch], args: &Args, py: &Path, script: &Path, tmp: &Path) -> Result<()> {
     for &arch in archs {
         let spec = ModelSpec::new(arch, 11, args.input_size);
         let (_, model) = Model::init(&spec, &Device::Cpu)?;
@@ -232,25 +232,141 @@ fn profile(archs: &[Arch], args: &Args) -> Result<()> {
         }
         let split = fast.profile(&x, true, 100);
         let single = fast.profile(&x, false, 100);
-        println!(
-            "\n{arch} ({}x{}), ms per layer, median of 100 after 0.5 s warm-up:\n| layer | {} threads (batch 1) | 1 thread |\n|---|---|---|",
-            args.input_size, args.input_size, args.threads
-        );
         let layers = split.len() - 1;
-        for ((name, a), (_, b)) in split.iter().zip(&single).take(layers) {
-            println!("| {name} | {a:.3} | {b:.3} |");
-        }
+        let onnx_path = tmp.join(format!("{arch}.onnx"));
+        std::fs::write(&onnx_path, onnx::export(&model)?)?;
+        let ort = ort_profile(py, script, &onnx_path, args.threads)?;
+        let by_layer = ort_layers(&ort.nodes, layers);
+        println!(
+            "\n{arch} ({}x{}), ms per layer, median of 100 after 0.5 s warm-up; ONNX Runtime {} \
+             (its profiler, batch 1, {} threads; its nodes grouped by the layer they compute):\n\
+             | layer | {} threads (batch 1) | 1 thread | ONNX Runtime, {} threads | fused / ORT | \
+             share of the layers' sum: fused | ORT |\n|---|---|---|---|---|---|---|",
+            args.input_size,
+            args.input_size,
+            ort.onnxruntime,
+            args.threads,
+            args.threads,
+            args.threads
+        );
         let (ta, tb): (f64, f64) = (
             split[..layers].iter().map(|t| t.1).sum(),
             single[..layers].iter().map(|t| t.1).sum(),
         );
-        println!("| sum of the layers | {ta:.3} | {tb:.3} |");
+        let to: f64 = by_layer.layers.iter().sum();
+        for (((name, a), (_, b)), o) in split.iter().zip(&single).zip(&by_layer.layers) {
+            println!(
+                "| {name} | {a:.3} | {b:.3} | {o:.3} | {:.2} | {:.1}% | {:.1}% |",
+                a / o,
+                100.0 * a / ta,
+                100.0 * o / to
+            );
+        }
         println!(
-            "| whole image, untimed layers | {:.3} | {:.3} |",
-            split[layers].1, single[layers].1
+            "| sum of the layers | {ta:.3} | {tb:.3} | {to:.3} | {:.2} | | |",
+            ta / to
+        );
+        println!(
+            "| head and other nodes ({}) | | | {:.3} | | | |",
+            by_layer.other_names.join(", "),
+            by_layer.other
+        );
+        println!(
+            "| whole image (fused: layers untimed; ORT: model_run) | {:.3} | {:.3} | {:.3} | {:.2} | | |",
+            split[layers].1,
+            single[layers].1,
+            ort.run_ms,
+            split[layers].1 / ort.run_ms
         );
     }
     Ok(())
+}
+
+#[derive(serde::Deserialize)]
+struct OrtProfile {
+    run_ms: f64,
+    nodes: Vec<OrtNode>,
+    onnxruntime: String,
+}
+
+#[derive(serde::Deserialize)]
+struct OrtNode {
+    name: String,
+    op: String,
+    ms: f64,
+}
+
+/// ONNX Runtime's profiler on `model` at batch 1 (`ort_run.py profile`): median time per node.
+fn ort_profile(py: &Path, script: &Path, model: &Path, threads: usize) -> Result<OrtProfile> {
+    let out = Command::new(py)
+        .arg(script)
+        .arg("profile")
+        .arg("--model")
+        .arg(model)
+        .args(["--batch", "1", "--threads", &threads.to_string()])
+        .args(["--iterations", "100"])
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} (ONNX Runtime's profiler)", py.display()))?;
+    if !out.status.success() {
+        bail!(
+            "ONNX Runtime's profiler exited ({}); its error is printed above",
+            out.status
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .with_context(|| format!("unexpected output from ONNX Runtime's profiler: {text}"))
+}
+
+/// ONNX Runtime's node times summed per fused-engine layer.
+struct OrtLayers {
+    layers: Vec<f64>,
+    /// Nodes of no layer: the head, and layout reorders ORT inserts.
+    other: f64,
+    other_names: Vec<String>,
+}
+
+/// Groups ONNX Runtime's nodes by the engine layer they belong to, from the exported names
+/// (`slimserve::formats::onnx`): the plain CNNs' block k is `cnn.{4k..4k+3}`, the separable
+/// nets' layer i is `cnn.{i}.*` (the stem is `cnn.0`), MobileNetV2's is `features.{i}.*`. ORT
+/// keeps the first node's name on a fused node (a conv with its BatchNorm and activation).
+fn ort_layers(nodes: &[OrtNode], layers: usize) -> OrtLayers {
+    let mut out = OrtLayers {
+        layers: vec![0.0; layers],
+        other: 0.0,
+        other_names: Vec::new(),
+    };
+    for node in nodes {
+        let index = layer_index(&node.name).filter(|&i| i < layers);
+        match index {
+            Some(i) => out.layers[i] += node.ms,
+            None => {
+                out.other += node.ms;
+                out.other_names.push(format!("{} {}", node.op, node.name));
+            }
+        }
+    }
+    out
+}
+
+fn layer_index(name: &str) -> Option<usize> {
+    let number = |prefix: &str| -> Option<usize> {
+        let rest = name.strip_prefix(prefix)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    if let Some(i) = number("features.") {
+        return Some(i);
+    }
+    let i = number("cnn.")?;
+    // Plain CNNs name nodes `cnn.N` (four per block), the separable ones `cnn.N.M`; ORT's
+    // layout pass renames some to `<name>.out_nchwc`.
+    let digits = i.to_string().len();
+    let separable = name[4 + digits..]
+        .strip_prefix('.')
+        .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+    Some(if separable { i } else { i / 4 })
 }
 
 /// Calibration images for the int8 rows (both engines calibrate on these).
@@ -457,7 +573,7 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::write(&script, ORT_SCRIPT)?;
 
     if args.profile {
-        return profile(&archs, &args);
+        return profile(&archs, &args, &py, &script, tmp.path());
     }
     let peak = sgemm_peak(args.threads, args.seconds);
     if !args.json {
@@ -556,4 +672,42 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ort_nodes_are_grouped_by_the_layer_they_compute() {
+        assert_eq!(layer_index("cnn.0"), Some(0));
+        assert_eq!(layer_index("cnn.7"), Some(1));
+        assert_eq!(layer_index("cnn.8"), Some(2));
+        assert_eq!(layer_index("cnn.10.out_nchwc"), Some(2));
+        assert_eq!(layer_index("cnn.3.0.out_nchwc"), Some(3));
+        assert_eq!(layer_index("cnn.0.0"), Some(0));
+        assert_eq!(layer_index("cnn.3.3"), Some(3));
+        assert_eq!(layer_index("cnn.12.0_fused"), Some(12));
+        assert_eq!(layer_index("features.17.conv.0.0"), Some(17));
+        assert_eq!(layer_index("fc.0"), None);
+        assert_eq!(layer_index("reorder_input"), None);
+        let node = |name: &str, ms| OrtNode {
+            name: name.into(),
+            op: "Conv".into(),
+            ms,
+        };
+        let grouped = ort_layers(
+            &[
+                node("cnn.0.0", 1.0),
+                node("cnn.0.3", 0.5),
+                node("cnn.1.0", 2.0),
+                node("cnn.9.0", 4.0),
+                node("fc.0", 0.25),
+            ],
+            2,
+        );
+        assert_eq!(grouped.layers, vec![1.5, 2.0]);
+        assert_eq!(grouped.other, 4.25);
+        assert_eq!(grouped.other_names, vec!["Conv cnn.9.0", "Conv fc.0"]);
+    }
 }
