@@ -6,6 +6,10 @@
 //!
 //! AVX2 has no cheap masked store (`vmaskmovps` to memory is microcoded on AMD), so partial
 //! vectors are stored through a stack copy, and masked loads are used only at row edges.
+//!
+//! [`nhwc`] holds the channels-last engine's AVX2 kernels (MobileNetV2's inverted blocks).
+
+pub mod nhwc;
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
