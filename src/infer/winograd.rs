@@ -209,48 +209,55 @@ unsafe fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, 
 }
 }
 
-/// The input transform: the AVX-512 one when `avx` (the caller checked the CPU), else the
-/// portable one.
+/// The input transform with `level`'s kernels (the caller checked the CPU has them).
 fn transform_input(
     x: &[f32],
     shape: (usize, usize, usize),
     tiles: (usize, usize, usize),
     (v, rows): (&mut [f32], &mut Vec<f32>),
-    avx: bool,
+    level: u8,
 ) {
+    // SAFETY (both): the CPU has `level`'s instructions, checked by the caller.
     #[cfg(x86_simd)]
-    if avx {
-        // SAFETY: AVX-512F checked by the caller.
-        unsafe { super::avx512::winograd_input(x, shape, tiles, v, rows) };
-        return;
+    match level {
+        crate::simd::AVX512 => {
+            return unsafe { super::avx512::winograd_input(x, shape, tiles, v, rows) };
+        }
+        crate::simd::AVX2 => {
+            return unsafe { super::avx2::winograd_input(x, shape, tiles, v, rows) };
+        }
+        _ => {}
     }
-    let _ = avx;
+    let _ = level;
     input_transform(x, shape, tiles, v, rows);
 }
 
-/// The output transform: the AVX-512 one when `avx` (the caller checked the CPU), else the
-/// portable one.
+/// The output transform with `level`'s kernels.
 ///
 /// # Safety
 /// `out` must address plane `o0` of the layer's `[oc, h', w']` output with the `mo` planes
-/// after it, and only this task may write its tiles' rows of them; with `avx`, the CPU must
-/// have AVX-512F.
+/// after it, and only this task may write its tiles' rows of them; the CPU must have `level`'s
+/// instructions.
 unsafe fn transform_output(
     m: &[f32],
     geom: (usize, usize, usize, usize, usize, usize),
     b: &[f32],
     (act, pool): (Act, bool),
     out: OutPtr,
-    avx: bool,
+    level: u8,
 ) {
+    // SAFETY (all three): the caller's contract.
     #[cfg(x86_simd)]
-    if avx {
-        // SAFETY: the caller's contract.
-        unsafe { super::avx512::winograd_output(m, geom, b, (act, pool), out.0) };
-        return;
+    match level {
+        crate::simd::AVX512 => {
+            return unsafe { super::avx512::winograd_output(m, geom, b, (act, pool), out.0) };
+        }
+        crate::simd::AVX2 => {
+            return unsafe { super::avx2::winograd_output(m, geom, b, (act, pool), out.0) };
+        }
+        _ => {}
     }
-    let _ = avx;
-    // SAFETY: the caller's contract.
+    let _ = level;
     unsafe { output_transform(m, geom, b, act, pool, out) };
 }
 
@@ -272,8 +279,7 @@ pub fn conv3x3(
 }
 
 /// As [`conv3x3`], with the kernels of `level` ([`crate::simd::level`]'s numbering; the
-/// caller checked the CPU has it): AVX-512 transforms and products at 2, the AVX2 products
-/// ([`super::avx2::gemm`]) at 1.
+/// caller checked the CPU has it): the AVX-512 transforms and products at 2, the AVX2 ones at 1.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn conv3x3_with(
     x: &[f32],
@@ -286,7 +292,6 @@ pub(super) fn conv3x3_with(
     split: bool,
     level: u8,
 ) {
-    let avx = level == 2;
     // Tiles that produce needed outputs (a pool drops an odd last row / column).
     let (th, tw) = if pool {
         (h / 2, w / 2)
@@ -324,7 +329,7 @@ pub(super) fn conv3x3_with(
                         (v.borrow_mut(), m.borrow_mut(), rows.borrow_mut());
                     v.resize(16 * ic * n, 0.0);
                     m.resize(16 * mo * n, 0.0);
-                    transform_input(x, (ic, h, w), (t0, t1, tw), (&mut v, &mut rows), avx);
+                    transform_input(x, (ic, h, w), (t0, t1, tw), (&mut v, &mut rows), level);
                     for xi in 0..16 {
                         let (vx, mx) = (
                             v.as_ptr().wrapping_add(xi * ic * n),
@@ -339,7 +344,7 @@ pub(super) fn conv3x3_with(
                             // u holds the tiles of channels o0..o1 of U[xi], V[xi] is [ic, n],
                             // M[xi] is [mo, n].
                             unsafe {
-                                if avx {
+                                if level == crate::simd::AVX512 {
                                     super::avx512::gemm(u, None, (mo, ic), vx, n, mx, n)
                                 } else {
                                     super::avx2::gemm(u, None, (mo, ic), vx, n, mx, n)
@@ -362,10 +367,10 @@ pub(super) fn conv3x3_with(
                     }
                     let geom = (mo, n, t0, t1, h, w);
                     // SAFETY: planes o0..o1 of the checked output, this task's tile rows only;
-                    // `avx` is the caller's word for the CPU.
+                    // `level` is the caller's word for the CPU.
                     unsafe {
                         let dst = plane_offset(out, o0, (h, w), pool);
-                        transform_output(&m, geom, &b[o0..o1], (act, pool), dst, avx);
+                        transform_output(&m, geom, &b[o0..o1], (act, pool), dst, level);
                     }
                 })
             })

@@ -494,3 +494,171 @@ fn tile<const C: usize, const ROWS: usize>(
     }
     acc
 }
+
+// Winograd F(2x2, 3x3)'s transforms, 8 tiles per vector, as the AVX-512 ones: the input's
+// stride-2 tile columns are de-interleaved from two loads by an in-lane shuffle and a
+// cross-lane permute, the outputs' column pairs are interleaved back by unpack + permute.
+
+/// The even (`ODD = false`) or odd floats of `a` then `b`: `[a0, a2, a4, a6, b0, b2, b4, b6]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn deinterleave<const ODD: bool>(a: __m256, b: __m256) -> __m256 {
+    // In each 128-bit half: [a0, a2, b0, b2 | a4, a6, b4, b6] (or the odd ones).
+    let s = if ODD {
+        _mm256_shuffle_ps::<0b11_01_11_01>(a, b)
+    } else {
+        _mm256_shuffle_ps::<0b10_00_10_00>(a, b)
+    };
+    // 64-bit pairs (0, 2, 1, 3): the a's, then the b's.
+    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(s)))
+}
+
+/// Winograd F(2x2, 3x3)'s input transform, as the portable `winograd::input_transform`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn winograd_input(
+    x: &[f32],
+    (ic, h, w): (usize, usize, usize),
+    (ty0, ty1, tw): (usize, usize, usize),
+    v: &mut [f32],
+    rows: &mut Vec<f32>,
+) {
+    let n = (ty1 - ty0) * tw;
+    assert!(x.len() >= ic * h * w && v.len() >= 16 * ic * n && 2 * tw <= w + 1);
+    let groups = tw.div_ceil(L);
+    // Padded rows: column -1 first, zeros after the row up to the last group's loads
+    // (columns 2 * t0 ..= 2 * t0 + 17 of its first tile t0).
+    let pw = (2 * L * groups + 2).max(w + 1);
+    rows.clear();
+    rows.resize(4 * pw, 0.0);
+    let vp = v.as_mut_ptr();
+    for i in 0..ic {
+        let plane = &x[i * h * w..(i + 1) * h * w];
+        for ty in ty0..ty1 {
+            for r in 0..4 {
+                let dst = &mut rows[r * pw + 1..r * pw + 1 + w];
+                let y = (2 * ty + r) as isize - 1;
+                if y >= 0 && (y as usize) < h {
+                    dst.copy_from_slice(&plane[y as usize * w..(y as usize + 1) * w]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+            let base = (ty - ty0) * tw;
+            for g in 0..groups {
+                let t0 = L * g;
+                let valid = tw - t0;
+                // d[r][c][t] = padded row r, column 2 t + c.
+                let mut d = [[_mm256_setzero_ps(); 4]; 4];
+                for (r, dr) in d.iter_mut().enumerate() {
+                    let at = r * pw + 2 * t0;
+                    assert!(at + 2 + 2 * L <= rows.len());
+                    let p = rows.as_ptr().add(at);
+                    let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(L)));
+                    let (a2, b2) = (_mm256_loadu_ps(p.add(2)), _mm256_loadu_ps(p.add(L + 2)));
+                    dr[0] = deinterleave::<false>(a, b);
+                    dr[1] = deinterleave::<true>(a, b);
+                    dr[2] = deinterleave::<false>(a2, b2);
+                    dr[3] = deinterleave::<true>(a2, b2);
+                }
+                // B^T d over rows, then (.) B over columns.
+                let mut t = [[_mm256_setzero_ps(); 4]; 4];
+                for c in 0..4 {
+                    t[0][c] = _mm256_sub_ps(d[0][c], d[2][c]);
+                    t[1][c] = _mm256_add_ps(d[1][c], d[2][c]);
+                    t[2][c] = _mm256_sub_ps(d[2][c], d[1][c]);
+                    t[3][c] = _mm256_sub_ps(d[1][c], d[3][c]);
+                }
+                for (ri, tr) in t.iter().enumerate() {
+                    let out = [
+                        _mm256_sub_ps(tr[0], tr[2]),
+                        _mm256_add_ps(tr[1], tr[2]),
+                        _mm256_sub_ps(tr[2], tr[1]),
+                        _mm256_sub_ps(tr[1], tr[3]),
+                    ];
+                    for (cj, o) in out.into_iter().enumerate() {
+                        let at = ((ri * 4 + cj) * ic + i) * n + base + t0;
+                        store_part(vp.add(at), valid, o);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Winograd F(2x2, 3x3)'s output transform, as the portable `winograd::output_transform`,
+/// writing from `out` (plane of the first channel).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `out` must address `b.len()` output planes whose rows of
+/// tile rows `ty0..ty1` no other thread writes.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn winograd_output(
+    m: &[f32],
+    (mo, n, ty0, ty1, h, w): (usize, usize, usize, usize, usize, usize),
+    b: &[f32],
+    (act, pool): (Act, bool),
+    out: *mut f32,
+) {
+    let tw = n / (ty1 - ty0);
+    assert!(m.len() >= 16 * mo * n && b.len() >= mo);
+    assert!(!pool || tw == w / 2, "pooled rows are one output per tile");
+    let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+    let (lo, hi) = act.bounds();
+    let (lo, hi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let mp = m.as_ptr();
+    for (o, &bias) in b.iter().enumerate().take(mo) {
+        let bias = _mm256_set1_ps(bias);
+        let dst = out.add(o * oh * ow);
+        for ty in ty0..ty1 {
+            let row = (ty - ty0) * tw;
+            for t0 in (0..tw).step_by(L) {
+                let valid = tw - t0;
+                let mask = range_mask(t0 as isize, tw);
+                let mut mm = [_mm256_setzero_ps(); 16];
+                for (xi, v) in mm.iter_mut().enumerate() {
+                    *v = _mm256_maskload_ps(mp.add((xi * mo + o) * n + row + t0), mask);
+                }
+                // A^T M: rows 0 and 1 of 4 columns, then (.) A: 2 columns each.
+                let mut r = [[_mm256_setzero_ps(); 4]; 2];
+                for c in 0..4 {
+                    r[0][c] = _mm256_add_ps(_mm256_add_ps(mm[c], mm[4 + c]), mm[8 + c]);
+                    r[1][c] = _mm256_sub_ps(_mm256_sub_ps(mm[4 + c], mm[8 + c]), mm[12 + c]);
+                }
+                let y = |row: &[__m256; 4]| {
+                    (
+                        _mm256_add_ps(_mm256_add_ps(row[0], row[1]), row[2]),
+                        _mm256_sub_ps(_mm256_sub_ps(row[1], row[2]), row[3]),
+                    )
+                };
+                let finish =
+                    |v: __m256| _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, bias), lo), hi);
+                let (y00, y01) = y(&r[0]);
+                let (y10, y11) = y(&r[1]);
+                if pool {
+                    let v = _mm256_max_ps(_mm256_max_ps(y00, y01), _mm256_max_ps(y10, y11));
+                    store_part(dst.add(ty * ow + t0), valid, finish(v));
+                } else {
+                    for (dy, (a, c)) in [(y00, y01), (y10, y11)].into_iter().enumerate() {
+                        let yy = 2 * ty + dy;
+                        if yy >= h {
+                            continue;
+                        }
+                        let (a, c) = (finish(a), finish(c));
+                        // [a0 c0 a1 c1 | a4 c4 a5 c5] and [a2 c2 a3 c3 | a6 c6 a7 c7].
+                        let (lo4, hi4) = (_mm256_unpacklo_ps(a, c), _mm256_unpackhi_ps(a, c));
+                        let x0 = 2 * t0;
+                        let p = dst.add(yy * w + x0);
+                        store_part(p, w - x0, _mm256_permute2f128_ps::<0x20>(lo4, hi4));
+                        if w > x0 + L {
+                            let rest = _mm256_permute2f128_ps::<0x31>(lo4, hi4);
+                            store_part(p.add(L), w - x0 - L, rest);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
