@@ -69,6 +69,36 @@ pub unsafe fn accumulate(
     }
 }
 
+/// As [`accumulate`] for one 16-float vector per input row (`acc[j][0]`; `acc[j][1]` is left
+/// as it is).
+///
+/// # Safety
+/// As [`accumulate`], for the unmasked lanes of `x + i * stride`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_one(
+    acc: &mut [[__m512; 2]; MR],
+    w: *const f32,
+    ic: usize,
+    x: *const f32,
+    mask: __mmask16,
+    stride: usize,
+) {
+    let mut a: [__m512; MR] = std::array::from_fn(|j| acc[j][0]);
+    let (mut wp, mut xp) = (w, x);
+    for _ in 0..ic {
+        let b = _mm512_maskz_loadu_ps(mask, xp);
+        for (j, a) in a.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(*wp.add(j)), b, *a);
+        }
+        wp = wp.add(MR);
+        xp = xp.wrapping_add(stride);
+    }
+    for (j, v) in a.into_iter().enumerate() {
+        acc[j][0] = v;
+    }
+}
+
 /// `c[o, p] = bias[o] + sum_i w[o, i] * x[i, p]` for `o < oc`, `p < n`: `packed` is
 /// `[oc / MR, ic, MR]` (see [`super::packed::pack`]), `bias` (none: zero) padded to whole tiles,
 /// `x` is `[ic, n]`, `c` has row stride `ldc`. Tiles of 8 channels x 32 pixels accumulate in
@@ -102,7 +132,13 @@ pub unsafe fn gemm(
             }
             let w = packed.as_ptr().add(t * ic * MR);
             let x0 = x.wrapping_add(p0);
-            accumulate(&mut acc, w, ic, (x0, x0.wrapping_add(16)), (m0, m1), n);
+            if m1 == 0 {
+                // At most 16 pixels left (Winograd's products on small layers): one vector
+                // per row, not half of every FMA wasted on masked-off lanes.
+                accumulate_one(&mut acc, w, ic, x0, m0, n);
+            } else {
+                accumulate(&mut acc, w, ic, (x0, x0.wrapping_add(16)), (m0, m1), n);
+            }
             for (j, a) in acc.iter().enumerate() {
                 if j < rows {
                     let dst = c.add((t * MR + j) * ldc + p0);
