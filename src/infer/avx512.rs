@@ -9,6 +9,7 @@ use std::cell::RefCell;
 
 use super::kernels::Act;
 use super::packed::MR;
+use super::winograd::{input_tile, output_tile};
 
 /// Floats per vector.
 const L: usize = 16;
@@ -328,21 +329,9 @@ pub unsafe fn winograd_input(
                     dr[2] = _mm512_permutex2var_ps(a2, evens, b2);
                     dr[3] = _mm512_permutex2var_ps(a2, odds, b2);
                 }
-                // B^T d over rows, then (.) B over columns.
-                let mut t = [[_mm512_setzero_ps(); 4]; 4];
-                for c in 0..4 {
-                    t[0][c] = _mm512_sub_ps(d[0][c], d[2][c]);
-                    t[1][c] = _mm512_add_ps(d[1][c], d[2][c]);
-                    t[2][c] = _mm512_sub_ps(d[2][c], d[1][c]);
-                    t[3][c] = _mm512_sub_ps(d[1][c], d[3][c]);
-                }
-                for (ri, tr) in t.iter().enumerate() {
-                    let out = [
-                        _mm512_sub_ps(tr[0], tr[2]),
-                        _mm512_add_ps(tr[1], tr[2]),
-                        _mm512_sub_ps(tr[2], tr[1]),
-                        _mm512_sub_ps(tr[1], tr[3]),
-                    ];
+                let add = |a, b| _mm512_add_ps(a, b);
+                let sub = |a, b| _mm512_sub_ps(a, b);
+                for (ri, out) in input_tile(&d, add, sub).into_iter().enumerate() {
                     for (cj, o) in out.into_iter().enumerate() {
                         let at = ((ri * 4 + cj) * ic + i) * n + base + t0;
                         _mm512_mask_storeu_ps(vp.add(at), mask, o);
@@ -387,22 +376,11 @@ pub unsafe fn winograd_output(
                 for (xi, v) in mm.iter_mut().enumerate() {
                     *v = _mm512_maskz_loadu_ps(mask, mp.add((xi * mo + o) * n + row + t0));
                 }
-                // A^T M: rows 0 and 1 of 4 columns, then (.) A: 2 columns each.
-                let mut r = [[_mm512_setzero_ps(); 4]; 2];
-                for c in 0..4 {
-                    r[0][c] = _mm512_add_ps(_mm512_add_ps(mm[c], mm[4 + c]), mm[8 + c]);
-                    r[1][c] = _mm512_sub_ps(_mm512_sub_ps(mm[4 + c], mm[8 + c]), mm[12 + c]);
-                }
-                let y = |row: &[__m512; 4]| {
-                    (
-                        _mm512_add_ps(_mm512_add_ps(row[0], row[1]), row[2]),
-                        _mm512_sub_ps(_mm512_sub_ps(row[1], row[2]), row[3]),
-                    )
-                };
+                let add = |a, b| _mm512_add_ps(a, b);
+                let sub = |a, b| _mm512_sub_ps(a, b);
+                let [[y00, y01], [y10, y11]] = output_tile(&mm, add, sub);
                 let finish =
                     |v: __m512| _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, bias), lo), hi);
-                let (y00, y01) = y(&r[0]);
-                let (y10, y11) = y(&r[1]);
                 if pool {
                     let v = _mm512_max_ps(_mm512_max_ps(y00, y01), _mm512_max_ps(y10, y11));
                     _mm512_mask_storeu_ps(dst.add(ty * ow + t0), mask, finish(v));

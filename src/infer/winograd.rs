@@ -209,6 +209,53 @@ unsafe fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, 
 }
 }
 
+/// F(2x2, 3x3)'s input tile transform `B^T d B` on a 4x4 tile of vectors (each lane its own
+/// tile), `d[r][c]` = padded input row `r`, column `c`: the SIMD kernels' shared arithmetic,
+/// `add` and `sub` being their vector type's.
+#[cfg(x86_simd)]
+#[inline(always)]
+pub(super) fn input_tile<V: Copy>(
+    d: &[[V; 4]; 4],
+    add: impl Fn(V, V) -> V,
+    sub: impl Fn(V, V) -> V,
+) -> [[V; 4]; 4] {
+    let t: [[V; 4]; 4] = [
+        std::array::from_fn(|c| sub(d[0][c], d[2][c])),
+        std::array::from_fn(|c| add(d[1][c], d[2][c])),
+        std::array::from_fn(|c| sub(d[2][c], d[1][c])),
+        std::array::from_fn(|c| sub(d[1][c], d[3][c])),
+    ];
+    t.map(|r| {
+        [
+            sub(r[0], r[2]),
+            add(r[1], r[2]),
+            sub(r[2], r[1]),
+            sub(r[1], r[3]),
+        ]
+    })
+}
+
+/// F(2x2, 3x3)'s output tile transform `A^T M A` of the 16 products `m[xi]` (each lane its own
+/// tile): `[[y00, y01], [y10, y11]]`, the tile's 2x2 outputs.
+#[cfg(x86_simd)]
+#[inline(always)]
+pub(super) fn output_tile<V: Copy>(
+    m: &[V; 16],
+    add: impl Fn(V, V) -> V,
+    sub: impl Fn(V, V) -> V,
+) -> [[V; 2]; 2] {
+    let r: [[V; 4]; 2] = [
+        std::array::from_fn(|c| add(add(m[c], m[4 + c]), m[8 + c])),
+        std::array::from_fn(|c| sub(sub(m[4 + c], m[8 + c]), m[12 + c])),
+    ];
+    r.map(|row| {
+        [
+            add(add(row[0], row[1]), row[2]),
+            sub(sub(row[1], row[2]), row[3]),
+        ]
+    })
+}
+
 /// The input transform with `level`'s kernels (the caller checked the CPU has them).
 fn transform_input(
     x: &[f32],
