@@ -7,7 +7,7 @@
 //! The kernel sets behind it, one module per instruction set:
 //! - `infer::avx512` and `infer::avx2`: the f32 engine's hand-written kernels (GEMM tiles,
 //!   depthwise, direct input conv, pooling), chosen per call by the level a layer is run with;
-//! - `infer::int8::Kernels`: the int8 engine's sets (AVX-512 VNNI, AVX2, portable);
+//! - `infer::int8` (`Int8Isa`): the int8 engine's sets (AVX-512 VNNI, AVX2, portable);
 //! - [`multiversion!`]: elementwise and training kernels written once in portable Rust and
 //!   compiled three times (`#[target_feature]`), dispatching on [`level`].
 
