@@ -209,6 +209,29 @@ unsafe fn output_transform(m: &[f32], geom: (usize, usize, usize, usize, usize, 
 }
 }
 
+/// The 4 input rows `2 ty - 1 ..= 2 ty + 2` of `plane` (`[h, w]`) into `rows` (`[4, pw]`),
+/// each from column 1 (zeros outside the image): the SIMD input transforms' tile rows. Columns
+/// 0 and `w + 1..` are left as they are (zero: the callers clear `rows` once per call).
+#[cfg(x86_simd)]
+pub(super) fn tile_rows(
+    rows: &mut [f32],
+    plane: &[f32],
+    (h, w): (usize, usize),
+    ty: usize,
+    pw: usize,
+) {
+    assert!(pw > w && rows.len() >= 4 * pw && plane.len() >= h * w);
+    for r in 0..4 {
+        let dst = &mut rows[r * pw + 1..r * pw + 1 + w];
+        let y = (2 * ty + r) as isize - 1;
+        if y >= 0 && (y as usize) < h {
+            dst.copy_from_slice(&plane[y as usize * w..(y as usize + 1) * w]);
+        } else {
+            dst.fill(0.0);
+        }
+    }
+}
+
 /// F(2x2, 3x3)'s input tile transform `B^T d B` on a 4x4 tile of vectors (each lane its own
 /// tile), `d[r][c]` = padded input row `r`, column `c`: the SIMD kernels' shared arithmetic,
 /// `add` and `sub` being their vector type's.

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 
 use super::kernels::Act;
 use super::packed::MR;
-use super::winograd::{input_tile, output_tile};
+use super::winograd::{input_tile, output_tile, tile_rows};
 
 /// Floats per vector.
 const L: usize = 8;
@@ -538,15 +538,7 @@ pub unsafe fn winograd_input(
     for i in 0..ic {
         let plane = &x[i * h * w..(i + 1) * h * w];
         for ty in ty0..ty1 {
-            for r in 0..4 {
-                let dst = &mut rows[r * pw + 1..r * pw + 1 + w];
-                let y = (2 * ty + r) as isize - 1;
-                if y >= 0 && (y as usize) < h {
-                    dst.copy_from_slice(&plane[y as usize * w..(y as usize + 1) * w]);
-                } else {
-                    dst.fill(0.0);
-                }
-            }
+            tile_rows(rows, plane, (h, w), ty, pw);
             let base = (ty - ty0) * tw;
             for g in 0..groups {
                 let t0 = L * g;
