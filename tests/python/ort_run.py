@@ -85,9 +85,9 @@ def cmd_run(args):
     )
 
 
-def bench_session(args):
+def bench_session(args, profile_prefix=None):
     """A session for args.model with a random input batch, warmed up."""
-    sess = session(args.model, threads=args.threads)
+    sess = session(args.model, threads=args.threads, profile_prefix=profile_prefix)
     inp = sess.get_inputs()[0]
     _, c, h, w = inp.shape
     if not all(isinstance(d, int) for d in (c, h, w)):
@@ -153,23 +153,14 @@ def cmd_profile(args):
     from statistics import median
 
     with tempfile.TemporaryDirectory() as tmp:
-        sess = session(args.model, threads=args.threads, profile_prefix=os.path.join(tmp, "ort"))
-        inp = sess.get_inputs()[0]
-        _, c, h, w = inp.shape
-        x = np.random.default_rng(0).standard_normal((args.batch, c, h, w), dtype=np.float32)
-        feed = {INPUT: x}
-        # The profiler is on from the start: the warm-up runs are dropped below.
-        warm = 0
-        warm_end = time.perf_counter() + args.warmup_seconds
-        while warm < 2 or time.perf_counter() < warm_end:
-            sess.run([OUTPUT], feed)
-            warm += 1
+        # The profiler is on from the start; only the last `iterations` runs are kept.
+        sess, feed = bench_session(args, profile_prefix=os.path.join(tmp, "ort"))
         for _ in range(args.iterations):
             sess.run([OUTPUT], feed)
         with open(sess.end_profiling()) as f:
             events = json.load(f)
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
-    runs = runs[warm:]
+    runs = runs[-args.iterations :]
     if not runs:
         sys.exit("profile: ONNX Runtime's trace has no model_run events")
     start = runs[0]["ts"]

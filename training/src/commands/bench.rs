@@ -351,19 +351,21 @@ fn ort_layers(nodes: &[OrtNode], layers: usize) -> OrtLayers {
 }
 
 fn layer_index(name: &str) -> Option<usize> {
-    let number = |prefix: &str| -> Option<usize> {
+    // The number after `prefix`, and what follows it.
+    let number = |prefix: &str| -> Option<(usize, &str)> {
         let rest = name.strip_prefix(prefix)?;
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        digits.parse().ok()
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        Some((rest[..end].parse().ok()?, &rest[end..]))
     };
-    if let Some(i) = number("features.") {
+    if let Some((i, _)) = number("features.") {
         return Some(i);
     }
-    let i = number("cnn.")?;
+    let (i, tail) = number("cnn.")?;
     // Plain CNNs name nodes `cnn.N` (four per block), the separable ones `cnn.N.M`; ORT's
     // layout pass renames some to `<name>.out_nchwc`.
-    let digits = i.to_string().len();
-    let separable = name[4 + digits..]
+    let separable = tail
         .strip_prefix('.')
         .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
     Some(if separable { i } else { i / 4 })
