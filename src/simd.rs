@@ -6,7 +6,8 @@
 //! and [`AVX512`] (F, BW, VL, DQ). [`level`] detects the best one once; `SLIMSERVE_SIMD` caps it.
 //! The kernel sets behind it, one module per instruction set:
 //! - `infer::avx512` and `infer::avx2`: the f32 engine's hand-written kernels (GEMM tiles,
-//!   depthwise, direct input conv, pooling), chosen per call by the level a layer is run with;
+//!   depthwise, direct input conv, Winograd transforms, pooling), one table per set in
+//!   `infer::isa`, which maps the level a layer runs with to its table;
 //! - `infer::int8` (`Int8Isa`): the int8 engine's sets (AVX-512 VNNI, AVX2, portable);
 //! - [`multiversion!`]: elementwise and training kernels written once in portable Rust and
 //!   compiled three times (`#[target_feature]`), dispatching on [`level`].

@@ -292,28 +292,17 @@ pub fn conv3x3(
     let out = OutPtr(out.as_mut_ptr());
     #[cfg(x86_simd)]
     {
-        let level = crate::simd::level();
-        let direct = match level {
-            2 => ic <= super::avx512::DIRECT_MAX_INPUT_CHANNELS,
-            1 => ic <= super::avx2::DIRECT_MAX_INPUT_CHANNELS,
-            _ => false,
-        };
-        if direct {
+        let direct = super::isa::detected().filter(|k| ic <= k.direct_max_input_channels);
+        if let Some(set) = direct {
             let work = tasks(&bands(h, w, pool, 4096), oc, split);
             for_tasks(&work, split, |rows, (o0, o1)| {
                 // SAFETY: o0 < oc planes (checked above).
                 let dst = unsafe { plane_offset(out, o0, (h, w), pool) };
                 let shape = (ic, h, w, rows.0, rows.1);
                 let (wt, b) = (&wt[o0 * k..o1 * k], &b[o0..o1]);
-                // SAFETY: the CPU has `level`'s instructions (simd::level); dst is plane o0 of
+                // SAFETY: the CPU has the set's instructions (simd::level); dst is plane o0 of
                 // the output and this task writes rows `rows` of channels o0..o1 only.
-                unsafe {
-                    if level == 2 {
-                        super::avx512::conv3x3(x, shape, wt, b, (act, pool), dst.0)
-                    } else {
-                        super::avx2::conv3x3(x, shape, wt, b, (act, pool), dst.0)
-                    }
-                };
+                unsafe { (set.conv3x3)(x, shape, wt, b, (act, pool), dst.0) };
             });
             return;
         }

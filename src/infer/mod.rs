@@ -3,11 +3,12 @@
 //!
 //! Load-time rewrites: every eval-mode BatchNorm is folded into the convolution before it (the
 //! students': into the depthwise conv), so a layer is one pass `conv + bias -> activation
-//! (-> 2x2 max pool)`; weights are packed for the kernels. Kernels (AVX-512 where the CPU has
-//! it, portable ones with the same structure elsewhere):
+//! (-> 2x2 max pool)`; weights are packed for the kernels. Kernels: one set per instruction set
+//! (`avx512`, `avx2`; `isa` picks the set for the detected level), portable ones with the same
+//! structure elsewhere:
 //! - 3x3 convolutions with 16 or more input channels (`big`, `std-conv`): Winograd F(2x2, 3x3)
 //!   over bands of tile rows (`winograd.rs`); the RGB input layer: a direct convolution with
-//!   bias, activation and pool in registers (im2col + GEMM per band without AVX-512 or for 5 to
+//!   bias, activation and pool in registers (im2col + GEMM per band without AVX2 or for 5 to
 //!   15 input channels);
 //! - the students' depthwise-separable block in one pass per band of rows: depthwise 3x3 with
 //!   its bias and ReLU6 into a buffer that stays in cache, then the pointwise 1x1 GEMM over it
@@ -27,6 +28,8 @@ mod avx2;
 mod avx512;
 pub mod int8;
 mod inverted;
+#[cfg(x86_simd)]
+mod isa;
 mod kernels;
 mod nhwc;
 mod packed;

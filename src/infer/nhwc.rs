@@ -22,10 +22,10 @@ pub const NR: usize = 16;
 #[cfg(x86_simd)]
 pub(super) const MR: usize = 6;
 
-/// Whether the AVX2+FMA kernels run on this CPU.
+/// This CPU's kernel set, if it has one (AVX2+FMA or better).
 #[cfg(x86_simd)]
-fn avx2() -> bool {
-    crate::simd::level() >= 1
+fn simd() -> Option<&'static super::isa::Kernels> {
+    super::isa::detected()
 }
 
 /// Floats aligned to 64 bytes: `Vec` with `off` leading floats skipped.
@@ -140,7 +140,7 @@ impl Gemm1x1 {
     pub fn gathers(&self) -> bool {
         #[cfg(x86_simd)]
         {
-            avx2() && self.oc.is_multiple_of(NR)
+            simd().is_some() && self.oc.is_multiple_of(NR)
         }
         #[cfg(not(x86_simd))]
         {
@@ -172,11 +172,11 @@ impl Gemm1x1 {
         assert!(last < x.len(), "gathered input {last} past {}", x.len());
         assert!(out.len() >= n * self.oc, "output rows");
         #[cfg(x86_simd)]
-        if self.gathers() {
-            // SAFETY: the CPU has AVX2 and FMA; every gathered index is at most `last` (checked),
-            // out holds n rows of oc (checked) and is borrowed exclusively.
+        if let Some(k) = simd().filter(|_| self.gathers()) {
+            // SAFETY: the CPU has the set's instructions; every gathered index is at most `last`
+            // (checked), out holds n rows of oc (checked) and is borrowed exclusively.
             unsafe {
-                super::avx2::nhwc::gemm_gather(
+                (k.nhwc_gemm_gather)(
                     self,
                     x.as_ptr().add(base),
                     step,
@@ -224,10 +224,10 @@ impl Gemm1x1 {
             assert!(a.len() >= (n - 1) * ldo + oc, "residual rows");
         }
         #[cfg(x86_simd)]
-        if avx2() {
-            // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above, out is the
-            // caller's.
-            unsafe { super::avx2::nhwc::gemm(self, x, ldx, n, out, ldo, add, act, (p0, p1)) };
+        if let Some(k) = simd() {
+            // SAFETY: the CPU has the set's instructions; the lengths are checked above, out is
+            // the caller's.
+            unsafe { (k.nhwc_gemm)(self, x, ldx, n, out, ldo, add, act, (p0, p1)) };
             return;
         }
         // SAFETY: as above.
@@ -365,10 +365,10 @@ impl Depthwise {
             // SAFETY: output row oy - oy0 of the caller's rows.
             let out = unsafe { dst.add((oy - oy0) * ow * c) };
             #[cfg(x86_simd)]
-            if avx2() {
-                // SAFETY: the CPU has AVX2 and FMA; every row is w * c floats (sliced above),
-                // out ow rows of c floats, channels checked.
-                unsafe { super::avx2::nhwc::depthwise_row(self, rows, w, s, out, ow, (c0, c1)) };
+            if let Some(k) = simd() {
+                // SAFETY: the CPU has the set's instructions; every row is w * c floats (sliced
+                // above), out ow rows of c floats, channels checked.
+                unsafe { (k.nhwc_depthwise_row)(self, rows, w, s, out, ow, (c0, c1)) };
                 continue;
             }
             // SAFETY: as above.
@@ -428,7 +428,7 @@ mod tests {
     fn kernels_match_reference() {
         use crate::simd::testing::report;
         #[cfg(x86_simd)]
-        report(if avx2() {
+        report(if simd().is_some() {
             "nhwc kernels: tested AVX2+FMA and portable"
         } else {
             "nhwc kernels: tested portable; AVX2 NOT tested: this CPU lacks AVX2+FMA"

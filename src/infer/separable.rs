@@ -109,10 +109,10 @@ impl Separable {
                 dw.resize(ic * n, 0.0);
                 self.depthwise(x, (h, w), (y0, y1), &mut dw, level);
                 #[cfg(x86_simd)]
-                let fused_pool = level == 2 || (level == 1 && w >= super::avx2::POOL_MIN_WIDTH);
+                let fused_pool = super::isa::set(level).filter(|k| w >= k.pool_min_width);
                 #[cfg(not(x86_simd))]
-                let fused_pool = false;
-                if pool && fused_pool {
+                let fused_pool: Option<()> = None;
+                if let (true, Some(_k)) = (pool, fused_pool) {
                     #[cfg(x86_simd)]
                     {
                         let (shape, band, at) = ((oc, ic), (y1 - y0, w), (h / 2, w / 2, y0 / 2));
@@ -120,13 +120,7 @@ impl Separable {
                         // SAFETY: the CPU has `level`'s instructions (the caller's word); dw
                         // is [ic, n]; the band's pooled rows y0/2.. of every output plane are
                         // written by this band only.
-                        unsafe {
-                            if level == 2 {
-                                super::avx512::gemm_pool(wt, b, shape, x, band, out.0, at)
-                            } else {
-                                super::avx2::gemm_pool(wt, b, shape, x, band, out.0, at)
-                            }
-                        };
+                        unsafe { (_k.gemm_pool)(wt, b, shape, x, band, out.0, at) };
                     }
                 } else if pool {
                     PW.with(|pw| {
@@ -170,17 +164,11 @@ impl Separable {
     ) {
         let (plane, n) = (h * w, (y1 - y0) * w);
         #[cfg(x86_simd)]
-        if level >= 1 {
+        if let Some(k) = super::isa::set(level) {
             let shape = (self.ic, h, w);
             // SAFETY: the caller checked the CPU has `level`'s instructions; the kernels check
             // x (ic planes of h x w) and dst (ic x n).
-            unsafe {
-                if level == 2 {
-                    super::avx512::depthwise(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst)
-                } else {
-                    super::avx2::depthwise(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst)
-                }
-            };
+            unsafe { (k.depthwise)(x, shape, (y0, y1), &self.dw_w, &self.dw_b, dst) };
             return;
         }
         let _ = level;
@@ -216,17 +204,11 @@ impl Separable {
         let (ic, oc) = (self.ic, self.oc);
         assert!(dw.len() >= ic * n, "depthwise band smaller than {ic}x{n}");
         #[cfg(x86_simd)]
-        if level >= 1 {
+        if let Some(k) = super::isa::set(level) {
             let (b, x) = (bias.then_some(&self.pw_b[..]), dw.as_ptr());
             // SAFETY: the CPU has `level`'s instructions (the caller's word); dw is [ic, n];
             // c addresses oc rows of n floats at stride ldc that only this band writes.
-            unsafe {
-                if level == 2 {
-                    super::avx512::gemm(&self.packed, b, (oc, ic), x, n, c, ldc)
-                } else {
-                    super::avx2::gemm(&self.packed, b, (oc, ic), x, n, c, ldc)
-                }
-            };
+            unsafe { (k.gemm)(&self.packed, b, (oc, ic), x, n, c, ldc) };
             return;
         }
         let _ = level;

@@ -287,16 +287,10 @@ fn transform_input(
     (v, rows): (&mut [f32], &mut Vec<f32>),
     level: u8,
 ) {
-    // SAFETY (both): the CPU has `level`'s instructions, checked by the caller.
     #[cfg(x86_simd)]
-    match level {
-        crate::simd::AVX512 => {
-            return unsafe { super::avx512::winograd_input(x, shape, tiles, v, rows) };
-        }
-        crate::simd::AVX2 => {
-            return unsafe { super::avx2::winograd_input(x, shape, tiles, v, rows) };
-        }
-        _ => {}
+    if let Some(k) = super::isa::set(level) {
+        // SAFETY: the CPU has `level`'s instructions, checked by the caller.
+        return unsafe { (k.winograd_input)(x, shape, tiles, v, rows) };
     }
     let _ = level;
     input_transform(x, shape, tiles, v, rows);
@@ -316,18 +310,13 @@ unsafe fn transform_output(
     out: OutPtr,
     level: u8,
 ) {
-    // SAFETY (all three): the caller's contract.
     #[cfg(x86_simd)]
-    match level {
-        crate::simd::AVX512 => {
-            return unsafe { super::avx512::winograd_output(m, geom, b, (act, pool), out.0) };
-        }
-        crate::simd::AVX2 => {
-            return unsafe { super::avx2::winograd_output(m, geom, b, (act, pool), out.0) };
-        }
-        _ => {}
+    if let Some(k) = super::isa::set(level) {
+        // SAFETY: the caller's contract.
+        return unsafe { (k.winograd_output)(m, geom, b, (act, pool), out.0) };
     }
     let _ = level;
+    // SAFETY: the caller's contract.
     unsafe { output_transform(m, geom, b, act, pool, out) };
 }
 
@@ -406,20 +395,14 @@ pub(super) fn conv3x3_with(
                             m.as_mut_ptr().wrapping_add(xi * mo * n),
                         );
                         #[cfg(x86_simd)]
-                        if level >= 1 {
+                        if let Some(k) = super::isa::set(level) {
                             assert_eq!(o0 % MR, 0, "channel slices start on a packed tile");
                             let per = packed_len(oc, ic);
                             let u = &weights.packed[xi * per + o0 * ic..(xi + 1) * per];
                             // SAFETY: the CPU has `level`'s instructions (the caller's word);
                             // u holds the tiles of channels o0..o1 of U[xi], V[xi] is [ic, n],
                             // M[xi] is [mo, n].
-                            unsafe {
-                                if level == crate::simd::AVX512 {
-                                    super::avx512::gemm(u, None, (mo, ic), vx, n, mx, n)
-                                } else {
-                                    super::avx2::gemm(u, None, (mo, ic), vx, n, mx, n)
-                                }
-                            };
+                            unsafe { (k.gemm)(u, None, (mo, ic), vx, n, mx, n) };
                             continue;
                         }
                         // SAFETY: U[xi] rows o0..o1 ([oc, ic]), V[xi] is [ic, n], M[xi] is
