@@ -199,6 +199,60 @@ unsafe fn tile4x24(acc: &mut [[__m256; 3]; R], w: *const f32, x: *const f32, ic:
     *acc = [[a0, a1, a2], [a3, a4, a5], [a6, a7, a8], [a9, a10, a11]];
 }
 
+/// As [`tile4x24`] for the first 16 pixels of each strip row only (`acc[j][0..2]`; `acc[j][2]`
+/// is left as it is): a strip of at most 16 pixels (the 16 tiles of a 4x4 Winograd band, the
+/// last 16 of 64) then costs two thirds of a full one instead of the same. Eight accumulators,
+/// as many as the FMA units need to stay busy; same loop otherwise.
+///
+/// # Safety
+/// As [`tile4x24`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile4x16(acc: &mut [[__m256; 3]; R], w: *const f32, x: *const f32, ic: usize) {
+    let [[mut a0, mut a1, _], [mut a3, mut a4, _], [mut a6, mut a7, _], [mut a9, mut a10, _]] =
+        *acc;
+    // SAFETY: the caller's contract: ic rows of both operands are readable; the loop reads the
+    // first 16 of every 24 floats of x and 4 floats at each of ic rows of w, writes no memory.
+    unsafe {
+        std::arch::asm!(
+            "2:",
+            "vmovups ymm12, [{x}]",
+            "vmovups ymm13, [{x} + 32]",
+            "vbroadcastss ymm15, dword ptr [{w}]",
+            "vfmadd231ps ymm0, ymm15, ymm12",
+            "vfmadd231ps ymm1, ymm15, ymm13",
+            "vbroadcastss ymm15, dword ptr [{w} + 4]",
+            "vfmadd231ps ymm3, ymm15, ymm12",
+            "vfmadd231ps ymm4, ymm15, ymm13",
+            "vbroadcastss ymm15, dword ptr [{w} + 8]",
+            "vfmadd231ps ymm6, ymm15, ymm12",
+            "vfmadd231ps ymm7, ymm15, ymm13",
+            "vbroadcastss ymm15, dword ptr [{w} + 12]",
+            "vfmadd231ps ymm9, ymm15, ymm12",
+            "vfmadd231ps ymm10, ymm15, ymm13",
+            "add {x}, 96",
+            "add {w}, 32",
+            "dec {k}",
+            "jnz 2b",
+            x = inout(reg) x => _,
+            w = inout(reg) w => _,
+            k = inout(reg) ic => _,
+            inout("ymm0") a0, inout("ymm1") a1,
+            inout("ymm3") a3, inout("ymm4") a4,
+            inout("ymm6") a6, inout("ymm7") a7,
+            inout("ymm9") a9, inout("ymm10") a10,
+            out("ymm12") _, out("ymm13") _, out("ymm15") _,
+            options(nostack, readonly),
+        );
+    }
+    for (a, v) in acc
+        .iter_mut()
+        .zip([[a0, a1], [a3, a4], [a6, a7], [a9, a10]])
+    {
+        a[..2].copy_from_slice(&v);
+    }
+}
+
 /// Copies `np <= 24` pixels of every row of `x` (`ic` rows `ldx` floats apart) into `strip`
 /// as `[ic, 24]`, zeros past `np`.
 ///
@@ -229,7 +283,8 @@ unsafe fn pack_strip(strip: &mut [f32], x: *const f32, (ic, ldx): (usize, usize)
 /// copied into a contiguous `[ic, 24]` strip: read in place, the rows of `x` lie `n` floats
 /// apart, and where that is a multiple of 1 KiB (a band of 256-wide rows, say) they all fall
 /// in the same few L1 sets and evict each other (21 GFLOP/s at n = 2048 against 63 at
-/// n = 2040, standalone). Then every 4-channel tile runs over it ([`tile4x24`]).
+/// n = 2040, standalone). Then every 4-channel tile runs over it ([`tile4x24`], or [`tile4x16`]
+/// for a strip of at most 16 pixels).
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must address `ic * n` floats and `c` `oc` rows of `n`
@@ -263,7 +318,11 @@ pub unsafe fn gemm(
                 }
                 // Rows o0.. of the packed tile; channels past oc are its zero padding.
                 let w = packed.as_ptr().add((o0 / MR) * ic * MR + o0 % MR);
-                tile4x24(&mut acc, w, strip.as_ptr(), ic);
+                if np <= 2 * L {
+                    tile4x16(&mut acc, w, strip.as_ptr(), ic);
+                } else {
+                    tile4x24(&mut acc, w, strip.as_ptr(), ic);
+                }
                 for (j, a) in acc.iter().enumerate().take(oc - o0) {
                     let dst = c.add((o0 + j) * ldc + p0);
                     for (v, &a) in a.iter().enumerate() {
