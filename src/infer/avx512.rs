@@ -102,9 +102,10 @@ unsafe fn accumulate_one(
 
 /// `c[o, p] = bias[o] + sum_i w[o, i] * x[i, p]` for `o < oc`, `p < n`: `packed` is
 /// `[oc / MR, ic, MR]` (see [`super::packed::pack`]), `bias` (none: zero) padded to whole tiles,
-/// `x` is `[ic, n]`, `c` has row stride `ldc`. Tiles of 8 channels x 32 pixels accumulate in
-/// 16 registers over all of `ic`; a strip of `x` (`ic x 32`) stays in L1 while every channel
-/// tile passes over it.
+/// `x` is `[ic, n]`, `c` has row stride `ldc`. Every channel tile (8 channels x 32 pixels, 16
+/// accumulators over all of `ic`) passes over a strip of 32 pixels of `x` while it stays in L1:
+/// read in place, or first copied into a contiguous `[ic, 32]` strip where its rows would
+/// crowd into a few L1 sets ([`crowds_l1`]).
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `x` must address `ic * n` floats and `c` `oc` rows of `n`
@@ -120,32 +121,114 @@ pub unsafe fn gemm(
     ldc: usize,
 ) {
     let tiles = super::packed::check(packed, bias, (oc, ic));
-    for p0 in (0..n).step_by(32) {
-        let (m0, m1) = (lanes(n - p0), lanes((n - p0).saturating_sub(16)));
-        for t in 0..tiles {
-            let rows = MR.min(oc - t * MR);
-            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-            if let Some(bias) = bias {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let v = _mm512_set1_ps(bias[t * MR + j]);
-                    *a = [v, v];
-                }
-            }
-            let w = packed.as_ptr().add(t * ic * MR);
+    let strips = (0..n).step_by(32).map(|p0| {
+        let masks = (lanes(n - p0), lanes((n - p0).saturating_sub(16)));
+        (p0, masks)
+    });
+    if !crowds_l1(ic, n) {
+        for (p0, masks) in strips {
             let x0 = x.wrapping_add(p0);
-            if m1 == 0 {
-                // At most 16 pixels left (Winograd's products on small layers): one vector
-                // per row, not half of every FMA wasted on masked-off lanes.
-                accumulate_one(&mut acc, w, ic, x0, m0, n);
-            } else {
-                accumulate(&mut acc, w, ic, (x0, x0.wrapping_add(16)), (m0, m1), n);
+            gemm_strip(
+                packed,
+                bias,
+                (oc, ic, tiles),
+                (x0, n),
+                masks,
+                c.add(p0),
+                ldc,
+            );
+        }
+        return;
+    }
+    STRIP.with(|strip| {
+        let mut strip = strip.borrow_mut();
+        strip.resize(ic * 32, 0.0);
+        for (p0, masks) in strips {
+            copy_strip(&mut strip, x.wrapping_add(p0), (ic, n), masks);
+            let x0 = (strip.as_ptr(), 32);
+            gemm_strip(packed, bias, (oc, ic, tiles), x0, masks, c.add(p0), ldc);
+        }
+    })
+}
+
+/// Whether `ic` rows `n` floats apart crowd into too few L1 sets for [`gemm`] to read a strip
+/// of them in place. Rows whose offsets differ by a multiple of 4 KiB fall into the same sets;
+/// at stride `n` there are `1024 / gcd(n, 1024)` distinct offsets, and from 6 rows per set
+/// (half of a 12-way L1, the rest being the weights' and the output's) the strip evicts itself
+/// while the channel tiles pass over it: 89-101 GFLOP/s at 32x16x2048 against 180-198 at
+/// n = 2040 (standalone). Copied, every `n` runs at the latter's speed; where nothing crowds
+/// the copy is only extra work. Student-deeper's separable blocks (bands of 256-2048 pixels)
+/// crowd; big's Winograd products (bands of 32-128 tiles over 32-128 channels) mostly do not.
+fn crowds_l1(ic: usize, n: usize) -> bool {
+    let (mut a, mut b) = (n % 1024, 1024);
+    while a != 0 {
+        (a, b) = (b % a, a);
+    }
+    ic > 6 * (1024 / b)
+}
+
+/// Copies the lanes `masks` select of 32 pixels of every row of `x` (`ic` rows `ldx` floats
+/// apart) into `strip` as `[ic, 32]`, zeros elsewhere (see [`crowds_l1`] for why).
+///
+/// # Safety
+/// The CPU must have AVX-512F; the unmasked lanes of `x` (and of `x + 16`) must be readable at
+/// each of the `ic` rows.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_strip(
+    strip: &mut [f32],
+    x: *const f32,
+    (ic, ldx): (usize, usize),
+    (m0, m1): (__mmask16, __mmask16),
+) {
+    assert!(strip.len() >= ic * 32);
+    for i in 0..ic {
+        let (src, dst) = (x.wrapping_add(i * ldx), strip.as_mut_ptr().add(i * 32));
+        // Masked-off lanes are not read: past a row's end nothing is dereferenced.
+        _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(m0, src));
+        _mm512_storeu_ps(dst.add(16), _mm512_maskz_loadu_ps(m1, src.wrapping_add(16)));
+    }
+}
+
+/// Every channel tile of [`gemm`] over one strip of 32 pixels (`ic` rows `stride` floats apart
+/// from `x0`: in place or copied), written to the columns `masks` select of `c`'s rows.
+///
+/// # Safety
+/// As [`gemm`]'s, with the unmasked lanes of every row of the strip readable and `c` the
+/// strip's first column.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm_strip(
+    packed: &[f32],
+    bias: Option<&[f32]>,
+    (oc, ic, tiles): (usize, usize, usize),
+    (x0, stride): (*const f32, usize),
+    (m0, m1): (__mmask16, __mmask16),
+    c: *mut f32,
+    ldc: usize,
+) {
+    for t in 0..tiles {
+        let rows = MR.min(oc - t * MR);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        if let Some(bias) = bias {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let v = _mm512_set1_ps(bias[t * MR + j]);
+                *a = [v, v];
             }
-            for (j, a) in acc.iter().enumerate() {
-                if j < rows {
-                    let dst = c.add((t * MR + j) * ldc + p0);
-                    _mm512_mask_storeu_ps(dst, m0, a[0]);
-                    _mm512_mask_storeu_ps(dst.wrapping_add(16), m1, a[1]);
-                }
+        }
+        let w = packed.as_ptr().add(t * ic * MR);
+        if m1 == 0 {
+            // At most 16 pixels left (Winograd's products on small layers): one vector
+            // per row, not half of every FMA wasted on masked-off lanes.
+            accumulate_one(&mut acc, w, ic, x0, m0, stride);
+        } else {
+            accumulate(&mut acc, w, ic, (x0, x0.wrapping_add(16)), (m0, m1), stride);
+        }
+        for (j, a) in acc.iter().enumerate() {
+            if j < rows {
+                let dst = c.add((t * MR + j) * ldc);
+                _mm512_mask_storeu_ps(dst, m0, a[0]);
+                _mm512_mask_storeu_ps(dst.wrapping_add(16), m1, a[1]);
             }
         }
     }
@@ -413,11 +496,14 @@ const OB: usize = 8;
 
 thread_local! {
     static PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// [`gemm`]'s copied strip of its input, `[ic, 32]`.
+    static STRIP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Frees this module's thread-local scratch on the calling thread.
 pub(super) fn release_thread_scratch() {
     super::kernels::free_local(&PAD);
+    super::kernels::free_local(&STRIP);
 }
 
 /// Output rows `y0..y1` of the channels whose weights `wt` (`[m, ic * 9]`) and biases `b`
@@ -550,5 +636,19 @@ unsafe fn tile(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Rows 4 KiB apart (or a multiple) share their L1 sets; 2040 floats apart they spread.
+    #[test]
+    fn crowding_follows_the_rows_l1_sets() {
+        assert!(super::crowds_l1(16, 2048)); // one offset: 16 rows in the same sets
+        assert!(super::crowds_l1(7, 1024));
+        assert!(!super::crowds_l1(6, 1024));
+        assert!(!super::crowds_l1(16, 2040)); // 128 offsets
+        assert!(!super::crowds_l1(32, 128)); // 8 offsets, 4 rows each
+        assert!(super::crowds_l1(256, 64)); // 16 offsets, 16 rows each
     }
 }

@@ -525,3 +525,73 @@ fn release_scratch_frees_every_threads_buffers() {
         assert!(held() > 0);
     });
 }
+
+/// Each instruction set's packed GEMM (`isa::Kernels::gemm`) against a plain reference, on
+/// strips of every width class (at most 8, at most 16 and full ones, the AVX2 tile's 24 and
+/// the AVX-512 tile's 32, and their tails), partial channel tiles, with and without a bias,
+/// an output row stride wider than the row, and rows whose stride crowds L1 (the AVX-512
+/// kernel then copies its strips).
+#[cfg(x86_simd)]
+#[test]
+fn packed_gemm_matches_reference_at_every_level() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut cases = Vec::new();
+    for (oc, ic, n) in [
+        (1, 1, 1),
+        (5, 3, 7),
+        (8, 16, 8),
+        (12, 9, 15),
+        (33, 20, 16),
+        (4, 40, 17),
+        (16, 8, 24),
+        (9, 17, 25),
+        (40, 32, 64),
+        (24, 64, 100),
+        (16, 16, 1024),
+        (32, 16, 2048),
+        (8, 70, 2049),
+    ] {
+        let w = rand_vec(&mut rng, oc * ic, 1.0);
+        let x = rand_vec(&mut rng, ic * n, 1.0);
+        let bias = rand_vec(&mut rng, oc.next_multiple_of(super::packed::MR), 1.0);
+        let packed = super::packed::pack(&w, oc, ic);
+        cases.push(((oc, ic, n), w, x, bias, packed));
+    }
+    each_level(
+        "packed GEMM (portable: none, the layers call the gemm crate)",
+        |level| {
+            let Some(k) = super::isa::set(level) else {
+                return;
+            };
+            for ((oc, ic, n), w, x, bias, packed) in &cases {
+                let (oc, ic, n) = (*oc, *ic, *n);
+                for with_bias in [false, true] {
+                    let ldc = n + 3;
+                    let mut want = vec![f32::NAN; oc * ldc];
+                    for o in 0..oc {
+                        for p in 0..n {
+                            let b = if with_bias { bias[o] } else { 0.0 };
+                            want[o * ldc + p] =
+                                b + (0..ic).map(|i| w[o * ic + i] * x[i * n + p]).sum::<f32>();
+                        }
+                    }
+                    let mut got = vec![f32::NAN; oc * ldc];
+                    let b = with_bias.then_some(&bias[..]);
+                    // SAFETY: the CPU has `level`'s instructions (each_level); x is [ic, n],
+                    // got holds oc rows of ldc >= n.
+                    unsafe { (k.gemm)(packed, b, (oc, ic), x.as_ptr(), n, got.as_mut_ptr(), ldc) };
+                    // Only the n columns of each row are written: the rest stays NaN.
+                    for o in 0..oc {
+                        let (g, r) = (&got[o * ldc..o * ldc + n], &want[o * ldc..o * ldc + n]);
+                        let rel = max_rel(g, r);
+                        assert!(
+                            rel < 1e-5,
+                            "gemm {oc}x{ic}x{n} bias {with_bias} level {level} row {o}: {rel:e}"
+                        );
+                        assert!(got[o * ldc + n..(o + 1) * ldc].iter().all(|v| v.is_nan()));
+                    }
+                }
+            }
+        },
+    );
+}
