@@ -277,6 +277,29 @@ unsafe fn pack_strip(strip: &mut [f32], x: *const f32, (ic, ldx): (usize, usize)
     }
 }
 
+/// The strips a run of `n` pixels is cut into, as (first pixel, pixels): 24-pixel strips
+/// ([`tile4x24`]) and then at most two of at most 16 ([`tile4x16`], two thirds of the cost),
+/// so that no strip runs mostly empty: 32 = 16 + 16 instead of 24 + 8 (40 units of work for 32
+/// pixels, against 48), 128 = 4 x 24 + 2 x 16 instead of 5 x 24 + 8.
+fn strips(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let (mut full, mut rest) = (n / P, n % P);
+    // A remainder of at most 8 pixels takes the last full strip with it: 16 + the rest.
+    if rest > 0 && rest <= L && full > 0 {
+        full -= 1;
+        rest += P;
+    }
+    let (a, b) = if rest > P {
+        (2 * L, rest - 2 * L)
+    } else {
+        (rest, 0)
+    };
+    (0..full).map(|s| (s * P, P)).chain(
+        [(full * P, a), (full * P + a, b)]
+            .into_iter()
+            .filter(|s| s.1 > 0),
+    )
+}
+
 /// `c[o, p] = bias[o] + sum_i w[o, i] * x[i, p]` for `o < oc`, `p < n`: `packed` is
 /// `[oc / MR, ic, MR]` (see [`super::packed::pack`]), `bias` (none: zero) padded to whole
 /// tiles, `x` is `[ic, n]`, `c` has row stride `ldc`. Each 24-pixel strip of `x` is first
@@ -306,8 +329,7 @@ pub unsafe fn gemm(
     PANEL.with(|panel| {
         let mut strip = panel.borrow_mut();
         strip.resize(P * ic, 0.0);
-        for p0 in (0..n).step_by(P) {
-            let np = P.min(n - p0);
+        for (p0, np) in strips(n) {
             pack_strip(&mut strip, x.add(p0), (ic, n), np);
             for o0 in (0..oc).step_by(R) {
                 let mut acc = [[_mm256_setzero_ps(); 3]; R];
@@ -372,8 +394,9 @@ unsafe fn store4(dst: *mut f32, n: usize, v: __m128) {
 /// tile is 4 channels x (24 pixels of a row and the 24 below them, two [`tile4x24`]), pooled in
 /// registers into 12 pixels of output row `yo + r / 2`; it writes rows `yo..yo + rows / 2` of
 /// every output plane (`[oh, ow]` each, from `out`). Strips do not cross rows, so a row of
-/// `w` pixels costs `ceil(w / 24)` strips: worth it from `w` = 48 on ([`POOL_MIN_WIDTH`]);
-/// narrower layers are better served by [`gemm`] over the band and a separate pool.
+/// `w` pixels costs its [`strips`] (16-pixel ones on [`tile4x16`]): worth it from `w` = 32 on
+/// ([`POOL_MIN_WIDTH`]); narrower layers are better served by [`gemm`] over the band and a
+/// separate pool.
 ///
 /// # Safety
 /// The CPU must have AVX2 and FMA; `x` must address `ic * rows * w` floats, `out` `oc` planes
@@ -400,19 +423,25 @@ pub unsafe fn gemm_pool(
         panel.resize(2 * P * ic, 0.0);
         let (top, bottom) = panel.split_at_mut(P * ic);
         for r in (0..rows).step_by(2) {
-            for x0 in (0..w - w % 2).step_by(P) {
-                let np = P.min(w - x0);
+            for (x0, np) in strips(w - w % 2) {
                 pack_strip(top, x.add(r * w + x0), (ic, n), np);
                 pack_strip(bottom, x.add((r + 1) * w + x0), (ic, n), np);
                 for o0 in (0..oc).step_by(R) {
                     let wt = packed.as_ptr().add((o0 / MR) * ic * MR + o0 % MR);
                     let mut up = [[_mm256_setzero_ps(); 3]; R];
-                    tile4x24(&mut up, wt, top.as_ptr(), ic);
                     let mut down = [[_mm256_setzero_ps(); 3]; R];
-                    tile4x24(&mut down, wt, bottom.as_ptr(), ic);
+                    // A branch, not a chosen fn pointer: the tiles must inline.
+                    if np <= 2 * L {
+                        tile4x16(&mut up, wt, top.as_ptr(), ic);
+                        tile4x16(&mut down, wt, bottom.as_ptr(), ic);
+                    } else {
+                        tile4x24(&mut up, wt, top.as_ptr(), ic);
+                        tile4x24(&mut down, wt, bottom.as_ptr(), ic);
+                    }
                     for j in 0..R.min(oc - o0) {
                         let (o, b) = (o0 + j, _mm_set1_ps(bias[o0 + j]));
-                        for v in 0..3 {
+                        // The strip's vectors only: a 16-pixel strip may sit before others.
+                        for v in 0..np.div_ceil(L) {
                             let xo = (x0 + v * L) / 2;
                             if xo < ow {
                                 let p = _mm_add_ps(pool2x2(up[j][v], down[j][v]), b);
@@ -427,7 +456,7 @@ pub unsafe fn gemm_pool(
 }
 
 /// From this row width on [`gemm_pool`] beats [`gemm`] plus a separate pool.
-pub const POOL_MIN_WIDTH: usize = 48;
+pub const POOL_MIN_WIDTH: usize = 32;
 
 /// Up to this many input channels the direct input-layer kernel is used.
 pub const DIRECT_MAX_INPUT_CHANNELS: usize = 4;
@@ -483,7 +512,7 @@ pub unsafe fn conv3x3(
         let offs: Vec<usize> = (0..ic)
             .flat_map(|c| (0..3).flat_map(move |ky| (0..3).map(move |kx| (c * nr + ky) * pw + kx)))
             .collect();
-        let geometry = (&offs[..], pw);
+        let geometry = Window::new(&offs, pw);
         for o in (0..m).step_by(ob) {
             let mo = ob.min(m - o);
             for (tap, v) in wv.iter_mut().enumerate() {
@@ -494,7 +523,16 @@ pub unsafe fn conv3x3(
             if pool {
                 for y in (y0..y1).step_by(2) {
                     for xs in (0..w - w % 2).step_by(L) {
-                        let acc = tile::<OB_POOL, 2>(&pad, (y - y0) * pw + xs, geometry, &wv);
+                        let base = (y - y0) * pw + xs;
+                        // A last block of at most 4 channels (16 = 6 + 6 + 4, 32 = 5 x 6 + 2)
+                        // runs a 4-channel tile: no FMAs on the zero channels.
+                        let acc = if mo <= 4 {
+                            let mut acc = [[_mm256_setzero_ps(); 2]; OB_POOL];
+                            acc[..4].copy_from_slice(&tile::<4, 2>(&pad, base, &geometry, &wv));
+                            acc
+                        } else {
+                            tile::<OB_POOL, 2>(&pad, base, &geometry, &wv)
+                        };
                         for (j, [top, bottom]) in acc.iter().enumerate().take(mo) {
                             let v = _mm_add_ps(pool2x2(*top, *bottom), _mm_set1_ps(b[o + j]));
                             let v = _mm_min_ps(
@@ -509,7 +547,7 @@ pub unsafe fn conv3x3(
             } else {
                 for y in y0..y1 {
                     for xs in (0..w).step_by(L) {
-                        let acc = tile::<OB, 1>(&pad, (y - y0) * pw + xs, geometry, &wv);
+                        let acc = tile::<OB, 1>(&pad, (y - y0) * pw + xs, &geometry, &wv);
                         for (j, [a]) in acc.iter().enumerate().take(mo) {
                             let v = _mm256_add_ps(*a, _mm256_set1_ps(b[o + j]));
                             let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
@@ -522,6 +560,22 @@ pub unsafe fn conv3x3(
     })
 }
 
+/// The taps of a convolution window in the padded rows: each tap's offset from the window's
+/// corner, the padded row stride, and how far past the corner the furthest read of a tile
+/// reaches in one row (its tap + one vector), computed once here instead of per tile.
+struct Window<'a> {
+    offs: &'a [usize],
+    pw: usize,
+    reach: usize,
+}
+
+impl<'a> Window<'a> {
+    fn new(offs: &'a [usize], pw: usize) -> Self {
+        let reach = offs.iter().max().map_or(0, |&o| o + L);
+        Self { offs, pw, reach }
+    }
+}
+
 /// One tile of `C` channels x `ROWS` rows (one, or the two of a pool window) x 8 pixels:
 /// `acc[j][r] = sum over taps t of w[t][j] * pad[base + offs[t] + r * pw ..][..8]`; each weight
 /// broadcast feeds the `ROWS` accumulators of its channel. One flat loop over the taps (an
@@ -532,12 +586,11 @@ pub unsafe fn conv3x3(
 fn tile<const C: usize, const ROWS: usize>(
     pad: &[f32],
     base: usize,
-    (offs, pw): (&[usize], usize),
+    &Window { offs, pw, reach }: &Window<'_>,
     wv: &[[f32; OB]],
 ) -> [[__m256; ROWS]; C] {
-    let last = offs.iter().max().map_or(0, |&o| o + (ROWS - 1) * pw + L);
-    // Every read below is within pad.
-    assert!(base + last <= pad.len() && wv.len() >= offs.len());
+    // Every read below is within pad: the furthest tap's vector, `ROWS - 1` rows down.
+    assert!(base + reach + (ROWS - 1) * pw <= pad.len() && wv.len() >= offs.len());
     let mut acc = [[_mm256_setzero_ps(); ROWS]; C];
     for (&off, wj) in offs.iter().zip(wv) {
         let mut s = [_mm256_setzero_ps(); ROWS];
@@ -689,5 +742,35 @@ pub unsafe fn winograd_output(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{strips, L, P};
+
+    /// Strips cover `0..n` in order without gaps, none wider than the 24-pixel tile, and only
+    /// the last run may be narrower than 16 (a strip of at most 8 only where n itself is).
+    #[test]
+    fn strips_tile_every_run() {
+        for n in 0..200 {
+            let s: Vec<_> = strips(n).collect();
+            let mut next = 0;
+            for (i, &(x0, np)) in s.iter().enumerate() {
+                assert_eq!(x0, next, "n = {n}: {s:?}");
+                assert!(np > 0 && np <= P, "n = {n}: {s:?}");
+                if i + 1 < s.len() {
+                    assert!(np >= 2 * L, "n = {n}: {s:?}");
+                }
+                next += np;
+            }
+            assert_eq!(next, n, "n = {n}: {s:?}");
+            assert!(n <= L || s.iter().all(|&(_, np)| np > L), "n = {n}: {s:?}");
+        }
+        assert_eq!(strips(32).collect::<Vec<_>>(), [(0, 16), (16, 16)]);
+        assert_eq!(
+            strips(128).map(|s| s.1).collect::<Vec<_>>(),
+            [24, 24, 24, 24, 16, 16]
+        );
     }
 }
