@@ -421,20 +421,16 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
     }
 
-    /// The dispatched kernels (AVX2 on x86-64 CPUs that have it) against the portable ones and
-    /// a plain reference, on odd shapes: pixel tails of every tile height, channel tails of
-    /// every panel width, strided rows, the residual add and each activation.
+    /// The dispatched kernels against the portable ones and a plain reference at every level
+    /// the CPU has, forced in turn (the AVX-512 set runs the AVX2 kernels here), on odd shapes:
+    /// pixel tails of every tile height, channel tails of every panel width, strided rows, the
+    /// residual add and each activation.
     #[test]
     fn kernels_match_reference() {
-        use crate::simd::testing::report;
-        #[cfg(x86_simd)]
-        report(if simd().is_some() {
-            "nhwc kernels: tested AVX2+FMA and portable"
-        } else {
-            "nhwc kernels: tested portable; AVX2 NOT tested: this CPU lacks AVX2+FMA"
-        });
-        #[cfg(not(x86_simd))]
-        report("nhwc kernels: tested portable; AVX2 NOT tested: built without x86 kernels");
+        crate::simd::testing::each_level("nhwc kernels", |_| nhwc_cases());
+    }
+
+    fn nhwc_cases() {
         let mut rng = StdRng::seed_from_u64(3);
         for (ic, oc, n) in [
             (1, 1, 1),
