@@ -69,6 +69,18 @@ pub struct Entry {
     pub ticket: Ticket,
 }
 
+impl Entry {
+    /// Sends the answer, releasing the input's in-flight slot first: a client that sends its
+    /// next request the moment this one is answered must find the slot free (dropped after the
+    /// send, the ticket outlived the answer by however long this thread was descheduled, and
+    /// `--max-in-flight 1` refused that next request).
+    fn answer(self, result: Result<Inference, Error>) {
+        let Entry { reply, ticket, .. } = self;
+        drop(ticket);
+        let _ = reply.send(result);
+    }
+}
+
 /// The answer for one input.
 #[derive(Debug, Clone)]
 pub struct Inference {
@@ -521,7 +533,7 @@ fn take_live(q: &mut Queue, batch: &mut Vec<Entry>) {
             q.metrics.dropped_deadline.increment(1);
             let waited = now - entry.enqueued_at;
             q.stats.queue.add(1, waited);
-            let _ = entry.reply.send(Err(Error::DeadlineExceeded {
+            entry.answer(Err(Error::DeadlineExceeded {
                 model: q.model.to_string(),
                 waited,
             }));
@@ -580,9 +592,10 @@ fn run_batch(batch: Batch, buffer: &mut Vec<f32>, compute_delay: Duration) -> Ar
                 },
             );
             for (entry, logits) in entries.into_iter().zip(answers) {
-                let _ = entry.reply.send(Ok(Inference {
+                let queue = started - entry.enqueued_at;
+                entry.answer(Ok(Inference {
                     logits,
-                    queue: started - entry.enqueued_at,
+                    queue,
                     compute,
                     batch_size: n,
                 }));
@@ -594,7 +607,7 @@ fn run_batch(batch: Batch, buffer: &mut Vec<f32>, compute_delay: Duration) -> Ar
                 message,
             };
             for entry in entries {
-                let _ = entry.reply.send(Err(err.clone()));
+                entry.answer(Err(err.clone()));
             }
         }
     }

@@ -211,3 +211,19 @@ async fn idle_release_comes_once_after_each_burst() {
     tokio::time::sleep(idle * 3).await;
     assert_eq!(never.idle_releases(), 0);
 }
+
+#[tokio::test]
+async fn an_answered_input_has_left_flight() {
+    // With one slot in flight, the next request sent the moment an answer arrives must be
+    // admitted: the slot is released before the answer is sent, not after.
+    let s = Scheduler::start(Duration::ZERO, None).unwrap();
+    let mut cfg = config(Duration::ZERO, 16);
+    cfg.max_in_flight = 1;
+    let q = queue(&s, "one-in-flight", 7, cfg);
+    for i in 0..50 {
+        let p = submit(&q, i as f32);
+        p.wait().await.unwrap();
+        let again = q.admit(1);
+        assert!(again.is_ok(), "answer {i}: the slot is still taken");
+    }
+}
