@@ -278,9 +278,10 @@ unsafe fn pack_strip(strip: &mut [f32], x: *const f32, (ic, ldx): (usize, usize)
 }
 
 /// The strips a run of `n` pixels is cut into, as (first pixel, pixels): 24-pixel strips
-/// ([`tile4x24`]) and then at most two of at most 16 ([`tile4x16`], two thirds of the cost),
-/// so that no strip runs mostly empty: 32 = 16 + 16 instead of 24 + 8 (40 units of work for 32
-/// pixels, against 48), 128 = 4 x 24 + 2 x 16 instead of 5 x 24 + 8.
+/// ([`tile4x24`]), then the rest as one strip of 17-23 pixels, or one or two of at most 16
+/// ([`tile4x16`], two thirds of the cost), so that no strip runs mostly empty: 32 = 16 + 16
+/// instead of 24 + 8 (32 units of work for 32 pixels, against 48), 128 = 4 x 24 + 2 x 16
+/// instead of 5 x 24 + 8.
 fn strips(n: usize) -> impl Iterator<Item = (usize, usize)> {
     let (mut full, mut rest) = (n / P, n % P);
     // A remainder of at most 8 pixels takes the last full strip with it: 16 + the rest.
