@@ -128,7 +128,8 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
     let mut smaller = args.clone();
     let out_at = smaller.iter().position(|a| a == "--out").unwrap() + 1;
     smaller[out_at] = s(&tmp.path().join("kd32"));
-    smaller.extend(strings(&["--input-size", "32"]));
+    // ... and the teacher scores the same blended images as the student (mixup).
+    smaller.extend(strings(&["--input-size", "32", "--mixup", "0.4"]));
     let resized = run(&smaller);
     assert!(
         resized.status.success(),
@@ -247,6 +248,12 @@ fn resume_after_kill_continues_exactly() {
             "1",
             "--seed",
             "7",
+            // Blends and smoothing are keyed like the data order: a resumed run blends the
+            // same batches the same way.
+            "--mixup",
+            "0.4",
+            "--label-smoothing",
+            "0.1",
         ]
         .iter()
         .map(|a| a.to_string())

@@ -59,6 +59,13 @@ pub struct FitArgs {
     /// Cosine learning-rate decay from --lr to 0 over --epochs (default: constant).
     #[arg(long)]
     pub cosine: bool,
+    /// Label smoothing of the hard-label cross-entropy, e.g. 0.1 (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Mixup: blend each batch with a shuffled copy of itself by lambda ~ Beta(a, a), e.g. 0.2,
+    /// and the loss likewise; under distillation the teacher sees the blend too (0: off).
+    #[arg(long, default_value_t = 0.0, value_name = "A")]
+    pub mixup: f64,
 }
 
 impl FitArgs {
@@ -77,6 +84,8 @@ impl FitArgs {
             backbone_lr_scale: self.backbone_lr_scale,
             freeze_backbone_epochs: self.freeze_backbone_epochs,
             cosine: self.cosine,
+            label_smoothing: self.label_smoothing,
+            mixup: self.mixup,
         }
     }
 
@@ -86,6 +95,15 @@ impl FitArgs {
                 "--backbone-lr-scale must be a finite number >= 0, got {}",
                 self.backbone_lr_scale
             );
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!(
+                "--label-smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            );
+        }
+        if !(self.mixup >= 0.0 && self.mixup.is_finite()) {
+            bail!("--mixup must be a finite number >= 0, got {}", self.mixup);
         }
         if self.freeze_backbone_epochs > self.epochs {
             bail!(

@@ -15,7 +15,7 @@ mod folder;
 mod food11;
 mod idx;
 mod loader;
-mod rng;
+pub(crate) mod rng;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -15,6 +15,58 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(logits, labels)
 }
 
+/// Cross-entropy against labels smoothed by `eps` (Szegedy et al. 2016, as PyTorch's
+/// `CrossEntropyLoss(label_smoothing=eps)`): the target puts `1 - eps + eps/C` on the label and
+/// `eps/C` on every other class, i.e. `(1 - eps) * CE + eps * mean over classes of -log p`.
+pub fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Result<Tensor> {
+    let ce = cross_entropy(logits, labels)?;
+    if eps == 0.0 {
+        return Ok(ce);
+    }
+    let uniform = log_softmax(logits, D::Minus1)?.mean_all()?.neg()?;
+    (ce * (1.0 - eps))? + (uniform * eps)?
+}
+
+/// The hard-label loss of one batch: smoothed cross-entropy, and under mixup (inputs
+/// `lambda * x + (1 - lambda) * x[perm]`) the same mix of the losses against both label sets.
+pub fn hard_loss(
+    logits: &Tensor,
+    labels: &Tensor,
+    mixed_with: Option<(&Tensor, f64)>,
+    eps: f64,
+) -> Result<Tensor> {
+    let first = smoothed_cross_entropy(logits, labels, eps)?;
+    match mixed_with {
+        None => Ok(first),
+        Some((other, lambda)) => {
+            (first * lambda)? + (smoothed_cross_entropy(logits, other, eps)? * (1.0 - lambda))?
+        }
+    }
+}
+
+/// KL(softmax(t/T) || softmax(s/T)) with batch-mean reduction; the teacher carries no gradient.
+pub fn soft_target_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    let teacher = teacher.detach();
+    let n = student.dim(0)? as f64;
+    let p_t = softmax_last_dim(&(&teacher / temperature)?)?;
+    let log_p_t = log_softmax(&(&teacher / temperature)?, D::Minus1)?;
+    let log_p_s = log_softmax(&(student / temperature)?, D::Minus1)?;
+    (p_t * (log_p_t - log_p_s)?)?.sum_all()? / n
+}
+
+/// SPEC's loss given the hard-label term: `alpha * T^2 * KL + (1 - alpha) * hard`.
+pub fn distillation_with(
+    student: &Tensor,
+    teacher: &Tensor,
+    hard: Tensor,
+    temperature: f64,
+    alpha: f64,
+) -> Result<Tensor> {
+    let soft =
+        (soft_target_kl(student, teacher, temperature)? * (alpha * temperature * temperature))?;
+    soft + (hard * (1.0 - alpha))?
+}
+
 /// SPEC's distillation loss; the teacher logits carry no gradient.
 pub fn distillation(
     student: &Tensor,
@@ -23,15 +75,8 @@ pub fn distillation(
     temperature: f64,
     alpha: f64,
 ) -> Result<Tensor> {
-    let teacher = teacher.detach();
-    let n = student.dim(0)? as f64;
-    let p_t = softmax_last_dim(&(&teacher / temperature)?)?;
-    let log_p_t = log_softmax(&(&teacher / temperature)?, D::Minus1)?;
-    let log_p_s = log_softmax(&(student / temperature)?, D::Minus1)?;
-    let kl = ((p_t * (log_p_t - log_p_s)?)?.sum_all()? / n)?;
-    let soft = (kl * (alpha * temperature * temperature))?;
-    let hard = (cross_entropy(student, labels)? * (1.0 - alpha))?;
-    soft + hard
+    let hard = cross_entropy(student, labels)?;
+    distillation_with(student, teacher, hard, temperature, alpha)
 }
 
 #[cfg(test)]
@@ -80,5 +125,33 @@ mod tests {
             .unwrap();
         assert!(grads.get(s.as_tensor()).is_some());
         assert!(grads.get(t.as_tensor()).is_none());
+    }
+
+    /// Reference (numpy, float64) for s = [[1, 2, 0.5], [0, -1, 3]], y = [1, 2]:
+    /// mean -log p over classes and rows = 1.84845968; smoothed CE (eps 0.1)
+    /// = 0.9 * 0.26512634 + 0.1 * 1.84845968 = 0.42345968.
+    #[test]
+    fn smoothing_and_mixing_match_reference() {
+        let d = Device::Cpu;
+        let s = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.0, -1.0, 3.0]], &d).unwrap();
+        let y = Tensor::new(&[1u32, 2], &d).unwrap();
+        let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap();
+        let smooth = scalar(smoothed_cross_entropy(&s, &y, 0.1).unwrap());
+        assert!((smooth - 0.4234597).abs() < 1e-5, "{smooth}");
+        let ce = scalar(cross_entropy(&s, &y).unwrap());
+        assert_eq!(scalar(smoothed_cross_entropy(&s, &y, 0.0).unwrap()), ce);
+        // Mixed with itself is the plain loss; with other labels, the lambda-weighted mix.
+        let same = scalar(hard_loss(&s, &y, Some((&y, 0.3)), 0.0).unwrap());
+        assert!((same - ce).abs() < 1e-6);
+        let y2 = Tensor::new(&[0u32, 0], &d).unwrap();
+        let ce2 = scalar(cross_entropy(&s, &y2).unwrap());
+        let mixed = scalar(hard_loss(&s, &y, Some((&y2, 0.3)), 0.0).unwrap());
+        assert!((mixed - (0.3 * ce + 0.7 * ce2)).abs() < 1e-5, "{mixed}");
+        // The distillation loss is unchanged by its split into terms.
+        let t = Tensor::new(&[[2.0f32, 1.0, 0.0], [0.5, 0.5, 2.0]], &d).unwrap();
+        let whole = scalar(distillation(&s, &t, &y, 2.0, 0.5).unwrap());
+        let parts =
+            scalar(distillation_with(&s, &t, cross_entropy(&s, &y).unwrap(), 2.0, 0.5).unwrap());
+        assert_eq!(whole, parts);
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod loss;
 pub mod metrics;
+pub mod mixup;
 pub mod optim;
 pub mod resize;
 
@@ -58,6 +59,12 @@ pub struct TrainConfig {
     /// (`lr * (1 + cos(pi * epoch / epochs)) / 2`); off = constant.
     #[serde(default)]
     pub cosine: bool,
+    /// Label smoothing of the hard-label cross-entropy (0: none).
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Mixup's Beta(a, a) shape (0: no mixup).
+    #[serde(default)]
+    pub mixup: f64,
 }
 
 fn one() -> f64 {
@@ -481,20 +488,44 @@ pub fn fit(
             let (x, y) = batch?;
             let (x, y) = (x.to_device(device)?, y.to_device(device)?);
             let n = y.dim(0)? as u64;
+            let mix = (cfg.mixup > 0.0).then(|| {
+                mixup::draw(
+                    cfg.mixup,
+                    cfg.seed,
+                    epoch as u64,
+                    state.batch as u64,
+                    n as usize,
+                )
+            });
+            let (x, y2) = match &mix {
+                Some(m) => (m.images(&x)?, Some((m.labels(&y)?, m.lambda))),
+                None => (x, None),
+            };
             let logits = model.forward_t(&x, true)?;
+            let hard = loss::hard_loss(
+                &logits,
+                &y,
+                y2.as_ref().map(|(y2, l)| (y2, *l)),
+                cfg.label_smoothing,
+            )?;
             let loss = match objective {
-                Objective::CrossEntropy => loss::cross_entropy(&logits, &y)?,
+                Objective::CrossEntropy => hard,
                 Objective::Distill {
                     teacher,
                     temperature,
                     alpha,
                     ..
                 } => {
-                    // A teacher trained at another size sees the same crops resized to it.
+                    // A teacher trained at another size sees the same (blended) crops resized.
                     let xt = resize::resize_bilinear(&x, teacher.spec().input_size)?;
                     let t = teacher.forward_t(&xt, false)?.detach();
-                    loss::distillation(&logits, &t, &y, *temperature, *alpha)?
+                    loss::distillation_with(&logits, &t, hard, *temperature, *alpha)?
                 }
+            };
+            // Training accuracy counts the label that dominates a blended image.
+            let y = match &y2 {
+                Some((y2, l)) if *l < 0.5 => y2.clone(),
+                _ => y,
             };
             opt.backward_step(&loss)?;
             let l = loss.to_scalar::<f32>()? as f64;
