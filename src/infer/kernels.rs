@@ -1,6 +1,7 @@
 //! The fused CPU kernels of [`super::FastModel`], on one image's NCHW f32 buffers.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -92,6 +93,21 @@ pub(super) fn fill_padded(
     }
 }
 
+/// Work items per thread when one image's layer is split over rayon's pool (batch 1): its
+/// row bands, or its output-channel slices when the rows are too few. One per thread measured
+/// fastest: `cargo run --release --example split_bands` alternates 1, 2, 4 and 8 in one process
+/// (2-core Zen 4, 2026-12-07, forced AVX2: student-deeper batch 1 +2 to +7% over 2, the previous
+/// value; big even; AVX-512 +3%); each extra fork-join and each band's own halo and GEMM
+/// set-up cost more than the balance they buy when every thread runs the same kernel.
+/// A benchmark hook, not a setting: `examples/split_bands.rs` stores to it.
+#[doc(hidden)]
+pub static SPLIT_TASKS_PER_THREAD: AtomicUsize = AtomicUsize::new(1);
+
+/// How many work items a split layer aims for: [`SPLIT_TASKS_PER_THREAD`] per thread.
+pub(super) fn split_tasks() -> usize {
+    SPLIT_TASKS_PER_THREAD.load(Ordering::Relaxed).max(1) * rayon::current_num_threads()
+}
+
 /// Frees this module's thread-local scratch on the calling thread.
 pub(super) fn release_thread_scratch() {
     free_local(&COL);
@@ -123,18 +139,14 @@ pub(super) fn bands(h: usize, w: usize, pool: bool, target: usize) -> Vec<(usize
 }
 
 /// Work items `(y0, y1, o0, o1)`: a band of rows (or of Winograd tile rows) and a slice of output channels. When `split`
-/// leaves fewer bands than twice the threads (small images deep in the net), the output
+/// leaves fewer bands than [`split_tasks`] (small images deep in the net), the output
 /// channels are cut into slices of at least 16 so every thread gets work.
 pub(super) fn tasks(
     bands: &[(usize, usize)],
     oc: usize,
     split: bool,
 ) -> Vec<(usize, usize, usize, usize)> {
-    let want = if split {
-        2 * rayon::current_num_threads()
-    } else {
-        1
-    };
+    let want = if split { split_tasks() } else { 1 };
     let chunks = if bands.len() >= want {
         1
     } else {

@@ -50,6 +50,8 @@ use crate::zoo::{Model, ModelSpec, Net};
 use inverted::{Inverted, Pointwise, Strided3x3};
 use kernels::conv3x3;
 pub use kernels::Act;
+#[doc(hidden)]
+pub use kernels::SPLIT_TASKS_PER_THREAD;
 use separable::Separable;
 
 /// Why a model has no compiled form.

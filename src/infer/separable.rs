@@ -248,12 +248,13 @@ impl Separable {
 }
 
 /// Bands of rows for one block: the band's depthwise and pointwise buffers (`channels` floats
-/// per pixel) within about 256 KiB, and, when `split`, at least two bands per thread.
+/// per pixel) within about 256 KiB, and, when `split`, at least
+/// [`SPLIT_TASKS_PER_THREAD`](super::kernels::SPLIT_TASKS_PER_THREAD) bands per thread.
 fn bands(h: usize, w: usize, channels: usize, pool: bool, split: bool) -> Vec<(usize, usize)> {
     let rows = if pool { h / 2 * 2 } else { h };
     let mut target = 65536 / channels.max(1);
     if split {
-        target = target.min((rows * w).div_ceil(2 * rayon::current_num_threads()));
+        target = target.min((rows * w).div_ceil(super::kernels::split_tasks()));
     }
     super::kernels::bands(h, w, pool, target)
 }

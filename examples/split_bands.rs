@@ -1,0 +1,79 @@
+//! How many work items per thread a split layer (batch 1) should aim for, measured in one
+//! process: the fused engine's batch-1 throughput at 1, 2, 4 and 8 items per thread,
+//! alternated in short windows so that a shared machine's slow phases hit every setting alike,
+//! then the median window of each and the per-layer profile.
+//!
+//! ```sh
+//! cargo run --release --example split_bands -- [ARCH] [THREADS]     # default student-deeper 2
+//! SLIMSERVE_SIMD=avx2 cargo run --release --example split_bands     # a forced instruction set
+//! ```
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::Device;
+use slimserve::infer::{FastModel, SPLIT_TASKS_PER_THREAD};
+use slimserve::zoo::{Arch, Model, ModelSpec};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let arch: Arch = args.next().unwrap_or("student-deeper".into()).parse()?;
+    let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()?;
+    let spec = ModelSpec::new(arch, 11, 256);
+    let (_, model) = Model::init(&spec, &Device::Cpu)?;
+    let fast = FastModel::compile(&model)?;
+    let x: Vec<f32> = (0..3 * 256 * 256)
+        .map(|i| (i % 251) as f32 / 251.0)
+        .collect();
+    let settings = [1usize, 2, 4, 8];
+    let mut rates = vec![Vec::new(); settings.len()];
+    let mut profiles = vec![Vec::new(); settings.len()];
+    for round in 0..24 {
+        for k in 0..settings.len() {
+            let m = (k + round) % settings.len();
+            SPLIT_TASKS_PER_THREAD.store(settings[m], Ordering::Relaxed);
+            pool.install(|| {
+                let t = Instant::now();
+                let mut n = 0;
+                while t.elapsed().as_secs_f64() < 0.2 {
+                    std::hint::black_box(fast.forward(&x, 1));
+                    n += 1;
+                }
+                rates[m].push(n as f64 / t.elapsed().as_secs_f64());
+                if round % 3 == 0 {
+                    profiles[m].push(fast.profile(&x, true, 10));
+                }
+            });
+        }
+    }
+    let level = std::env::var("SLIMSERVE_SIMD").unwrap_or_else(|_| "the best detected".into());
+    println!("{arch}, batch 1, {threads} threads, instruction set: {level}");
+    print!("| layer (ms) |");
+    for s in settings {
+        print!(" {s} per thread |");
+    }
+    println!("\n|---|{}", "---|".repeat(settings.len()));
+    for i in 0..profiles[0][0].len() {
+        print!("| {} |", profiles[0][0][i].0);
+        for p in &profiles {
+            print!(
+                " {:.3} |",
+                median(p.iter().map(|p: &Vec<(String, f64)>| p[i].1).collect())
+            );
+        }
+        println!();
+    }
+    print!("| **images/s** (median window) |");
+    for r in rates {
+        print!(" **{:.1}** |", median(r));
+    }
+    println!();
+    Ok(())
+}
