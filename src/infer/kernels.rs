@@ -96,8 +96,8 @@ pub(super) fn fill_padded(
 /// Work items per thread when one image's layer is split over rayon's pool (batch 1): its
 /// row bands, or its output-channel slices when the rows are too few. One per thread measured
 /// fastest: `cargo run --release --example split_bands` alternates 1, 2, 4 and 8 in one process
-/// (2-core Zen 4, 2026-12-07, forced AVX2: student-deeper batch 1 +2 to +7% over 2, the previous
-/// value; big even; AVX-512 +3%); each extra fork-join and each band's own halo and GEMM
+/// (2-core Zen 4, 2026-12-07, forced AVX2: student-deeper batch 1 +1.5 to +8% over 2, the
+/// previous value; big +1.6%; AVX-512 +3%); each extra fork-join and each band's own halo and GEMM
 /// set-up cost more than the balance they buy when every thread runs the same kernel.
 /// A benchmark hook, not a setting: `examples/split_bands.rs` stores to it.
 #[doc(hidden)]
