@@ -105,6 +105,42 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
     assert_eq!(cfg["architecture"], "big");
     assert_eq!(cfg["labels"][0], "bread");
     assert!(cfg["provenance"]["val_accuracy"].as_f64().is_some());
+    assert_eq!(
+        cfg["provenance"]["images_seen"], 48,
+        "2 epochs of the 24 readable training images"
+    );
+
+    // --train-on-val: the 9 validation images join the 24 training ones for a fixed epoch
+    // count, the last epoch is kept, and no held-out validation figure is recorded.
+    let tv = tmp.path().join("train-on-val");
+    let log = ok(&run(&strings(&[
+        "train",
+        "--arch",
+        "student-deeper",
+        "--data",
+        &data,
+        "--out",
+        &s(&tv),
+        "--input-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--train-on-val",
+    ])));
+    assert!(log.contains("validation images trained on"), "{log}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tv.join("best/config.json")).unwrap()).unwrap();
+    // 8 full batches of 4 from the 33 readable images (6 from the training images alone).
+    assert_eq!(cfg["provenance"]["images_seen"], 32, "{cfg}");
+    assert!(cfg["provenance"].get("val_accuracy").is_none(), "{cfg}");
+    assert!(
+        cfg["provenance"]["notes"]
+            .as_str()
+            .is_some_and(|n| n.contains("training and validation splits (34 images)")),
+        "{cfg}"
+    );
 
     // The student must take the teacher's input size.
     let kd = tmp.path().join("kd");
