@@ -29,19 +29,26 @@ pub fn smoothed_cross_entropy(logits: &Tensor, labels: &Tensor, eps: f64) -> Res
 
 /// The hard-label loss of one batch: smoothed cross-entropy, and under mixup (inputs
 /// `lambda * x + (1 - lambda) * x[perm]`) the same mix of the losses against both label sets.
+/// One log-softmax serves every term: `(1 - eps) * (lambda * NLL(y) + (1 - lambda) * NLL(y2))
+/// + eps * mean(-log p)`, the same as mixing two [`smoothed_cross_entropy`]s.
 pub fn hard_loss(
     logits: &Tensor,
     labels: &Tensor,
     mixed_with: Option<(&Tensor, f64)>,
     eps: f64,
 ) -> Result<Tensor> {
-    let first = smoothed_cross_entropy(logits, labels, eps)?;
-    match mixed_with {
-        None => Ok(first),
+    let log_p = log_softmax(logits, D::Minus1)?;
+    let nll = candle_nn::loss::nll(&log_p, labels)?;
+    let nll = match mixed_with {
+        None => nll,
         Some((other, lambda)) => {
-            (first * lambda)? + (smoothed_cross_entropy(logits, other, eps)? * (1.0 - lambda))?
+            ((nll * lambda)? + (candle_nn::loss::nll(&log_p, other)? * (1.0 - lambda))?)?
         }
+    };
+    if eps == 0.0 {
+        return Ok(nll);
     }
+    (nll * (1.0 - eps))? + (log_p.mean_all()?.neg()? * eps)?
 }
 
 /// KL(softmax(t/T) || softmax(s/T)) with batch-mean reduction; the teacher carries no gradient.
@@ -147,6 +154,14 @@ mod tests {
         let ce2 = scalar(cross_entropy(&s, &y2).unwrap());
         let mixed = scalar(hard_loss(&s, &y, Some((&y2, 0.3)), 0.0).unwrap());
         assert!((mixed - (0.3 * ce + 0.7 * ce2)).abs() < 1e-5, "{mixed}");
+        // Smoothed and mixed: the lambda-weighted mix of the two smoothed losses.
+        let both = scalar(hard_loss(&s, &y, Some((&y2, 0.3)), 0.1).unwrap());
+        let smooth2 = scalar(smoothed_cross_entropy(&s, &y2, 0.1).unwrap());
+        assert!(
+            (both - (0.3 * smooth + 0.7 * smooth2)).abs() < 1e-5,
+            "{both}"
+        );
+        assert!((scalar(hard_loss(&s, &y, None, 0.1).unwrap()) - smooth).abs() < 1e-6);
         // The distillation loss is unchanged by its split into terms.
         let t = Tensor::new(&[[2.0f32, 1.0, 0.0], [0.5, 0.5, 2.0]], &d).unwrap();
         let whole = scalar(distillation(&s, &t, &y, 2.0, 0.5).unwrap());
