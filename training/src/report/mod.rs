@@ -196,7 +196,14 @@ fn read_run(name: &str, dir: &Path) -> Result<(ModelRow, RunData)> {
             .filter(|r| r.val_accuracy.is_finite())
             .max_by(|a, b| a.val_accuracy.total_cmp(&b.val_accuracy)),
     };
-    let accuracy = p.val_accuracy.or(best_row.map(|r| r.val_accuracy));
+    // A run that trained on its validation images (`--train-on-val`) has no held-out figure:
+    // its logged validation accuracy must not reach the table, and its curves say so.
+    let trained_on_val = trained_on_val(dir);
+    let accuracy = if trained_on_val {
+        None
+    } else {
+        p.val_accuracy.or(best_row.map(|r| r.val_accuracy))
+    };
     let images = p.val_images.map(|n| n as u64);
     let row = ModelRow {
         name: name.to_string(),
@@ -217,10 +224,24 @@ fn read_run(name: &str, dir: &Path) -> Result<(ModelRow, RunData)> {
     Ok((
         row,
         RunData {
-            name: name.to_string(),
+            name: if trained_on_val {
+                format!("{name} (validation trained on)")
+            } else {
+                name.to_string()
+            },
             log,
         },
     ))
+}
+
+/// Whether the run in `dir` trained on its validation images (`train_on_val` in its
+/// `run.json`); a run without that file (or an older one) did not.
+fn trained_on_val(dir: &Path) -> bool {
+    std::fs::read(dir.join("run.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["config"]["train_on_val"].as_bool())
+        .unwrap_or(false)
 }
 
 fn read_model(input: &ModelInput) -> Result<ModelRow> {

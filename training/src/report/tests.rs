@@ -275,6 +275,34 @@ fn writes_table_plots_and_commands() {
 }
 
 #[test]
+fn a_run_trained_on_validation_reports_no_validation_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("teacher");
+    run_dir(
+        &dir,
+        &["1,0.500000,0.850000,0.010000,1.000000,90.00,400,30.0,0.001"],
+        Provenance {
+            epochs: Some(1),
+            images_seen: Some(400),
+            ..Default::default()
+        },
+        100,
+    );
+    // Without run.json (or with train_on_val false) the logged figure is the run's.
+    let (row, run) = read_run("teacher", &dir).unwrap();
+    assert_eq!(row.accuracy, Some(1.0));
+    assert_eq!(run.name, "teacher");
+    std::fs::write(
+        dir.join("run.json"),
+        r#"{"config": {"train_on_val": true, "epochs": 1}}"#,
+    )
+    .unwrap();
+    let (row, run) = read_run("teacher", &dir).unwrap();
+    assert_eq!(row.accuracy, None, "trained on: not a held-out figure");
+    assert_eq!(run.name, "teacher (validation trained on)");
+}
+
+#[test]
 fn only_prune_runs_give_only_the_pruning_plot() {
     let mut f = fixture();
     f.spec.runs.clear();
