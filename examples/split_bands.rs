@@ -4,14 +4,19 @@
 //! then the median window of each and the per-layer profile.
 //!
 //! ```sh
-//! cargo run --release --example split_bands -- [ARCH] [THREADS]     # default student-deeper 2
+//! cargo run --release --example split_bands -- [ARCH] [THREADS] [steal|static|both]
+//!                                                    # default student-deeper 2 steal
 //! SLIMSERVE_SIMD=avx2 cargo run --release --example split_bands     # a forced instruction set
 //! ```
+//!
+//! `steal` hands the items out by rayon's work stealing (the engine's default), `static` gives
+//! thread i the i-th contiguous share of them every layer ([`STATIC_SPLIT`]), `both` alternates
+//! all eight settings.
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::Device;
-use slimserve::infer::{FastModel, SPLIT_TASKS_PER_THREAD};
+use slimserve::infer::{FastModel, SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
 use slimserve::zoo::{Arch, Model, ModelSpec};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -23,6 +28,12 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let arch: Arch = args.next().unwrap_or("student-deeper".into()).parse()?;
     let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
+    let modes: &[bool] = match args.next().as_deref().unwrap_or("steal") {
+        "steal" => &[false],
+        "static" => &[true],
+        "both" => &[false, true],
+        other => anyhow::bail!("expected steal, static or both, got {other}"),
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()?;
@@ -32,13 +43,17 @@ fn main() -> anyhow::Result<()> {
     let x: Vec<f32> = (0..3 * 256 * 256)
         .map(|i| (i % 251) as f32 / 251.0)
         .collect();
-    let settings = [1usize, 2, 4, 8];
+    let settings: Vec<(usize, bool)> = modes
+        .iter()
+        .flat_map(|&m| [1usize, 2, 4, 8].map(|k| (k, m)))
+        .collect();
     let mut rates = vec![Vec::new(); settings.len()];
     let mut profiles = vec![Vec::new(); settings.len()];
     for round in 0..24 {
         for k in 0..settings.len() {
             let m = (k + round) % settings.len();
-            SPLIT_TASKS_PER_THREAD.store(settings[m], Ordering::Relaxed);
+            SPLIT_TASKS_PER_THREAD.store(settings[m].0, Ordering::Relaxed);
+            STATIC_SPLIT.store(settings[m].1, Ordering::Relaxed);
             pool.install(|| {
                 let t = Instant::now();
                 let mut n = 0;
@@ -56,8 +71,15 @@ fn main() -> anyhow::Result<()> {
     let level = std::env::var("SLIMSERVE_SIMD").unwrap_or_else(|_| "the best detected".into());
     println!("{arch}, batch 1, {threads} threads, instruction set: {level}");
     print!("| layer (ms) |");
-    for s in settings {
-        print!(" {s} per thread |");
+    for &(k, fixed) in &settings {
+        let how = if fixed {
+            ", static"
+        } else if modes.len() > 1 {
+            ", stealing"
+        } else {
+            ""
+        };
+        print!(" {k} per thread{how} |");
     }
     println!("\n|---|{}", "---|".repeat(settings.len()));
     for i in 0..profiles[0][0].len() {

@@ -79,6 +79,22 @@ pub(crate) fn level() -> u8 {
     PORTABLE
 }
 
+/// The name of the level the kernels run with ([`NAMES`]), for benchmark headers, and whether
+/// the CPU (as CPUID reports it) has AVX-512 at all.
+pub fn describe() -> String {
+    #[cfg(target_arch = "x86_64")]
+    let cpu = if is_x86_feature_detected!("avx512f") {
+        "the CPU reports AVX-512"
+    } else if is_x86_feature_detected!("avx2") {
+        "the CPU reports AVX2, no AVX-512"
+    } else {
+        "the CPU reports neither AVX2 nor AVX-512"
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let cpu = std::env::consts::ARCH;
+    format!("{} ({cpu})", NAMES[level() as usize])
+}
+
 /// Defines a kernel function compiled three times (AVX-512, AVX2 + FMA, baseline) and
 /// dispatching on [`level`] at run time, since the crate itself is built for the baseline
 /// x86-64 (SSE2), which leaves the elementwise passes 4 lanes wide. Arguments must be plain

@@ -1,7 +1,7 @@
 //! The fused CPU kernels of [`super::FastModel`], on one image's NCHW f32 buffers.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -103,6 +103,14 @@ pub(super) fn fill_padded(
 #[doc(hidden)]
 pub static SPLIT_TASKS_PER_THREAD: AtomicUsize = AtomicUsize::new(1);
 
+/// How a split layer's work items reach the threads: `false`, rayon's work stealing (any
+/// thread may take any band, so a band's input often sits in another core's cache); `true`,
+/// `rayon::broadcast` with thread `i` of `n` taking the `i`-th contiguous share of the items,
+/// so the same rows stay on the same core from layer to layer. A benchmark hook, not a
+/// setting: `examples/split_bands.rs` stores to it.
+#[doc(hidden)]
+pub static STATIC_SPLIT: AtomicBool = AtomicBool::new(false);
+
 /// How many work items a split layer aims for: [`SPLIT_TASKS_PER_THREAD`] per thread.
 pub(super) fn split_tasks() -> usize {
     SPLIT_TASKS_PER_THREAD.load(Ordering::Relaxed).max(1) * rayon::current_num_threads()
@@ -169,7 +177,15 @@ pub(super) fn for_tasks(
     split: bool,
     f: impl Fn((usize, usize), (usize, usize)) + Sync,
 ) {
-    if split && tasks.len() > 1 {
+    if split && tasks.len() > 1 && STATIC_SPLIT.load(Ordering::Relaxed) {
+        rayon::broadcast(|ctx| {
+            let (i, n) = (ctx.index(), ctx.num_threads());
+            let share = &tasks[tasks.len() * i / n..tasks.len() * (i + 1) / n];
+            for &(y0, y1, o0, o1) in share {
+                f((y0, y1), (o0, o1));
+            }
+        });
+    } else if split && tasks.len() > 1 {
         tasks
             .par_iter()
             .for_each(|&(y0, y1, o0, o1)| f((y0, y1), (o0, o1)));

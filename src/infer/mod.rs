@@ -51,7 +51,7 @@ use inverted::{Inverted, Pointwise, Strided3x3};
 use kernels::conv3x3;
 pub use kernels::Act;
 #[doc(hidden)]
-pub use kernels::SPLIT_TASKS_PER_THREAD;
+pub use kernels::{SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
 use separable::Separable;
 
 /// Why a model has no compiled form.

@@ -502,6 +502,34 @@ fn concurrent_images_on_one_pool_get_their_own_answers() {
     });
 }
 
+/// Handing a split layer's work items out statically (thread i takes the i-th share, the
+/// `STATIC_SPLIT` hook) computes the same bands as work stealing: the same logits, bit for bit,
+/// for every architecture the engine compiles (the separable, Winograd, direct and inverted
+/// layers all split through `for_tasks`). Other tests may run split while the flag is set;
+/// their answers do not change either.
+#[test]
+fn static_split_gives_the_same_logits() {
+    use std::sync::atomic::Ordering;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let mut rng = StdRng::seed_from_u64(13);
+    for (arch, size) in [
+        (Arch::StudentDeeper, 64),
+        (Arch::Big, 64),
+        (Arch::MobileNetV2, 64),
+    ] {
+        let fast = FastModel::compile(&model(arch, size, 3)).unwrap();
+        let x = rand_vec(&mut rng, 3 * size * size, 1.0);
+        let stealing = pool.install(|| fast.forward(&x, 1));
+        super::STATIC_SPLIT.store(true, Ordering::Relaxed);
+        let fixed = pool.install(|| fast.forward(&x, 1));
+        super::STATIC_SPLIT.store(false, Ordering::Relaxed);
+        assert_eq!(fixed, stealing, "{arch}: static split changed the logits");
+    }
+}
+
 /// After `release_scratch` no thread of the pool holds activation buffers (nor the image's
 /// band buffers), and the next batch allocates them again and answers the same.
 #[test]

@@ -95,6 +95,8 @@ struct Row {
 
 #[derive(Serialize)]
 struct Output {
+    /// The fused engine's instruction set, and what the CPU reports.
+    instruction_set: String,
     sgemm_peak_gflops: f64,
     rows: Vec<Row>,
 }
@@ -200,6 +202,7 @@ fn fused_images_per_s(model: Engine<'_>, batch: usize, size: usize, seconds: f64
 }
 
 fn profile(archs: &[Arch], args: &Args, py: &Path, script: &Path, tmp: &Path) -> Result<()> {
+    println!("fused engine: {}", slimserve::simd::describe());
     for &arch in archs {
         let spec = ModelSpec::new(arch, 11, args.input_size);
         let (_, model) = Model::init(&spec, &Device::Cpu)?;
@@ -580,6 +583,7 @@ pub fn run(args: Args) -> Result<()> {
     let peak = sgemm_peak(args.threads, args.seconds);
     if !args.json {
         eprintln!("sgemm peak ({} threads): {peak:.1} GFLOP/s", args.threads);
+        eprintln!("fused engine: {}", slimserve::simd::describe());
     }
     let mut rows = Vec::new();
     for arch in archs {
@@ -645,16 +649,18 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.json {
         let out = Output {
+            instruction_set: slimserve::simd::describe(),
             sgemm_peak_gflops: peak,
             rows,
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "\nsgemm peak, {} threads, same run: {peak:.1} GFLOP/s\n\n\
+            "\nsgemm peak, {} threads, same run: {peak:.1} GFLOP/s; fused engine: {}\n\n\
              | model | weights | batch | M MAC/img | candle img/s | fused img/s | ONNX Runtime img/s | best / ORT | share of sgemm peak |\n\
              |---|---|---|---|---|---|---|---|---|",
-            args.threads
+            args.threads,
+            slimserve::simd::describe()
         );
         for r in &rows {
             println!(
