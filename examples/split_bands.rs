@@ -68,7 +68,7 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
-    let level = std::env::var("SLIMSERVE_SIMD").unwrap_or_else(|_| "the best detected".into());
+    let level = slimserve::simd::describe();
     println!("{arch}, batch 1, {threads} threads, instruction set: {level}");
     print!("| layer (ms) |");
     for &(k, fixed) in &settings {

@@ -51,8 +51,11 @@ run teacher train 30 --arch mobilenet-v2 --init "$PRETRAINED" --input-size 224 -
 run kd distill 150 --teacher "$RUNS/teacher/best" --arch student-deeper --input-size 256 \
   --lr 1e-3 --temperature 20 --alpha 0.5 --train-on-val
 
+# models/big/LICENSE (the pretrained weights' MIT notice) outlives the replacement.
+licence=$(cat models/big/LICENSE)
 rm -rf models/big models/kd models/kd-q8 models/kd-int8
 cp -r "$RUNS/teacher/best" models/big
+printf '%s\n' "$licence" >models/big/LICENSE
 cp -r "$RUNS/kd/best" models/kd
 "$SLIMTRAIN" quantize --model models/kd --out models/kd-q8 --format uint8
 "$SLIMTRAIN" quantize --model models/kd --out models/kd-int8 --format int8 --calibration-data "$DATA" --seed 1

@@ -81,8 +81,9 @@ fn models_table(out: &mut String, rows: &[ModelRow]) {
         "\nval acc: top-1 accuracy on the validation split recorded in the model's provenance, or \
          from the `slimtrain eval --json` file given with `--model` (its split in parentheses when \
          not `val`); the interval is the Wilson score interval over `images`. epochs, images seen \
-         and wall time count up to the saved (best-on-validation) epoch; `E of N`: the run went \
-         on to epoch N. params: trainable parameters (BatchNorm running statistics excluded).\n",
+         and wall time count up to the saved epoch (the best on validation; the last for a run \
+         trained on its validation images, whose accuracy shows as –); `E of N`: the run went on \
+         to epoch N. params: trainable parameters (BatchNorm running statistics excluded).\n",
     );
     let baselines: Vec<(&str, f64, Option<u64>)> = rows
         .iter()
