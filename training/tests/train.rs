@@ -141,6 +141,28 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
             .is_some_and(|n| n.contains("training and validation splits (34 images)")),
         "{cfg}"
     );
+    // Resuming it without the flag would train the rest on other data: refused.
+    let refused = slimtrain(&[
+        "train",
+        "--arch",
+        "student-deeper",
+        "--data",
+        &data,
+        "--out",
+        &s(&tv),
+        "--input-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--resume",
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("had --train-on-val"),
+        "{err}"
+    );
 
     // The student must take the teacher's input size.
     let kd = tmp.path().join("kd");

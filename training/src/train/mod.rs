@@ -401,6 +401,17 @@ pub fn fit(
                 info_path.display()
             );
         }
+        if recorded.config.train_on_val != cfg.train_on_val {
+            bail!(
+                "--resume: the original run {} --train-on-val; pass the same ({})",
+                if recorded.config.train_on_val {
+                    "had"
+                } else {
+                    "did not have"
+                },
+                info_path.display()
+            );
+        }
     } else if checkpoint.is_some() {
         bail!(
             "{} already holds a run; pass --resume to continue it, or choose another --out",
