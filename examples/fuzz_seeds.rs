@@ -1,7 +1,8 @@
 //! Writes the generated part of the fuzz targets' seed corpora (`fuzz/seeds/`): images encoded
 //! by real encoders in every supported format, requests of both APIs as clients put them on
 //! the wire, and tiny model directories of every small architecture in every weight format
-//! (plus their F32 safetensors, which `fuzz/make_seeds.sh` also turns into PyTorch zip and
+//! (int8 with activation ranges calibrated on one image, where the architecture has an int8
+//! form; plus their F32 safetensors, which `fuzz/make_seeds.sh` also turns into PyTorch zip and
 //! legacy checkpoints). Deterministic: rerunning writes the same bytes.
 //!
 //!   cargo run --release --example fuzz_seeds -- fuzz/seeds
@@ -9,6 +10,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
+use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use prost::Message;
 use slimserve::formats::model_dir;
@@ -16,7 +18,9 @@ use slimserve::formats::model_dir::ModelConfig;
 use slimserve::formats::weights::{self, WeightFormat};
 use slimserve::fuzzing::{join_model_dir, INPUT_SIZE};
 use slimserve::grpc::pb::{inference, slimserve::v1 as own};
-use slimserve::zoo::{Arch, ModelSpec};
+use slimserve::infer::qmodel::Int8Model;
+use slimserve::infer::FastModel;
+use slimserve::zoo::{Arch, Model, ModelSpec};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::create_dir_all(dir).unwrap();
@@ -191,9 +195,22 @@ fn model_dirs(dir: &Path, checkpoints: &Path) {
         }
         let mut spec = ModelSpec::new(arch, 3, arch.min_input_size());
         spec.widths = spec.widths.iter().map(|w| (w / 16).clamp(4, 8)).collect();
-        let (varmap, _) = slimserve::zoo::test_models::input_dependent(&spec, 7);
-        let tensors = slimserve::zoo::varmap_tensors(&varmap);
+        let (varmap, model) = slimserve::zoo::test_models::input_dependent(&spec, 7);
+        let f32_tensors = slimserve::zoo::varmap_tensors(&varmap);
         for format in WeightFormat::ALL {
+            let mut tensors = f32_tensors.clone();
+            if format == WeightFormat::Int8 {
+                // Ranges calibrated on one fixed image, as `slimtrain quantize --format int8`
+                // stores them; an architecture without an int8 form gets no int8 seed.
+                let Some(ranges) = int8_ranges(&model, &spec) else {
+                    continue;
+                };
+                let flat: Vec<f32> = ranges.iter().flat_map(|&(lo, hi)| [lo, hi]).collect();
+                tensors.insert(
+                    weights::ACTIVATION_RANGES_KEY.to_string(),
+                    Tensor::from_vec(flat, (ranges.len(), 2), &Device::Cpu).unwrap(),
+                );
+            }
             let mut config = ModelConfig::new(spec.clone(), model_dir::default_labels(3));
             config.weights.format = format;
             let json = serde_json::to_vec_pretty(&config).unwrap();
@@ -208,6 +225,17 @@ fn model_dirs(dir: &Path, checkpoints: &Path) {
             }
         }
     }
+}
+
+/// The int8 engine's activation ranges for `model` over one deterministic image, or `None`
+/// when the architecture has no int8 form.
+fn int8_ranges(model: &Model, spec: &ModelSpec) -> Option<Vec<(f32, f32)>> {
+    let fast = FastModel::compile(model).ok()?;
+    let s = spec.input_size;
+    let x: Vec<f32> = (0..3 * s * s).map(|i| (i % 251) as f32 / 251.0).collect();
+    let ranges = fast.calibrate(&x, 1);
+    Int8Model::compile(model, &ranges).ok()?;
+    Some(ranges)
 }
 
 fn main() {

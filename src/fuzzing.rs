@@ -75,8 +75,8 @@ pub fn join_model_dir(config: &[u8], weights: &[u8]) -> Vec<u8> {
 }
 
 /// What a model directory held: the server's loader (config, weights in any format,
-/// dequantized, checked against the architecture), the fused engine's compiler and the ONNX
-/// exporter. Returns the ONNX file's size.
+/// dequantized, checked against the architecture), the fused engine's compiler, the int8
+/// engine's (for an int8 file's activation ranges) and the ONNX exporter. Returns the ONNX file's size.
 pub fn model_dir(data: &[u8]) -> anyhow::Result<usize> {
     let (config, weights) =
         split_model_dir(data).ok_or_else(|| anyhow::anyhow!("input too short"))?;
@@ -86,5 +86,10 @@ pub fn model_dir(data: &[u8]) -> anyhow::Result<usize> {
     let model = loaded.build(&Device::Cpu)?;
     // Not every architecture compiles; those that do must compile without panicking.
     let _ = FastModel::compile(&model);
+    // An int8 file's stored activation ranges (any values) go to the int8 engine's compiler
+    // as the server's loader passes them: refused or compiled, never a panic.
+    if let Some(ranges) = &loaded.calibration {
+        let _ = crate::infer::qmodel::Int8Model::compile(&model, ranges);
+    }
     Ok(onnx::export(&model)?.len())
 }
