@@ -113,22 +113,24 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
     // --train-on-val: the 9 validation images join the 24 training ones for a fixed epoch
     // count, the last epoch is kept, and no held-out validation figure is recorded.
     let tv = tmp.path().join("train-on-val");
-    let log = ok(&run(&strings(&[
-        "train",
-        "--arch",
-        "student-deeper",
-        "--data",
-        &data,
-        "--out",
-        &s(&tv),
-        "--input-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "1",
-        "--train-on-val",
-    ])));
+    let tv_run = |extra: &[&str]| {
+        let mut a = strings(&[
+            "train",
+            "--arch",
+            "student-deeper",
+            "--data",
+            &data,
+            "--out",
+            &s(&tv),
+            "--input-size",
+            "32",
+            "--batch-size",
+            "4",
+        ]);
+        a.extend(strings(extra));
+        run(&a)
+    };
+    let log = ok(&tv_run(&["--epochs", "1", "--train-on-val"]));
     assert!(log.contains("validation images trained on"), "{log}");
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tv.join("best/config.json")).unwrap()).unwrap();
@@ -142,22 +144,7 @@ fn train_distill_eval_quantize_prune_on_a_food11_folder() {
         "{cfg}"
     );
     // Resuming it without the flag would train the rest on other data: refused.
-    let refused = slimtrain(&[
-        "train",
-        "--arch",
-        "student-deeper",
-        "--data",
-        &data,
-        "--out",
-        &s(&tv),
-        "--input-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "2",
-        "--resume",
-    ]);
+    let refused = tv_run(&["--epochs", "2", "--resume"]);
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && err.contains("had --train-on-val"),
