@@ -76,7 +76,8 @@ pub fn join_model_dir(config: &[u8], weights: &[u8]) -> Vec<u8> {
 
 /// What a model directory held: the server's loader (config, weights in any format,
 /// dequantized, checked against the architecture), the fused engine's compiler, the int8
-/// engine's (for an int8 file's activation ranges) and the ONNX exporter. Returns the ONNX file's size.
+/// engine's (for an int8 file's activation ranges) and the ONNX exporter. Returns the ONNX
+/// file's size.
 pub fn model_dir(data: &[u8]) -> anyhow::Result<usize> {
     let (config, weights) =
         split_model_dir(data).ok_or_else(|| anyhow::anyhow!("input too short"))?;

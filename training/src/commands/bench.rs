@@ -581,9 +581,10 @@ pub fn run(args: Args) -> Result<()> {
         return profile(&archs, &args, &py, &script, tmp.path());
     }
     let peak = sgemm_peak(args.threads, args.seconds);
+    let isa = slimserve::simd::describe();
     if !args.json {
         eprintln!("sgemm peak ({} threads): {peak:.1} GFLOP/s", args.threads);
-        eprintln!("fused engine: {}", slimserve::simd::describe());
+        eprintln!("fused engine: {isa}");
     }
     let mut rows = Vec::new();
     for arch in archs {
@@ -649,7 +650,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.json {
         let out = Output {
-            instruction_set: slimserve::simd::describe(),
+            instruction_set: isa,
             sgemm_peak_gflops: peak,
             rows,
         };
@@ -660,7 +661,7 @@ pub fn run(args: Args) -> Result<()> {
              | model | weights | batch | M MAC/img | candle img/s | fused img/s | ONNX Runtime img/s | best / ORT | share of sgemm peak |\n\
              |---|---|---|---|---|---|---|---|---|",
             args.threads,
-            slimserve::simd::describe()
+            isa
         );
         for r in &rows {
             println!(

@@ -460,10 +460,10 @@ pub fn fit(
 
     // With `train_on_val` the validation images join the training set (the split no longer
     // picks anything: the last epoch's model is kept).
-    let train_samples: Vec<Sample> = if cfg.train_on_val {
+    let train_samples: std::borrow::Cow<[Sample]> = if cfg.train_on_val {
         data.train.iter().chain(&data.val).cloned().collect()
     } else {
-        data.train.clone()
+        (&data.train[..]).into()
     };
     let loader = Loader::new(
         &train_samples,
