@@ -4,19 +4,20 @@
 //! then the median window of each and the per-layer profile.
 //!
 //! ```sh
-//! cargo run --release --example split_bands -- [ARCH] [THREADS] [steal|static|both]
-//!                                                    # default student-deeper 2 steal
+//! cargo run --release --example split_bands -- [ARCH] [THREADS] [spin|steal|static|both|all]
+//!                                                    # default student-deeper 2 spin
 //! SLIMSERVE_SIMD=avx2 cargo run --release --example split_bands     # a forced instruction set
 //! ```
 //!
-//! `steal` hands the items out by rayon's work stealing (the engine's default), `static` gives
-//! thread i the i-th contiguous share of them every layer ([`STATIC_SPLIT`]), `both` alternates
-//! all eight settings.
+//! `spin` holds the pool's threads for the whole image, spinning between layers ([`SPIN_SPLIT`],
+//! the engine's default); `steal` hands each layer's items to rayon's work stealing, `static`
+//! gives thread i the i-th contiguous share of them every layer ([`STATIC_SPLIT`]); `both`
+//! alternates `spin` and `steal`, `all` the three.
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::Device;
-use slimserve::infer::{FastModel, SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
+use slimserve::infer::{FastModel, SPIN_SPLIT, SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
 use slimserve::zoo::{Arch, Model, ModelSpec};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -28,11 +29,18 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let arch: Arch = args.next().unwrap_or("student-deeper".into()).parse()?;
     let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
-    let modes: &[bool] = match args.next().as_deref().unwrap_or("steal") {
-        "steal" => &[false],
-        "static" => &[true],
-        "both" => &[false, true],
-        other => anyhow::bail!("expected steal, static or both, got {other}"),
+    // (spin, static) per mode.
+    let modes: &[(bool, bool, &str)] = match args.next().as_deref().unwrap_or("spin") {
+        "spin" => &[(true, false, "")],
+        "steal" => &[(false, false, "")],
+        "static" => &[(false, true, "")],
+        "both" => &[(true, false, ", spin"), (false, false, ", steal")],
+        "all" => &[
+            (true, false, ", spin"),
+            (false, false, ", steal"),
+            (false, true, ", static"),
+        ],
+        other => anyhow::bail!("expected spin, steal, static, both or all, got {other}"),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -43,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     let x: Vec<f32> = (0..3 * 256 * 256)
         .map(|i| (i % 251) as f32 / 251.0)
         .collect();
-    let settings: Vec<(usize, bool)> = modes
+    let settings: Vec<(usize, (bool, bool, &str))> = modes
         .iter()
         .flat_map(|&m| [1usize, 2, 4, 8].map(|k| (k, m)))
         .collect();
@@ -53,7 +61,8 @@ fn main() -> anyhow::Result<()> {
         for k in 0..settings.len() {
             let m = (k + round) % settings.len();
             SPLIT_TASKS_PER_THREAD.store(settings[m].0, Ordering::Relaxed);
-            STATIC_SPLIT.store(settings[m].1, Ordering::Relaxed);
+            SPIN_SPLIT.store(settings[m].1 .0, Ordering::Relaxed);
+            STATIC_SPLIT.store(settings[m].1 .1, Ordering::Relaxed);
             pool.install(|| {
                 let t = Instant::now();
                 let mut n = 0;
@@ -71,14 +80,7 @@ fn main() -> anyhow::Result<()> {
     let level = slimserve::simd::describe();
     println!("{arch}, batch 1, {threads} threads, instruction set: {level}");
     print!("| layer (ms) |");
-    for &(k, fixed) in &settings {
-        let how = if fixed {
-            ", static"
-        } else if modes.len() > 1 {
-            ", stealing"
-        } else {
-            ""
-        };
+    for &(k, (_, _, how)) in &settings {
         print!(" {k} per thread{how} |");
     }
     println!("\n|---|{}", "---|".repeat(settings.len()));

@@ -103,7 +103,8 @@ pub(super) fn fill_padded(
 #[doc(hidden)]
 pub static SPLIT_TASKS_PER_THREAD: AtomicUsize = AtomicUsize::new(1);
 
-/// How a split layer's work items reach the threads: `false`, rayon's work stealing (any
+/// How a split layer's work items reach the threads when the image runs without a gang
+/// ([`super::gang::SPIN_SPLIT`] off): `false`, rayon's work stealing (any
 /// thread may take any band, so a band's input often sits in another core's cache); `true`,
 /// `rayon::broadcast` with thread `i` of `n` taking the `i`-th contiguous share of the items,
 /// so the same rows stay on the same core from layer to layer. A benchmark hook, not a
@@ -172,27 +173,37 @@ pub(super) fn tasks(
         .collect()
 }
 
+/// Runs `f(rows, channels)` for each work item: in order on this thread, or, when `split`, on
+/// the image's gang ([`super::gang`], the default for a split image), else on rayon's pool.
 pub(super) fn for_tasks(
     tasks: &[(usize, usize, usize, usize)],
     split: bool,
     f: impl Fn((usize, usize), (usize, usize)) + Sync,
 ) {
-    if split && tasks.len() > 1 && STATIC_SPLIT.load(Ordering::Relaxed) {
+    let run = |&(y0, y1, o0, o1): &(usize, usize, usize, usize)| f((y0, y1), (o0, o1));
+    if !split || tasks.len() < 2 {
+        tasks.iter().for_each(run);
+        return;
+    }
+    // The image's gang first: its helpers spin until the image ends, so they would never
+    // take part in a broadcast or a join from here.
+    let held = super::gang::current(|gang| {
+        let gang = gang.filter(|_| tasks.len() <= super::gang::MAX_ITEMS)?;
+        gang.run(tasks.len(), &|i| run(&tasks[i]));
+        Some(())
+    });
+    if held.is_some() {
+        return;
+    }
+    if STATIC_SPLIT.load(Ordering::Relaxed) {
         rayon::broadcast(|ctx| {
             let (i, n) = (ctx.index(), ctx.num_threads());
-            let share = &tasks[tasks.len() * i / n..tasks.len() * (i + 1) / n];
-            for &(y0, y1, o0, o1) in share {
-                f((y0, y1), (o0, o1));
-            }
+            tasks[tasks.len() * i / n..tasks.len() * (i + 1) / n]
+                .iter()
+                .for_each(run);
         });
-    } else if split && tasks.len() > 1 {
-        tasks
-            .par_iter()
-            .for_each(|&(y0, y1, o0, o1)| f((y0, y1), (o0, o1)));
     } else {
-        tasks
-            .iter()
-            .for_each(|&(y0, y1, o0, o1)| f((y0, y1), (o0, o1)));
+        tasks.par_iter().for_each(run);
     }
 }
 

@@ -26,6 +26,7 @@
 mod avx2;
 #[cfg(x86_simd)]
 mod avx512;
+mod gang;
 pub mod int8;
 mod inverted;
 #[cfg(x86_simd)]
@@ -47,6 +48,8 @@ use rayon::prelude::*;
 
 use crate::zoo::layers::{Bn, Conv, Linear, BN_EPS};
 use crate::zoo::{Model, ModelSpec, Net};
+#[doc(hidden)]
+pub use gang::SPIN_SPLIT;
 use inverted::{Inverted, Pointwise, Strided3x3};
 use kernels::conv3x3;
 pub use kernels::Act;
@@ -459,14 +462,25 @@ impl FastModel {
         logits: &mut [f32],
         split: bool,
         timed: bool,
+        ranges: Option<&mut [(f32, f32)]>,
+    ) -> Vec<(String, f64)> {
+        if split {
+            // Every layer splits: hold the pool's threads for the whole image (on a worker).
+            gang::with(|| self.layers_and_head(x, logits, true, timed, ranges))
+        } else {
+            self.layers_and_head(x, logits, false, timed, ranges)
+        }
+    }
+
+    /// [`Self::run`]'s work, on the thread (and gang) it chose.
+    fn layers_and_head(
+        &self,
+        x: &[f32],
+        logits: &mut [f32],
+        split: bool,
+        timed: bool,
         mut ranges: Option<&mut [(f32, f32)]>,
     ) -> Vec<(String, f64)> {
-        if split && rayon::current_thread_index().is_none() {
-            // From outside the pool every parallel layer would hand its work to the pool and
-            // block on a condition variable (tens of microseconds per layer); run the whole
-            // image on a worker instead, so each layer's split is a cheap join.
-            return rayon::scope(|_| self.run(x, logits, split, timed, ranges));
-        }
         if let Some(r) = ranges.as_deref_mut() {
             r[0] = widen(r[0], x);
         }

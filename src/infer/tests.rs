@@ -502,13 +502,14 @@ fn concurrent_images_on_one_pool_get_their_own_answers() {
     });
 }
 
-/// Handing a split layer's work items out statically (thread i takes the i-th share, the
-/// `STATIC_SPLIT` hook) computes the same bands as work stealing: the same logits, bit for bit,
-/// for every architecture the engine compiles (the separable, Winograd, direct and inverted
-/// layers all split through `for_tasks`). Other tests may run split while the flag is set;
-/// their answers do not change either.
+/// However a split layer's work items reach the threads (the gang that holds the pool's threads
+/// for the image, the default; rayon's work stealing, `SPIN_SPLIT` off; thread i taking the
+/// i-th share, the `STATIC_SPLIT` hook), each item computes the same bands: the same logits,
+/// bit for bit, for every architecture the engine compiles (the separable, Winograd, direct and
+/// inverted layers all split through `for_tasks`). Other tests may run split while a flag is
+/// set; their answers do not change either.
 #[test]
-fn static_split_gives_the_same_logits() {
+fn every_way_of_handing_out_a_split_gives_the_same_logits() {
     use std::sync::atomic::Ordering;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
@@ -522,11 +523,18 @@ fn static_split_gives_the_same_logits() {
     ] {
         let fast = FastModel::compile(&model(arch, size, 3)).unwrap();
         let x = rand_vec(&mut rng, 3 * size * size, 1.0);
+        let spinning = pool.install(|| fast.forward(&x, 1));
+        super::SPIN_SPLIT.store(false, Ordering::Relaxed);
         let stealing = pool.install(|| fast.forward(&x, 1));
         super::STATIC_SPLIT.store(true, Ordering::Relaxed);
         let fixed = pool.install(|| fast.forward(&x, 1));
         super::STATIC_SPLIT.store(false, Ordering::Relaxed);
-        assert_eq!(fixed, stealing, "{arch}: static split changed the logits");
+        super::SPIN_SPLIT.store(true, Ordering::Relaxed);
+        assert_eq!(
+            stealing, spinning,
+            "{arch}: work stealing changed the logits"
+        );
+        assert_eq!(fixed, spinning, "{arch}: static split changed the logits");
     }
 }
 

@@ -1,0 +1,345 @@
+//! The threads of one split image (batch 1), held for the whole image: the pool's other
+//! workers spin between layers instead of going back to rayon, which puts an idle worker to
+//! sleep after a few tens of microseconds and then needs 20-30 us to wake it (measured on a
+//! 2-core Zen 4 VM; a layer of a student takes 100-400 us). Each layer then starts on every
+//! thread at once. ONNX Runtime's intra-op pool spins between nodes the same way.
+//!
+//! [`with`] runs an image with a gang: it spawns one helper per other worker into a
+//! `rayon::scope`, and [`current`] hands the gang to [`super::kernels::for_tasks`], whose
+//! [`Gang::run`] publishes a layer's work items; the calling thread and the helpers claim them
+//! one by one from a single atomic word (epoch, item count, next item), so a helper that never
+//! started (its worker busy elsewhere) costs nothing but its share: the caller takes every
+//! item nobody claimed, then waits only for the claimed ones. Helpers stop when the image ends
+//! (or unwinds), so no thread spins past the image.
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Bits of the state word: epoch (32) | items (16) | next item (16).
+const ITEM_BITS: u32 = 16;
+const ITEM_MASK: u64 = (1 << ITEM_BITS) - 1;
+/// The most items one [`Gang::run`] takes.
+pub(super) const MAX_ITEMS: usize = ITEM_MASK as usize;
+/// A helper with nothing to claim for this long yields its core between checks (an image with
+/// serial work between layers, or more workers than cores).
+const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(200);
+
+/// Calls `*(data as *const F)` on item `i`.
+///
+/// # Safety
+/// `data` must point to a live `F`.
+unsafe fn trampoline<F: Fn(usize) + Sync>(data: *const (), i: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { (*data.cast::<F>())(i) }
+}
+
+type Call = unsafe fn(*const (), usize);
+
+pub(super) struct Gang {
+    /// epoch << 32 | items << 16 | next.
+    state: AtomicU64,
+    /// Items of the current epoch finished (by anyone).
+    done: AtomicUsize,
+    /// The current epoch's closure and its trampoline, valid while `done < items`.
+    data: AtomicPtr<()>,
+    call: AtomicPtr<()>,
+    /// Set when the image ends: helpers return to the pool.
+    quit: AtomicBool,
+    /// An item panicked on a helper; the caller panics once the layer is done.
+    panicked: AtomicBool,
+    /// The rayon worker that runs the image (a helper job it pops itself returns at once).
+    owner: AtomicUsize,
+}
+
+thread_local! {
+    /// The gang of the image this thread is running, if any.
+    static CURRENT: Cell<*const Gang> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Whether [`with`] holds the pool's threads for split images; a benchmark hook (on by
+/// default; off: each layer is handed to rayon's work stealing), stored by
+/// `examples/split_bands.rs`.
+#[doc(hidden)]
+pub static SPIN_SPLIT: AtomicBool = AtomicBool::new(true);
+
+/// Runs `f` (one image's layers) with the pool's other workers held in a gang: layers that
+/// split their work inside `f` ([`current`]) run it on all of them. Called off the pool, the
+/// image moves onto a worker first. Without a second thread, or with [`SPIN_SPLIT`] off, only
+/// that move happens.
+pub(super) fn with<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    hold(f, SPIN_SPLIT.load(Ordering::Relaxed))
+}
+
+/// [`with`], with [`SPIN_SPLIT`]'s value passed in (`spin`).
+fn hold<R: Send>(f: impl FnOnce() -> R + Send, spin: bool) -> R {
+    let threads = rayon::current_num_threads();
+    let nested = CURRENT.with(|c| !c.get().is_null());
+    if threads < 2 || nested || !spin {
+        // From outside the pool every split would hand its work to the pool and block on a
+        // condition variable; run the image on a worker so each split is a cheap join.
+        return if rayon::current_thread_index().is_none() {
+            rayon::scope(|_| f())
+        } else {
+            f()
+        };
+    }
+    let gang = Gang {
+        state: AtomicU64::new(0),
+        done: AtomicUsize::new(0),
+        data: AtomicPtr::new(std::ptr::null_mut()),
+        call: AtomicPtr::new(std::ptr::null_mut()),
+        quit: AtomicBool::new(false),
+        panicked: AtomicBool::new(false),
+        owner: AtomicUsize::new(usize::MAX),
+    };
+    let gang = &gang;
+    // The scope ends only when every helper has returned, so none outlives `gang`.
+    rayon::scope(move |s| {
+        let owner = rayon::current_thread_index().expect("a scope runs on a worker");
+        gang.owner.store(owner, Ordering::Relaxed);
+        for _ in 1..threads {
+            s.spawn(move |_| gang.help());
+        }
+        struct Release<'a>(&'a Gang);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                CURRENT.with(|c| c.set(std::ptr::null()));
+                self.0.quit.store(true, Ordering::Release);
+            }
+        }
+        CURRENT.with(|c| c.set(gang));
+        let _release = Release(gang);
+        f()
+    })
+}
+
+/// Calls `f` with the gang of the image the calling thread runs, if any.
+pub(super) fn current<R>(f: impl FnOnce(Option<&Gang>) -> R) -> R {
+    let p = CURRENT.with(|c| c.get());
+    // SAFETY: `with` sets the pointer on this thread for the duration of its scope only and
+    // clears it before the gang goes away; the reference does not leave `f`, which runs
+    // inside that scope.
+    f((!p.is_null()).then(|| unsafe { &*p }))
+}
+
+impl Gang {
+    /// Runs `f(0)`, ..., `f(items - 1)` on the calling thread and the helpers, and returns when
+    /// all have finished. Must be called by the thread that owns the gang.
+    pub(super) fn run<F: Fn(usize) + Sync>(&self, items: usize, f: &F) {
+        assert!(
+            items <= MAX_ITEMS,
+            "{items} work items (at most {MAX_ITEMS})"
+        );
+        if items == 0 {
+            return;
+        }
+        self.data
+            .store((f as *const F).cast_mut().cast(), Ordering::Relaxed);
+        self.call
+            .store(trampoline::<F> as Call as *mut (), Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+        let epoch = (self.state.load(Ordering::Relaxed) >> 32) + 1;
+        // Publishes the closure: a helper's claim (Acquire) of this epoch sees the stores above.
+        self.state
+            .store(epoch << 32 | (items as u64) << ITEM_BITS, Ordering::Release);
+        let mut mine = None;
+        while let Some(i) = self.claim() {
+            if let Err(e) = catch_unwind(AssertUnwindSafe(|| f(i))) {
+                mine.get_or_insert(e);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+        // Items claimed by helpers borrow `f` and this layer's buffers: wait for them even when
+        // one of ours panicked.
+        while self.done.load(Ordering::Acquire) < items {
+            std::hint::spin_loop();
+        }
+        if let Some(e) = mine {
+            resume_unwind(e);
+        }
+        if self.panicked.load(Ordering::Relaxed) {
+            panic!("a split layer's work item panicked on another thread");
+        }
+    }
+
+    /// Claims the next unclaimed item of the current epoch.
+    fn claim(&self) -> Option<usize> {
+        let mut s = self.state.load(Ordering::Acquire);
+        loop {
+            let (items, next) = ((s >> ITEM_BITS) & ITEM_MASK, s & ITEM_MASK);
+            if next >= items {
+                return None;
+            }
+            match self
+                .state
+                .compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(next as usize),
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    /// A helper: claims and runs items until the image ends.
+    fn help(&self) {
+        let me = rayon::current_thread_index();
+        if me.is_none() || me == Some(self.owner.load(Ordering::Relaxed)) {
+            // The owner popped its own helper job (it waits in the scope's end, or in a join
+            // inside the image): spinning here would never end.
+            return;
+        }
+        let mut idle = Instant::now();
+        let mut checks = 0u32;
+        while !self.quit.load(Ordering::Acquire) {
+            if let Some(i) = self.claim() {
+                // SAFETY: the claim succeeded for this epoch, so its closure is live until
+                // `done` reaches its item count, which needs this item's increment below.
+                let (data, call) = (
+                    self.data.load(Ordering::Relaxed),
+                    self.call.load(Ordering::Relaxed),
+                );
+                // SAFETY: `call` was stored as a `Call` by `run` (the same epoch's).
+                let call: Call = unsafe { std::mem::transmute::<*mut (), Call>(call) };
+                // SAFETY: `data` is that epoch's live closure, of the trampoline's type.
+                if catch_unwind(AssertUnwindSafe(|| unsafe { call(data, i) })).is_err() {
+                    self.panicked.store(true, Ordering::Relaxed);
+                }
+                self.done.fetch_add(1, Ordering::Release);
+                idle = Instant::now();
+                checks = 0;
+                continue;
+            }
+            checks += 1;
+            if checks.is_multiple_of(64) && idle.elapsed() > SPIN_BEFORE_YIELD {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work that takes `d` (a wake-up of the other worker takes tens of microseconds).
+    fn busy(d: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < d {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn pool(threads: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+    }
+
+    /// Every item of every layer runs exactly once, on more than one thread over many
+    /// layers, and `run` returns only when all are done (each layer reads the last one's
+    /// counts).
+    #[test]
+    fn each_item_runs_once_and_the_helpers_take_part() {
+        for threads in [2, 3] {
+            let (counts, last): (Vec<AtomicUsize>, Vec<AtomicUsize>) = (0..64)
+                .map(|_| (AtomicUsize::new(0), AtomicUsize::new(usize::MAX)))
+                .unzip();
+            let helped = AtomicUsize::new(0);
+            pool(threads).install(|| {
+                hold(
+                    || {
+                        let me = rayon::current_thread_index();
+                        for layer in 1..=300 {
+                            let items = 1 + layer % 64;
+                            current(|g| {
+                                g.expect("a gang inside `with`").run(items, &|i| {
+                                    assert_eq!(counts[i].load(Ordering::Relaxed), layer - 1);
+                                    busy(Duration::from_micros(3));
+                                    counts[i].fetch_add(1, Ordering::Relaxed);
+                                    if rayon::current_thread_index() != me {
+                                        helped.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    last[i].store(layer, Ordering::Relaxed);
+                                })
+                            });
+                            for c in &counts[items..] {
+                                c.fetch_add(1, Ordering::Relaxed);
+                            }
+                            assert!(last[..items]
+                                .iter()
+                                .all(|l| l.load(Ordering::Relaxed) == layer));
+                        }
+                    },
+                    true,
+                )
+            });
+            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 300));
+            assert!(
+                helped.load(Ordering::Relaxed) > 0,
+                "{threads} threads: no item ran on a helper"
+            );
+        }
+    }
+
+    /// A panic in an item, on the owner or on a helper, reaches the caller of `with` once
+    /// the layer's other items are done, and the pool runs the next gang as before.
+    #[test]
+    fn a_panicking_item_panics_the_image_and_the_pool_recovers() {
+        let pool = pool(2);
+        for bad in [0, 7] {
+            let finished = AtomicUsize::new(0);
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                pool.install(|| {
+                    hold(
+                        || {
+                            current(|g| {
+                                g.unwrap().run(8, &|i| {
+                                    if i == bad {
+                                        panic!("item {i}");
+                                    }
+                                    busy(Duration::from_micros(200));
+                                    finished.fetch_add(1, Ordering::Relaxed);
+                                })
+                            })
+                        },
+                        true,
+                    )
+                })
+            }));
+            assert!(r.is_err(), "item {bad}'s panic was lost");
+            assert_eq!(finished.load(Ordering::Relaxed), 7, "items left running");
+            let sum = AtomicUsize::new(0);
+            pool.install(|| {
+                let add = |i| _ = sum.fetch_add(i, Ordering::Relaxed);
+                hold(|| current(|g| g.unwrap().run(5, &add)), true)
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 10);
+        }
+    }
+
+    /// On one thread, nested, or with spinning off, `hold` runs `f` without a new gang.
+    #[test]
+    fn no_gang_without_a_second_thread_when_nested_or_off() {
+        pool(1).install(|| hold(|| current(|g| assert!(g.is_none())), true));
+        pool(2).install(|| {
+            hold(
+                || {
+                    let outer = current(|g| g.map(|g| g as *const Gang as usize)).expect("a gang");
+                    let inner = hold(|| current(|g| g.map(|g| g as *const Gang as usize)), true);
+                    assert_eq!(inner, Some(outer));
+                },
+                true,
+            )
+        });
+        assert!(pool(2).install(|| hold(|| current(|g| g.is_none()), false)));
+        // Called off the pool, the image moves onto a worker (with a gang or without).
+        for spin in [true, false] {
+            assert!(hold(|| rayon::current_thread_index().is_some(), spin));
+        }
+    }
+}
