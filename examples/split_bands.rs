@@ -4,19 +4,22 @@
 //! then the median window of each and the per-layer profile.
 //!
 //! ```sh
-//! cargo run --release --example split_bands -- [ARCH] [THREADS] [spin|steal|static|both|all]
-//!                                                    # default student-deeper 2 spin
+//! cargo run --release --example split_bands -- [ARCH] [THREADS] [spin|steal|static|both|all] [int8]
+//!                                                    # default student-deeper 2 spin (f32)
 //! SLIMSERVE_SIMD=avx2 cargo run --release --example split_bands     # a forced instruction set
 //! ```
 //!
 //! `spin` holds the pool's threads for the whole image, spinning between layers ([`SPIN_SPLIT`],
 //! the engine's default); `steal` hands each layer's items to rayon's work stealing, `static`
 //! gives thread i the i-th contiguous share of them every layer ([`STATIC_SPLIT`]); `both`
-//! alternates `spin` and `steal`, `all` the three.
+//! alternates `spin` and `steal`, `all` the three. `int8` measures the int8 engine (calibrated on
+//! the one synthetic image) instead of the f32 one; its profile is not split, so only its
+//! images/s row differs between settings.
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::Device;
+use slimserve::infer::qmodel::Int8Model;
 use slimserve::infer::{FastModel, SPIN_SPLIT, SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
 use slimserve::zoo::{Arch, Model, ModelSpec};
 
@@ -51,6 +54,15 @@ fn main() -> anyhow::Result<()> {
     let x: Vec<f32> = (0..3 * 256 * 256)
         .map(|i| (i % 251) as f32 / 251.0)
         .collect();
+    let int8 = match args.next().as_deref() {
+        None => None,
+        Some("int8") => Some(Int8Model::compile(&model, &fast.calibrate(&x, 1))?),
+        Some(other) => anyhow::bail!("expected int8 or nothing, got {other}"),
+    };
+    let forward = |x: &[f32]| match &int8 {
+        Some(q) => q.forward(x, 1),
+        None => fast.forward(x, 1),
+    };
     let settings: Vec<(usize, (bool, bool, &str))> = modes
         .iter()
         .flat_map(|&m| [1usize, 2, 4, 8].map(|k| (k, m)))
@@ -67,7 +79,7 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 let mut n = 0;
                 while t.elapsed().as_secs_f64() < 0.2 {
-                    std::hint::black_box(fast.forward(&x, 1));
+                    std::hint::black_box(forward(&x));
                     n += 1;
                 }
                 rates[m].push(n as f64 / t.elapsed().as_secs_f64());
@@ -78,7 +90,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let level = slimserve::simd::describe();
-    println!("{arch}, batch 1, {threads} threads, instruction set: {level}");
+    let engine = if int8.is_some() { "int8" } else { "f32" };
+    println!("{arch} ({engine} engine), batch 1, {threads} threads, instruction set: {level}");
     print!("| layer (ms) |");
     for &(k, (_, _, how)) in &settings {
         print!(" {k} per thread{how} |");

@@ -124,6 +124,53 @@ pub(super) fn current<R>(f: impl FnOnce(Option<&Gang>) -> R) -> R {
     f((!p.is_null()).then(|| unsafe { &*p }))
 }
 
+/// `f(i, chunk)` for each `len`-long chunk of `out` (the last may be shorter): on the image's
+/// gang when `split` and there is one, else on rayon's pool when `split`, else in order here.
+pub(super) fn for_chunks_mut<T: Send>(
+    out: &mut [T],
+    len: usize,
+    split: bool,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    assert!(len > 0, "chunks of 0");
+    if !split {
+        out.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+        return;
+    }
+    let (total, n) = (out.len(), out.len().div_ceil(len));
+    let base = SendPtr(out.as_mut_ptr());
+    let held = current(|gang| {
+        let gang = gang.filter(|_| (2..=MAX_ITEMS).contains(&n))?;
+        gang.run(n, &|i| {
+            let start = i * len;
+            let end = (start + len).min(total);
+            // SAFETY: `run` hands out each index once, so the chunks are disjoint ranges of
+            // `out`, which stays borrowed until `run` returns (after every item).
+            let chunk = unsafe { std::slice::from_raw_parts_mut(base.at(start), end - start) };
+            f(i, chunk)
+        });
+        Some(())
+    });
+    if held.is_none() {
+        use rayon::prelude::*;
+        out.par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// A pointer the gang's items share (each writes its own range).
+struct SendPtr<T>(*mut T);
+// SAFETY: only used by `for_chunks_mut`, whose items write disjoint ranges.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The element `i` places on (a method, so closures capture the whole wrapper).
+    fn at(&self, i: usize) -> *mut T {
+        self.0.wrapping_add(i)
+    }
+}
+
 impl Gang {
     /// Runs `f(0)`, ..., `f(items - 1)` on the calling thread and the helpers, and returns when
     /// all have finished. Must be called by the thread that owns the gang.
@@ -320,6 +367,24 @@ mod tests {
             });
             assert_eq!(sum.load(Ordering::Relaxed), 10);
         }
+    }
+
+    /// `for_chunks_mut` on a gang writes each chunk once with its own index, the last one
+    /// short, as the sequential loop does.
+    #[test]
+    fn chunks_on_a_gang_match_the_sequential_loop() {
+        let fill = |i: usize, c: &mut [usize]| {
+            busy(Duration::from_micros(20));
+            c.iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v += 1000 * i + j);
+        };
+        let mut want = vec![0usize; 1003];
+        for_chunks_mut(&mut want, 10, false, fill);
+        let mut got = vec![0usize; 1003];
+        pool(2).install(|| hold(|| for_chunks_mut(&mut got, 10, true, fill), true));
+        assert_eq!(got, want);
+        assert_eq!(want[1002], 100 * 1000 + 2);
     }
 
     /// On one thread, nested, or with spinning off, `hold` runs `f` without a new gang.

@@ -18,7 +18,8 @@
 //!
 //! Parallelism: a batch with at least as many images as threads runs one image per thread
 //! (each image's activations stay in that core's caches); a smaller batch runs each image on a
-//! pool worker and splits each layer's bands or channels across the threads. Architectures
+//! pool worker that holds the pool's other threads for the image (`gang`: they spin between
+//! layers instead of sleeping) and splits each layer's bands or channels across them. Architectures
 //! without a compiled form (`group-conv`, `resnet18`) keep candle's path;
 //! [`FastModel::compile`] says which.
 

@@ -277,13 +277,11 @@ impl Int8Model {
                 .zip(out.par_chunks_mut(classes))
                 .for_each(|(x, o)| self.run(x, o, None, false));
         } else {
-            // Fewer images than threads: each layer's bands spread over the pool, run from
-            // a worker (from outside, every split would block on the pool's condition variable).
-            rayon::scope(|_| {
-                for (x, o) in input.chunks(per).zip(out.chunks_mut(classes)) {
-                    self.run(x, o, None, true);
-                }
-            });
+            // Fewer images than threads: each layer's bands spread over the threads, which
+            // the image holds between layers (`gang`), on a worker.
+            for (x, o) in input.chunks(per).zip(out.chunks_mut(classes)) {
+                super::gang::with(|| self.run(x, o, None, true));
+            }
         }
         out
     }

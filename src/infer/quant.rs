@@ -11,8 +11,6 @@
 //! multiply-add per output against `k` integer products per output, and no fixed-point
 //! multiplier whose rounding would differ from the f32 model's.
 
-use rayon::prelude::*;
-
 use super::int8::{
     conv3x3_fused, fused_available, gemm_u8i8, pointwise_fused, Int8Isa, PackedI8, Requant,
 };
@@ -267,12 +265,7 @@ impl QConv {
         }
         let out_rows = if self.pool { rows / 2 } else { rows };
         let band_len = out_rows * ow * self.oc;
-        let each = |(i, dst): (usize, &mut [u8])| band(i * rows, rows, dst);
-        if split {
-            out.par_chunks_mut(band_len).enumerate().for_each(each);
-        } else {
-            out.chunks_mut(band_len).enumerate().for_each(each);
-        }
+        super::gang::for_chunks_mut(out, band_len, split, |i, dst| band(i * rows, rows, dst));
     }
 
     /// Input rows `y0..y0 + rows` (fewer at the bottom) into their output rows `dst`.
@@ -760,11 +753,11 @@ impl QDepthwise {
             return;
         }
         if split {
-            // Bands of rows over rayon's pool.
+            // Bands of rows over the image's gang (or rayon's pool).
             let rows = (h / (4 * rayon::current_num_threads())).max(1);
-            out.par_chunks_mut(rows * w * c)
-                .enumerate()
-                .for_each(|(i, dst)| self.dispatch(x, (h, w), i * rows, dst));
+            super::gang::for_chunks_mut(out, rows * w * c, true, |i, dst| {
+                self.dispatch(x, (h, w), i * rows, dst)
+            });
         } else {
             self.dispatch(x, (h, w), 0, out);
         }
