@@ -22,8 +22,8 @@ const ITEM_BITS: u32 = 16;
 const ITEM_MASK: u64 = (1 << ITEM_BITS) - 1;
 /// The most items one [`Gang::run`] takes.
 pub(super) const MAX_ITEMS: usize = ITEM_MASK as usize;
-/// A helper with nothing to claim for this long yields its core between checks (an image with
-/// serial work between layers, or more workers than cores).
+/// A helper with nothing to claim, or the owner waiting for a helper's item, for this long
+/// yields its core between checks (serial work between layers, or more threads than cores).
 const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(200);
 
 /// Calls `*(data as *const F)` on item `i`.
@@ -200,8 +200,16 @@ impl Gang {
         }
         // Items claimed by helpers borrow `f` and this layer's buffers: wait for them even when
         // one of ours panicked.
+        let waiting = Instant::now();
+        let mut checks = 0u32;
         while self.done.load(Ordering::Acquire) < items {
-            std::hint::spin_loop();
+            // A helper descheduled mid-item (more threads than cores) needs this core back.
+            checks += 1;
+            if checks.is_multiple_of(64) && waiting.elapsed() > SPIN_BEFORE_YIELD {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         if let Some(e) = mine {
             resume_unwind(e);
