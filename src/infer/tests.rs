@@ -123,12 +123,15 @@ fn inverted_kernel_matches_candle() {
             (16, 9, 2),
             (5, 24, 31),
             (3, 12, 10),
+            // Without an expansion, 64 x 40 floats a row: sub-bands of 3 rows (4 per band).
+            (64, 12, 40),
         ];
         for (ic, h, w) in shapes {
             for (expand, stride, oc) in [
                 (Some(3), 1, ic),
                 (Some(6), 2, 7),
                 (None, 1, 9),
+                (None, 1, ic),
                 (None, 2, ic),
             ] {
                 let hid = expand.map_or(ic, |e| e * ic);
@@ -511,6 +514,8 @@ fn concurrent_images_on_one_pool_get_their_own_answers() {
 #[test]
 fn every_way_of_handing_out_a_split_gives_the_same_logits() {
     use std::sync::atomic::Ordering;
+    // Bit-for-bit across runs: no other test may force another instruction set in between.
+    let _simd = crate::simd::testing::LOCK.lock();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
@@ -542,6 +547,9 @@ fn every_way_of_handing_out_a_split_gives_the_same_logits() {
 /// band buffers), and the next batch allocates them again and answers the same.
 #[test]
 fn release_scratch_frees_every_threads_buffers() {
+    // The second batch must answer bit for bit as the first: no other test may force another
+    // instruction set in between (that made this test fail once in CI).
+    let _simd = crate::simd::testing::LOCK.lock();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()

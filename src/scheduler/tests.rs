@@ -72,7 +72,12 @@ async fn concurrent_inputs_share_a_batch_and_get_their_own_rows() {
     }
     let single = submit(&q, 3.0).wait().await.unwrap();
     assert_eq!(single.batch_size, 1);
-    assert_eq!(single.logits, rows[2]);
+    // The same row alone as in the batch (within rounding: a kernel test may force another
+    // instruction set meanwhile, which sums in another order).
+    assert_eq!(single.logits.len(), rows[2].len());
+    for (a, b) in single.logits.iter().zip(&rows[2]) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+    }
 }
 
 #[tokio::test]
