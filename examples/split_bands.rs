@@ -4,7 +4,7 @@
 //! then the median window of each and the per-layer profile.
 //!
 //! ```sh
-//! cargo run --release --example split_bands -- [ARCH] [THREADS] [spin|steal|static|both|all] [int8]
+//! cargo run --release --example split_bands -- [ARCH] [THREADS] [spin|steal|static|both|ends|all] [int8]
 //!                                                    # default student-deeper 2 spin (f32)
 //! SLIMSERVE_SIMD=avx2 cargo run --release --example split_bands     # a forced instruction set
 //! ```
@@ -12,7 +12,9 @@
 //! `spin` holds the pool's threads for the whole image, spinning between layers ([`SPIN_SPLIT`],
 //! the engine's default); `steal` hands each layer's items to rayon's work stealing, `static`
 //! gives thread i the i-th contiguous share of them every layer ([`STATIC_SPLIT`]); `both`
-//! alternates `spin` and `steal`, `all` the three. `int8` measures the int8 engine (calibrated on
+//! alternates `spin` and `steal`, `ends` the gang's two ways of handing out items ([`SPLIT_ENDS`]:
+//! helpers from the back, the default, or everyone the next item), `all` the first three. `int8`
+//! measures the int8 engine (calibrated on
 //! the one synthetic image) instead of the f32 one; its profile is not split, so only its
 //! images/s row differs between settings.
 use std::sync::atomic::Ordering;
@@ -20,8 +22,11 @@ use std::time::Instant;
 
 use candle_core::Device;
 use slimserve::infer::qmodel::Int8Model;
-use slimserve::infer::{FastModel, SPIN_SPLIT, SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
+use slimserve::infer::{FastModel, SPIN_SPLIT, SPLIT_ENDS, SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
 use slimserve::zoo::{Arch, Model, ModelSpec};
+
+/// (spin, static, from the ends, label) of one way of handing out the items.
+type Mode = (bool, bool, bool, &'static str);
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -32,18 +37,24 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let arch: Arch = args.next().unwrap_or("student-deeper".into()).parse()?;
     let threads: usize = args.next().map(|t| t.parse()).transpose()?.unwrap_or(2);
-    // (spin, static) per mode.
-    let modes: &[(bool, bool, &str)] = match args.next().as_deref().unwrap_or("spin") {
-        "spin" => &[(true, false, "")],
-        "steal" => &[(false, false, "")],
-        "static" => &[(false, true, "")],
-        "both" => &[(true, false, ", spin"), (false, false, ", steal")],
-        "all" => &[
-            (true, false, ", spin"),
-            (false, false, ", steal"),
-            (false, true, ", static"),
+    let modes: &[Mode] = match args.next().as_deref().unwrap_or("spin") {
+        "spin" => &[(true, false, true, "")],
+        "steal" => &[(false, false, true, "")],
+        "static" => &[(false, true, true, "")],
+        "both" => &[
+            (true, false, true, ", spin"),
+            (false, false, true, ", steal"),
         ],
-        other => anyhow::bail!("expected spin, steal, static, both or all, got {other}"),
+        "ends" => &[
+            (true, false, true, ", spin, ends"),
+            (true, false, false, ", spin, next"),
+        ],
+        "all" => &[
+            (true, false, true, ", spin"),
+            (false, false, true, ", steal"),
+            (false, true, true, ", static"),
+        ],
+        other => anyhow::bail!("expected spin, steal, static, both, ends or all, got {other}"),
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -63,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         Some(q) => q.forward(x, 1),
         None => fast.forward(x, 1),
     };
-    let settings: Vec<(usize, (bool, bool, &str))> = modes
+    let settings: Vec<(usize, Mode)> = modes
         .iter()
         .flat_map(|&m| [1usize, 2, 4, 8].map(|k| (k, m)))
         .collect();
@@ -75,6 +86,7 @@ fn main() -> anyhow::Result<()> {
             SPLIT_TASKS_PER_THREAD.store(settings[m].0, Ordering::Relaxed);
             SPIN_SPLIT.store(settings[m].1 .0, Ordering::Relaxed);
             STATIC_SPLIT.store(settings[m].1 .1, Ordering::Relaxed);
+            SPLIT_ENDS.store(settings[m].1 .2, Ordering::Relaxed);
             pool.install(|| {
                 let t = Instant::now();
                 let mut n = 0;
@@ -93,7 +105,7 @@ fn main() -> anyhow::Result<()> {
     let engine = if int8.is_some() { "int8" } else { "f32" };
     println!("{arch} ({engine} engine), batch 1, {threads} threads, instruction set: {level}");
     print!("| layer (ms) |");
-    for &(k, (_, _, how)) in &settings {
+    for &(k, (_, _, _, how)) in &settings {
         print!(" {k} per thread{how} |");
     }
     println!("\n|---|{}", "---|".repeat(settings.len()));

@@ -7,7 +7,9 @@
 //! [`with`] runs an image with a gang: it spawns one helper per other worker into a
 //! `rayon::scope`, and [`current`] hands the gang to [`super::kernels::for_tasks`], whose
 //! [`Gang::run`] publishes a layer's work items; the calling thread and the helpers claim them
-//! one by one from a single atomic word (epoch, item count, next item), so a helper that never
+//! one by one from a single atomic word (epoch, item count, items taken from each end: the
+//! caller takes them from the front, helpers from the back, so on two threads each keeps the
+//! same contiguous share of the rows from layer to layer), so a helper that never
 //! started (its worker busy elsewhere) costs nothing but its share: the caller takes every
 //! item nobody claimed, then waits only for the claimed ones. Helpers stop when the image ends
 //! (or unwinds), so no thread spins past the image.
@@ -17,7 +19,8 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-/// Bits of the state word: epoch (32) | items (16) | next item (16).
+/// Bits of the state word: epoch (16) | items (16) | taken from the back (16) | taken from
+/// the front (16).
 const ITEM_BITS: u32 = 16;
 const ITEM_MASK: u64 = (1 << ITEM_BITS) - 1;
 /// The most items one [`Gang::run`] takes.
@@ -38,8 +41,11 @@ unsafe fn trampoline<F: Fn(usize) + Sync>(data: *const (), i: usize) {
 type Call = unsafe fn(*const (), usize);
 
 pub(super) struct Gang {
-    /// epoch << 32 | items << 16 | next.
+    /// epoch << 48 | items << 32 | back << 16 | front: the owner takes items from the front
+    /// (0, 1, ...), helpers from the back (`items - 1`, ...) when `from_ends`, else from the front.
     state: AtomicU64,
+    /// Helpers claim from the back ([`SPLIT_ENDS`]).
+    from_ends: bool,
     /// Items of the current epoch finished (by anyone).
     done: AtomicUsize,
     /// The current epoch's closure and its trampoline, valid while `done < items`.
@@ -64,16 +70,28 @@ thread_local! {
 #[doc(hidden)]
 pub static SPIN_SPLIT: AtomicBool = AtomicBool::new(true);
 
+/// Whether a gang's helpers take items from the back while its owner takes them from the front
+/// (on by default): with two threads each then gets the same contiguous half of every layer,
+/// whose input rows the same core wrote in the layer before (off: both take the next item,
+/// so which core gets which rows changes from layer to layer). A benchmark hook, stored by
+/// `examples/split_bands.rs`.
+#[doc(hidden)]
+pub static SPLIT_ENDS: AtomicBool = AtomicBool::new(true);
+
 /// Runs `f` (one image's layers) with the pool's other workers held in a gang: layers that
 /// split their work inside `f` ([`current`]) run it on all of them. Called off the pool, the
 /// image moves onto a worker first. Without a second thread, or with [`SPIN_SPLIT`] off, only
 /// that move happens.
 pub(super) fn with<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    hold(f, SPIN_SPLIT.load(Ordering::Relaxed))
+    hold(
+        f,
+        SPIN_SPLIT.load(Ordering::Relaxed),
+        SPLIT_ENDS.load(Ordering::Relaxed),
+    )
 }
 
-/// [`with`], with [`SPIN_SPLIT`]'s value passed in (`spin`).
-fn hold<R: Send>(f: impl FnOnce() -> R + Send, spin: bool) -> R {
+/// [`with`], with [`SPIN_SPLIT`]'s and [`SPLIT_ENDS`]'s values passed in.
+fn hold<R: Send>(f: impl FnOnce() -> R + Send, spin: bool, from_ends: bool) -> R {
     let threads = rayon::current_num_threads();
     let nested = CURRENT.with(|c| !c.get().is_null());
     if threads < 2 || nested || !spin {
@@ -87,6 +105,7 @@ fn hold<R: Send>(f: impl FnOnce() -> R + Send, spin: bool) -> R {
     }
     let gang = Gang {
         state: AtomicU64::new(0),
+        from_ends,
         done: AtomicUsize::new(0),
         data: AtomicPtr::new(std::ptr::null_mut()),
         call: AtomicPtr::new(std::ptr::null_mut()),
@@ -187,12 +206,15 @@ impl Gang {
         self.call
             .store(trampoline::<F> as Call as *mut (), Ordering::Relaxed);
         self.done.store(0, Ordering::Relaxed);
-        let epoch = (self.state.load(Ordering::Relaxed) >> 32) + 1;
+        // Only a new value matters (so a stale claim's compare-exchange fails): it wraps.
+        let epoch = ((self.state.load(Ordering::Relaxed) >> (3 * ITEM_BITS)) + 1) & ITEM_MASK;
         // Publishes the closure: a helper's claim (Acquire) of this epoch sees the stores above.
-        self.state
-            .store(epoch << 32 | (items as u64) << ITEM_BITS, Ordering::Release);
+        self.state.store(
+            epoch << (3 * ITEM_BITS) | (items as u64) << (2 * ITEM_BITS),
+            Ordering::Release,
+        );
         let mut mine = None;
-        while let Some(i) = self.claim() {
+        while let Some(i) = self.claim(false) {
             if let Err(e) = catch_unwind(AssertUnwindSafe(|| f(i))) {
                 mine.get_or_insert(e);
             }
@@ -219,19 +241,25 @@ impl Gang {
         }
     }
 
-    /// Claims the next unclaimed item of the current epoch.
-    fn claim(&self) -> Option<usize> {
+    /// Claims an unclaimed item of the current epoch: the first (`back` false) or the last.
+    fn claim(&self, back: bool) -> Option<usize> {
         let mut s = self.state.load(Ordering::Acquire);
         loop {
-            let (items, next) = ((s >> ITEM_BITS) & ITEM_MASK, s & ITEM_MASK);
-            if next >= items {
+            let items = (s >> (2 * ITEM_BITS)) & ITEM_MASK;
+            let (taken_back, front) = ((s >> ITEM_BITS) & ITEM_MASK, s & ITEM_MASK);
+            if front + taken_back >= items {
                 return None;
             }
+            let (item, bump) = if back {
+                (items - 1 - taken_back, 1 << ITEM_BITS)
+            } else {
+                (front, 1)
+            };
             match self
                 .state
-                .compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange_weak(s, s + bump, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Some(next as usize),
+                Ok(_) => return Some(item as usize),
                 Err(now) => s = now,
             }
         }
@@ -248,7 +276,7 @@ impl Gang {
         let mut idle = Instant::now();
         let mut checks = 0u32;
         while !self.quit.load(Ordering::Acquire) {
-            if let Some(i) = self.claim() {
+            if let Some(i) = self.claim(self.from_ends) {
                 // SAFETY: the claim succeeded for this epoch, so its closure is live until
                 // `done` reaches its item count, which needs this item's increment below.
                 let (data, call) = (
@@ -300,7 +328,7 @@ mod tests {
     /// counts).
     #[test]
     fn each_item_runs_once_and_the_helpers_take_part() {
-        for threads in [2, 3] {
+        for (threads, ends) in [(2, false), (2, true), (3, false), (3, true)] {
             let (counts, last): (Vec<AtomicUsize>, Vec<AtomicUsize>) = (0..64)
                 .map(|_| (AtomicUsize::new(0), AtomicUsize::new(usize::MAX)))
                 .unzip();
@@ -331,12 +359,13 @@ mod tests {
                         }
                     },
                     true,
+                    ends,
                 )
             });
             assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 300));
             assert!(
                 helped.load(Ordering::Relaxed) > 0,
-                "{threads} threads: no item ran on a helper"
+                "{threads} threads (helpers from the back: {ends}): no item ran on a helper"
             );
         }
     }
@@ -363,6 +392,7 @@ mod tests {
                             })
                         },
                         true,
+                        true,
                     )
                 })
             }));
@@ -371,7 +401,7 @@ mod tests {
             let sum = AtomicUsize::new(0);
             pool.install(|| {
                 let add = |i| _ = sum.fetch_add(i, Ordering::Relaxed);
-                hold(|| current(|g| g.unwrap().run(5, &add)), true)
+                hold(|| current(|g| g.unwrap().run(5, &add)), true, true)
             });
             assert_eq!(sum.load(Ordering::Relaxed), 10);
         }
@@ -390,7 +420,7 @@ mod tests {
         let mut want = vec![0usize; 1003];
         for_chunks_mut(&mut want, 10, false, fill);
         let mut got = vec![0usize; 1003];
-        pool(2).install(|| hold(|| for_chunks_mut(&mut got, 10, true, fill), true));
+        pool(2).install(|| hold(|| for_chunks_mut(&mut got, 10, true, fill), true, true));
         assert_eq!(got, want);
         assert_eq!(want[1002], 100 * 1000 + 2);
     }
@@ -398,21 +428,61 @@ mod tests {
     /// On one thread, nested, or with spinning off, `hold` runs `f` without a new gang.
     #[test]
     fn no_gang_without_a_second_thread_when_nested_or_off() {
-        pool(1).install(|| hold(|| current(|g| assert!(g.is_none())), true));
+        pool(1).install(|| hold(|| current(|g| assert!(g.is_none())), true, true));
         pool(2).install(|| {
             hold(
                 || {
                     let outer = current(|g| g.map(|g| g as *const Gang as usize)).expect("a gang");
-                    let inner = hold(|| current(|g| g.map(|g| g as *const Gang as usize)), true);
+                    let inner = hold(
+                        || current(|g| g.map(|g| g as *const Gang as usize)),
+                        true,
+                        true,
+                    );
                     assert_eq!(inner, Some(outer));
                 },
                 true,
+                true,
             )
         });
-        assert!(pool(2).install(|| hold(|| current(|g| g.is_none()), false)));
+        assert!(pool(2).install(|| hold(|| current(|g| g.is_none()), false, true)));
         // Called off the pool, the image moves onto a worker (with a gang or without).
         for spin in [true, false] {
-            assert!(hold(|| rayon::current_thread_index().is_some(), spin));
+            assert!(hold(|| rayon::current_thread_index().is_some(), spin, true));
         }
+    }
+
+    /// With helpers taking items from the back, the owner's items of a layer are a prefix
+    /// (0, 1, ...) and the helper's the rest, on two threads: each keeps one contiguous share
+    /// of the rows, layer after layer.
+    #[test]
+    fn from_the_ends_each_thread_takes_a_contiguous_share() {
+        let mut helped = 0;
+        for _ in 0..200 {
+            let who: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(usize::MAX)).collect();
+            let owner = pool(2).install(|| {
+                hold(
+                    || {
+                        current(|g| {
+                            g.unwrap().run(8, &|i| {
+                                busy(Duration::from_micros(20));
+                                let me = rayon::current_thread_index().unwrap();
+                                who[i].store(me, Ordering::Relaxed);
+                            })
+                        });
+                        rayon::current_thread_index().unwrap()
+                    },
+                    true,
+                    true,
+                )
+            });
+            let mine: Vec<bool> = who
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed) == owner)
+                .collect();
+            let k = mine.iter().take_while(|&&m| m).count();
+            assert!(mine[k..].iter().all(|&m| !m), "owner's items {mine:?}");
+            helped += usize::from(k < 8);
+        }
+        assert!(helped > 0, "no layer had a helper's item");
     }
 }

@@ -50,7 +50,7 @@ use rayon::prelude::*;
 use crate::zoo::layers::{Bn, Conv, Linear, BN_EPS};
 use crate::zoo::{Model, ModelSpec, Net};
 #[doc(hidden)]
-pub use gang::SPIN_SPLIT;
+pub use gang::{SPIN_SPLIT, SPLIT_ENDS};
 use inverted::{Inverted, Pointwise, Strided3x3};
 use kernels::conv3x3;
 pub use kernels::Act;
