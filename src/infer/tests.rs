@@ -364,11 +364,13 @@ fn conv3x3_cases() {
 fn separable_kernel_matches_candle() {
     let mut rng = StdRng::seed_from_u64(4);
     let mut blocks = Vec::new();
-    for (ic, h, w) in
-        SHAPES
-            .into_iter()
-            .chain([(16, 16, 16), (40, 17, 33), (9, 4, 53), (12, 6, 72)])
-    {
+    for (ic, h, w) in SHAPES.into_iter().chain([
+        (16, 16, 16),
+        (40, 17, 33),
+        (9, 4, 53),
+        (12, 6, 72),
+        (16, 4, 128),
+    ]) {
         for (oc, pool) in [(8, false), (5, true), (300, false), (19, true)] {
             if pool && h < 2 {
                 continue;

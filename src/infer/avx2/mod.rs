@@ -374,6 +374,21 @@ fn pool2x2(top: __m256, bottom: __m256) -> __m128 {
     _mm256_castps256_ps128(_mm256_castpd_ps(packed))
 }
 
+/// The 2x2 max pool of two 16-pixel rows (`top0, top1` and the row below, `bottom0, bottom1`):
+/// the 8 pooled pixels in order. One shuffle pair and one permute for both halves, where two
+/// [`pool2x2`] calls take twice the shuffles and two stores.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pool2x2x2(top0: __m256, bottom0: __m256, top1: __m256, bottom1: __m256) -> __m256 {
+    let (m0, m1) = (_mm256_max_ps(top0, bottom0), _mm256_max_ps(top1, bottom1));
+    // Per 128-bit half: the even lanes of m0's half, then m1's; then the odd ones.
+    let even = _mm256_shuffle_ps::<0b10_00_10_00>(m0, m1);
+    let odd = _mm256_shuffle_ps::<0b11_01_11_01>(m0, m1);
+    // (p0 p1 p4 p5 | p2 p3 p6 p7) as 64-bit pairs (a, b | c, d) -> (a, c, b, d).
+    let m = _mm256_castps_pd(_mm256_max_ps(even, odd));
+    _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(m))
+}
+
 /// Stores the first `n` lanes of `v` (all 4 from 4 on).
 ///
 /// # Safety
@@ -440,13 +455,25 @@ pub unsafe fn gemm_pool(
                         tile4x24(&mut down, wt, bottom.as_ptr(), ic);
                     }
                     for j in 0..R.min(oc - o0) {
-                        let (o, b) = (o0 + j, _mm_set1_ps(bias[o0 + j]));
+                        let dst = out.add((o0 + j) * oh * ow + (yo + r / 2) * ow);
+                        let b = bias[o0 + j];
                         // The strip's vectors only: a 16-pixel strip may sit before others.
-                        for v in 0..np.div_ceil(L) {
+                        // Two whole vectors at a time where they are (8 outputs, one store).
+                        let mut v = 0;
+                        while v < np.div_ceil(L) {
                             let xo = (x0 + v * L) / 2;
-                            if xo < ow {
-                                let p = _mm_add_ps(pool2x2(up[j][v], down[j][v]), b);
-                                store4(out.add(o * oh * ow + (yo + r / 2) * ow + xo), ow - xo, p);
+                            if xo >= ow {
+                                break;
+                            }
+                            if (v + 2) * L <= np && xo + L <= ow {
+                                let p =
+                                    pool2x2x2(up[j][v], down[j][v], up[j][v + 1], down[j][v + 1]);
+                                _mm256_storeu_ps(dst.add(xo), _mm256_add_ps(p, _mm256_set1_ps(b)));
+                                v += 2;
+                            } else {
+                                let p = _mm_add_ps(pool2x2(up[j][v], down[j][v]), _mm_set1_ps(b));
+                                store4(dst.add(xo), ow - xo, p);
+                                v += 1;
                             }
                         }
                     }
