@@ -687,6 +687,88 @@ pub(crate) mod x86 {
     }
 
     /// # Safety
+    /// Sixteen u8 at `src` widened to the low bytes of sixteen i32 lanes.
+    ///
+    /// # Safety
+    /// AVX-512 F; `src` valid for 16 reads.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn widen(src: *const u8) -> __m512i {
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(src as *const _))
+    }
+
+    /// The depthwise layer on AVX-512 VNNI: for each output row, input rows `y - 1`, `y` and
+    /// `y + 1` interleaved per channel into `[w + 2][c][4]` bytes (three rows and a zero; the
+    /// border columns and the rows outside the image hold the zero point), then three
+    /// `vpdpbusd` per output pixel and 16 channels, one per column tap, each adding that
+    /// column's three products exactly in i32, requantized in registers. `zero_point *
+    /// sum(weights)` is the requantization's correction (`rq.corr`; `taps` is
+    /// `[3][c][4]`: per column tap, the three kernel rows' weights and a zero, see
+    /// `quant::DwVnni`), `zp` the input's zero point.
+    ///
+    /// # Safety
+    /// AVX-512 F + BW + VL + VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(crate) unsafe fn depthwise_vnni(
+        (c, taps, zp): (usize, &[i8], u8),
+        rq: &Requant<'_>,
+        x: &[u8],
+        (h, w): (usize, usize),
+        y0: usize,
+        out: &mut [u8],
+    ) {
+        assert!(c.is_multiple_of(16) && taps.len() == 12 * c);
+        assert!(rq.corr.len() == c && rq.mult.len() >= c && rq.bias.len() >= c);
+        assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
+        assert!(out.len().is_multiple_of(w * c) && y0 + out.len() / (w * c) <= h);
+        let zp32 = _mm512_set1_epi32(zp as i32);
+        let pad = _mm512_set1_epi32(i32::from_le_bytes([zp, zp, zp, 0]));
+        let mut t = vec![0u8; (w + 2) * c * 4];
+        let (tp, wp) = (t.as_mut_ptr(), taps.as_ptr());
+        // SAFETY (every pointer access below): `t` holds (w + 2) * c * 4 bytes and `taps`
+        // 12 * c; pixel p < w + 2 and channel j + 16 <= c address bytes (p * c + j) * 4 ..
+        // + 64 of `t`; input rows y - 1, y, y + 1 are checked against h and hold w * c bytes;
+        // the output row holds w * c bytes.
+        for j in (0..c).step_by(16) {
+            _mm512_storeu_si512(tp.add(j * 4) as *mut _, pad);
+            _mm512_storeu_si512(tp.add(((w + 1) * c + j) * 4) as *mut _, pad);
+        }
+        for (i, dst) in out.chunks_exact_mut(w * c).enumerate() {
+            let y = y0 + i;
+            let row = x.as_ptr().add(y * w * c);
+            let (above, below) = (y > 0, y + 1 < h);
+            for at in (0..w * c).step_by(16) {
+                let a = if above {
+                    widen(row.sub(w * c).add(at))
+                } else {
+                    zp32
+                };
+                let b = widen(row.add(at));
+                let f = if below {
+                    widen(row.add(w * c + at))
+                } else {
+                    zp32
+                };
+                let bytes = _mm512_or_si512(
+                    _mm512_or_si512(a, _mm512_slli_epi32::<8>(b)),
+                    _mm512_slli_epi32::<16>(f),
+                );
+                _mm512_storeu_si512(tp.add((c + at) * 4) as *mut _, bytes);
+            }
+            for xx in 0..w {
+                for j in (0..c).step_by(16) {
+                    let mut s = _mm512_setzero_si512();
+                    for kx in 0..3 {
+                        let tv = _mm512_loadu_si512(tp.add(((xx + kx) * c + j) * 4) as *const _);
+                        let wv = _mm512_loadu_si512(wp.add((kx * c + j) * 4) as *const _);
+                        s = _mm512_dpbusd_epi32(s, tv, wv);
+                    }
+                    requant16(s, rq, j, 16, dst.as_mut_ptr().add(xx * c + j));
+                }
+            }
+        }
+    }
+
     /// AVX2; `a`, `c` as [`super::gemm_u8i8`] checked.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn avx2(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {

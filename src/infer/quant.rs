@@ -484,95 +484,11 @@ impl<'a> Epilogue<'a> {
 }
 
 /// The epilogue and the depthwise layer compiled for AVX2 and AVX-512: the same Rust
-/// (`#[inline(always)]` bodies), vectorised by the compiler for each instruction set.
+/// (`#[inline(always)]` bodies), vectorised by the compiler for each instruction set. (The
+/// hand-written kernels, the VNNI depthwise among them, are `int8::x86`'s.)
 #[cfg(x86_simd)]
 mod x86 {
-    use super::{DwVnni, Epilogue, QDepthwise};
-    use crate::infer::int8::x86::requant16;
-    use std::arch::x86_64::*;
-
-    /// Sixteen u8 at `src` widened to the low bytes of sixteen i32 lanes.
-    ///
-    /// # Safety
-    /// AVX-512 F; `src` valid for 16 reads.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn widen(src: *const u8) -> __m512i {
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(src as *const _))
-    }
-
-    /// The depthwise layer on AVX-512 VNNI: for each output row, input rows `y - 1`, `y` and
-    /// `y + 1` interleaved per channel into `[w + 2][c][4]` bytes (three rows and a zero; the
-    /// border columns and the rows outside the image hold the zero point), then three
-    /// `vpdpbusd` per output pixel and 16 channels, one per column tap, each adding that
-    /// column's three products exactly in i32, requantized in registers. `zero_point *
-    /// sum(weights)` is the requantization's correction ([`DwVnni`]).
-    ///
-    /// # Safety
-    /// AVX-512 F + BW + VL + VNNI.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn depthwise_vnni(
-        d: &QDepthwise,
-        v: &DwVnni,
-        x: &[u8],
-        (h, w): (usize, usize),
-        y0: usize,
-        out: &mut [u8],
-    ) {
-        let c = d.c;
-        assert!(c.is_multiple_of(16) && v.taps.len() == 12 * c && v.corr.len() == c);
-        assert_eq!(x.len(), h * w * c, "input is not {h}x{w}x{c}");
-        assert!(out.len().is_multiple_of(w * c) && y0 + out.len() / (w * c) <= h);
-        let e = d.epilogue(&v.corr);
-        let rq = e.requant();
-        let zp = d.input.zero_point;
-        let zp32 = _mm512_set1_epi32(zp as i32);
-        let pad = _mm512_set1_epi32(i32::from_le_bytes([zp, zp, zp, 0]));
-        let mut t = vec![0u8; (w + 2) * c * 4];
-        let (tp, wp) = (t.as_mut_ptr(), v.taps.as_ptr());
-        // SAFETY (every pointer access below): `t` holds (w + 2) * c * 4 bytes and `taps`
-        // 12 * c; pixel p < w + 2 and channel j + 16 <= c address bytes (p * c + j) * 4 ..
-        // + 64 of `t`; input rows y - 1, y, y + 1 are checked against h and hold w * c bytes;
-        // the output row holds w * c bytes.
-        for j in (0..c).step_by(16) {
-            _mm512_storeu_si512(tp.add(j * 4) as *mut _, pad);
-            _mm512_storeu_si512(tp.add(((w + 1) * c + j) * 4) as *mut _, pad);
-        }
-        for (i, dst) in out.chunks_exact_mut(w * c).enumerate() {
-            let y = y0 + i;
-            let row = x.as_ptr().add(y * w * c);
-            let (above, below) = (y > 0, y + 1 < h);
-            for at in (0..w * c).step_by(16) {
-                let a = if above {
-                    widen(row.sub(w * c).add(at))
-                } else {
-                    zp32
-                };
-                let b = widen(row.add(at));
-                let f = if below {
-                    widen(row.add(w * c + at))
-                } else {
-                    zp32
-                };
-                let bytes = _mm512_or_si512(
-                    _mm512_or_si512(a, _mm512_slli_epi32::<8>(b)),
-                    _mm512_slli_epi32::<16>(f),
-                );
-                _mm512_storeu_si512(tp.add((c + at) * 4) as *mut _, bytes);
-            }
-            for xx in 0..w {
-                for j in (0..c).step_by(16) {
-                    let mut s = _mm512_setzero_si512();
-                    for kx in 0..3 {
-                        let tv = _mm512_loadu_si512(tp.add(((xx + kx) * c + j) * 4) as *const _);
-                        let wv = _mm512_loadu_si512(wp.add((kx * c + j) * 4) as *const _);
-                        s = _mm512_dpbusd_epi32(s, tv, wv);
-                    }
-                    requant16(s, &rq, j, 16, dst.as_mut_ptr().add(xx * c + j));
-                }
-            }
-        }
-    }
+    use super::{Epilogue, QDepthwise};
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn epilogue_avx2(
@@ -770,7 +686,18 @@ impl QDepthwise {
             #[cfg(x86_simd)]
             Int8Isa::Avx512Vnni if self.isa.supported() => unsafe {
                 match &self.vnni {
-                    Some(v) => x86::depthwise_vnni(self, v, x, (h, w), y0, out),
+                    Some(v) => {
+                        let rq = self.epilogue(&v.corr).requant();
+                        let zp = self.input.zero_point;
+                        crate::infer::int8::x86::depthwise_vnni(
+                            (self.c, &v.taps, zp),
+                            &rq,
+                            x,
+                            (h, w),
+                            y0,
+                            out,
+                        )
+                    }
                     None => x86::depthwise_avx512(self, x, (h, w), y0, out),
                 }
             },
