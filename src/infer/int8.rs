@@ -686,7 +686,6 @@ pub(crate) mod x86 {
         }
     }
 
-    /// # Safety
     /// Sixteen u8 at `src` widened to the low bytes of sixteen i32 lanes.
     ///
     /// # Safety
@@ -769,6 +768,7 @@ pub(crate) mod x86 {
         }
     }
 
+    /// # Safety
     /// AVX2; `a`, `c` as [`super::gemm_u8i8`] checked.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn avx2(a: &[u8], m: usize, b: &PackedI8, c: &mut [i32]) {

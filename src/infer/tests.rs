@@ -123,7 +123,7 @@ fn inverted_kernel_matches_candle() {
             (16, 9, 2),
             (5, 24, 31),
             (3, 12, 10),
-            // Without an expansion, 64 x 40 floats a row: sub-bands of 3 rows (4 per band).
+            // Without an expansion, many channels and rows: several bands per block.
             (64, 12, 40),
         ];
         for (ic, h, w) in shapes {
