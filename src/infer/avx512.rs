@@ -7,6 +7,8 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+pub mod nhwc;
+
 use super::kernels::Act;
 use super::packed::MR;
 use super::winograd::{input_tile, output_tile, tile_rows};

@@ -7,9 +7,9 @@
 //! a build without x86 intrinsics has. Layers call through the table, so no layer names an
 //! instruction set: adding one (an aarch64 NEON set, say) is a module and a table here.
 //!
-//! MobileNetV2's channels-last kernels exist in AVX2 only; the AVX-512 set reuses them (they
-//! run at the same speed there, the depthwise across channels and the GEMM on 16-channel
-//! panels being load-bound).
+//! MobileNetV2's channels-last kernels: the AVX-512 set has its own 1x1 GEMM (a 14 x 32 tile,
+//! `avx512::nhwc`) and reuses the AVX2 depthwise row and the stem's gathering GEMM, which ran
+//! as fast or faster there (`examples/nhwc_tiles.rs` compares the two sets).
 
 use super::avx2;
 use super::avx512;
@@ -81,7 +81,7 @@ pub(super) struct Kernels {
         unsafe fn(&Depthwise, [Option<&[f32]>; 3], usize, usize, *mut f32, usize, (usize, usize)),
 }
 
-/// AVX-512 F/BW/VL/DQ (with AVX2 + FMA for the channels-last kernels).
+/// AVX-512 F/BW/VL/DQ (with AVX2 + FMA for two channels-last kernels).
 pub(super) static AVX512: Kernels = Kernels {
     gemm: avx512::gemm,
     gemm_pool: avx512::gemm_pool,
@@ -91,7 +91,7 @@ pub(super) static AVX512: Kernels = Kernels {
     direct_max_input_channels: avx512::DIRECT_MAX_INPUT_CHANNELS,
     winograd_input: avx512::winograd_input,
     winograd_output: avx512::winograd_output,
-    nhwc_gemm: avx2::nhwc::gemm,
+    nhwc_gemm: avx512::nhwc::gemm,
     nhwc_gemm_gather: avx2::nhwc::gemm_gather,
     nhwc_depthwise_row: avx2::nhwc::depthwise_row,
 };

@@ -56,6 +56,8 @@ use kernels::conv3x3;
 pub use kernels::Act;
 #[doc(hidden)]
 pub use kernels::{SPLIT_TASKS_PER_THREAD, STATIC_SPLIT};
+#[doc(hidden)]
+pub use nhwc::NHWC_AVX512;
 use separable::Separable;
 
 /// Why a model has no compiled form.

@@ -14,6 +14,8 @@
 //! Each kernel has an AVX2+FMA form (x86-64, chosen at run time; in `infer::avx2::nhwc`) and a
 //! portable form that the tests compare it with.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::kernels::Act;
 
 /// Output channels per packed weight panel (two AVX2 registers).
@@ -22,10 +24,20 @@ pub const NR: usize = 16;
 #[cfg(x86_simd)]
 pub(super) const MR: usize = 6;
 
+/// Whether these layers run the AVX-512 kernel set's channels-last kernels on a CPU that has
+/// it (on by default), else the AVX2 set's: a switch for `examples/nhwc_tiles.rs`, which
+/// alternates the two in one process.
+#[doc(hidden)]
+pub static NHWC_AVX512: AtomicBool = AtomicBool::new(true);
+
 /// This CPU's kernel set, if it has one (AVX2+FMA or better).
 #[cfg(x86_simd)]
 fn simd() -> Option<&'static super::isa::Kernels> {
-    super::isa::detected()
+    let level = crate::simd::level();
+    if level == crate::simd::AVX512 && !NHWC_AVX512.load(Ordering::Relaxed) {
+        return super::isa::set(crate::simd::AVX2);
+    }
+    super::isa::set(level)
 }
 
 /// Floats aligned to 64 bytes: `Vec` with `off` leading floats skipped.
@@ -422,9 +434,10 @@ mod tests {
     }
 
     /// The dispatched kernels against the portable ones and a plain reference at every level
-    /// the CPU has, forced in turn (the AVX-512 set runs the AVX2 kernels here), on odd shapes:
-    /// pixel tails of every tile height, channel tails of every panel width, strided rows, the
-    /// residual add and each activation.
+    /// the CPU has, forced in turn (the AVX-512 set has its own GEMM and the AVX2 depthwise), on
+    /// odd shapes: pixel tails of every tile height (AVX2: 6 rows; AVX-512: 12, then two
+    /// near-equal tiles of up to 14), channel tails of every panel width, panel pairs and a
+    /// lone last panel, strided rows, the residual add and each activation.
     #[test]
     fn kernels_match_reference() {
         crate::simd::testing::each_level("nhwc kernels", |_| nhwc_cases());
@@ -442,6 +455,10 @@ mod tests {
             (16, 24, 31),
             (9, 3, 12),
             (7, 40, 8),
+            (32, 48, 49),
+            (16, 16, 14),
+            (8, 33, 26),
+            (12, 64, 37),
         ] {
             let (ldx, ldo) = (ic + 3, oc + 5);
             let w = rand_vec(&mut rng, oc * ic);
@@ -462,6 +479,22 @@ mod tests {
                     }
                     let mut fast = vec![f32::NAN; n * ldo];
                     g.run(&x, ldx, n, &mut fast, ldo, res, act);
+                    // The panels in two calls (a pair cut in two, a lone panel first): each
+                    // output the same, bit for bit.
+                    let mut parts = vec![f32::NAN; n * ldo];
+                    let cut = 1.min(g.panels());
+                    for panels in [(0, cut), (cut, g.panels())] {
+                        // SAFETY: parts holds the n rows; the calls run one after the other.
+                        unsafe {
+                            g.run_panels(&x, ldx, n, parts.as_mut_ptr(), ldo, res, act, panels)
+                        };
+                    }
+                    assert!(
+                        fast.iter()
+                            .zip(&parts)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "gemm {ic}->{oc} x{n} in two calls"
+                    );
                     let mut port = vec![f32::NAN; n * ldo];
                     // SAFETY: port holds the n rows.
                     unsafe {
