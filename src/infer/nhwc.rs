@@ -532,6 +532,8 @@ mod tests {
             (32, 4, 8),
             (16, 3, 2),
             (24, 5, 5),
+            (8, 3, 19),
+            (16, 4, 12),
         ] {
             let k: Vec<[f32; 9]> = (0..c)
                 .map(|_| rand_vec(&mut rng, 9).try_into().unwrap())
