@@ -14,7 +14,7 @@
 //! Each kernel has an AVX2+FMA form (x86-64, chosen at run time; in `infer::avx2::nhwc`) and a
 //! portable form that the tests compare it with.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use super::kernels::Act;
 
@@ -34,7 +34,7 @@ pub static NHWC_AVX512: AtomicBool = AtomicBool::new(true);
 #[cfg(x86_simd)]
 fn simd() -> Option<&'static super::isa::Kernels> {
     let level = crate::simd::level();
-    if level == crate::simd::AVX512 && !NHWC_AVX512.load(Ordering::Relaxed) {
+    if level == crate::simd::AVX512 && !NHWC_AVX512.load(std::sync::atomic::Ordering::Relaxed) {
         return super::isa::set(crate::simd::AVX2);
     }
     super::isa::set(level)
