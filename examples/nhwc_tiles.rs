@@ -6,17 +6,14 @@
 //! ```sh
 //! cargo run --release --example nhwc_tiles -- [INPUT_SIZE] [THREADS]     # default 224 2
 //! ```
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use candle_core::Device;
 use slimserve::infer::{FastModel, NHWC_AVX512};
 use slimserve::zoo::{Arch, Model, ModelSpec};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -63,29 +60,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     NHWC_AVX512.store(true, Ordering::Relaxed);
-    println!(
-        "mobilenet-v2 {size}x{size}, batch 1, f32 engine, CPU: {}",
-        slimserve::simd::describe()
-    );
-    print!("| layer (ms, median) |");
-    for (_, _, label) in &settings {
-        print!(" {label} |");
+    let cpu = slimserve::simd::describe();
+    println!("mobilenet-v2 {size}x{size}, batch 1, f32 engine, CPU: {cpu}");
+    if !cpu.starts_with("AVX-512") {
+        println!("(no AVX-512 here: both columns of each thread count ran the same kernels)");
     }
-    println!("\n|---|{}", "---|".repeat(settings.len()));
-    for i in 0..profiles[0][0].len() {
-        print!("| {} |", profiles[0][0][i].0);
-        for p in &profiles {
-            print!(
-                " {:.3} |",
-                median(p.iter().map(|p: &Vec<(String, f64)>| p[i].1).collect())
-            );
-        }
-        println!();
-    }
-    print!("| **images/s** (median window) |");
-    for r in rates {
-        print!(" **{:.1}** |", median(r));
-    }
-    println!();
+    let labels: Vec<String> = settings.iter().map(|(_, _, l)| l.clone()).collect();
+    common::print_table("layer (ms, median)", &labels, &profiles, rates);
     Ok(())
 }

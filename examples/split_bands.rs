@@ -17,6 +17,8 @@
 //! measures the int8 engine (calibrated on
 //! the one synthetic image) instead of the f32 one; its profile is not split, so only its
 //! images/s row differs between settings.
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -27,11 +29,6 @@ use slimserve::zoo::{Arch, Model, ModelSpec};
 
 /// (spin, static, from the ends, label) of one way of handing out the items.
 type Mode = (bool, bool, bool, &'static str);
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -104,25 +101,10 @@ fn main() -> anyhow::Result<()> {
     let level = slimserve::simd::describe();
     let engine = if int8.is_some() { "int8" } else { "f32" };
     println!("{arch} ({engine} engine), batch 1, {threads} threads, instruction set: {level}");
-    print!("| layer (ms) |");
-    for &(k, (_, _, _, how)) in &settings {
-        print!(" {k} per thread{how} |");
-    }
-    println!("\n|---|{}", "---|".repeat(settings.len()));
-    for i in 0..profiles[0][0].len() {
-        print!("| {} |", profiles[0][0][i].0);
-        for p in &profiles {
-            print!(
-                " {:.3} |",
-                median(p.iter().map(|p: &Vec<(String, f64)>| p[i].1).collect())
-            );
-        }
-        println!();
-    }
-    print!("| **images/s** (median window) |");
-    for r in rates {
-        print!(" **{:.1}** |", median(r));
-    }
-    println!();
+    let labels: Vec<String> = settings
+        .iter()
+        .map(|&(k, (_, _, _, how))| format!("{k} per thread{how}"))
+        .collect();
+    common::print_table("layer (ms)", &labels, &profiles, rates);
     Ok(())
 }

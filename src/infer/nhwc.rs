@@ -12,7 +12,8 @@
 //! these layers at about half of ONNX Runtime's speed.
 //!
 //! Each kernel has an AVX2+FMA form (x86-64, chosen at run time; in `infer::avx2::nhwc`) and a
-//! portable form that the tests compare it with.
+//! portable form that the tests compare it with; the GEMM also has an AVX-512 form
+//! (`infer::avx512::nhwc`), which the AVX-512 set runs with the AVX2 depthwise and stem.
 
 use std::sync::atomic::AtomicBool;
 
