@@ -329,7 +329,9 @@ fn quantize_then_export_onnx() {
 }
 
 /// `bench` end to end at a tiny size: ONNX Runtime in its child and the fused engine take
-/// turns; the JSON rows carry both rates and their ratio, and bad settings are refused.
+/// turns (a separable student, candle-only `group-conv` and the pretrained teacher's
+/// MobileNetV2, channels-last); the JSON rows carry both rates and their ratio, and bad
+/// settings are refused.
 #[test]
 fn bench_compares_the_fused_engine_with_onnx_runtime() {
     let py = python();
@@ -337,7 +339,7 @@ fn bench_compares_the_fused_engine_with_onnx_runtime() {
     let out = slimtrain(&[
         "bench",
         "--arch",
-        "student-deeper,group-conv",
+        "student-deeper,group-conv,mobilenet-v2",
         "--input-size",
         "32",
         "--batch",
@@ -355,7 +357,7 @@ fn bench_compares_the_fused_engine_with_onnx_runtime() {
     let json: serde_json::Value = serde_json::from_str(&ok(&out)).expect("bench --json output");
     assert!(json["sgemm_peak_gflops"].as_f64().unwrap() > 0.0);
     let rows = json["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(rows.len(), 6, "{rows:?}");
     for row in rows {
         let ort = row["ort_images_per_s"].as_f64().unwrap();
         let candle = row["candle_images_per_s"].as_f64().unwrap();
