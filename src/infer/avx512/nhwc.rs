@@ -2,10 +2,14 @@
 //! projection and last pointwise layers): one 16-channel weight panel is one register, so a
 //! tile is up to 14 pixels x two panels (28 accumulators, each pixel's input broadcast from
 //! memory straight into its multiply-adds), against the AVX2 tile's 6 x 16. The last panel of
-//! an `oc` that is not a multiple of 16 is stored through a lane mask. The stem's gathering GEMM and the depthwise row stay the AVX2
-//! kernels (`infer::avx2::nhwc`): the depthwise does one load per multiply-add either way,
-//! and the same tile with the stem's 27 taps gathered from the image ran at 0.47 ms against
-//! the AVX2 tile's 0.32 (one thread, `examples/nhwc_tiles.rs`).
+//! an `oc` that is not a multiple of 16 is stored through a lane mask. Each output sums its
+//! inputs in the same order as the AVX2 tile, so the two give the same bits.
+//!
+//! The stem's gathering GEMM and the depthwise row stay the AVX2 kernels
+//! (`infer::avx2::nhwc`): this tile with the stem's 27 taps gathered from the image ran at
+//! 0.47 ms against the AVX2 tile's 0.32 (one thread, Zen 4, `examples/nhwc_tiles.rs`), and a
+//! 512-bit depthwise could not be shown to gain on the only AVX-512 CPU measured (Zen 4, which
+//! splits each 512-bit multiply-add in two).
 
 use std::arch::x86_64::*;
 
