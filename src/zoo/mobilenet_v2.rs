@@ -206,8 +206,9 @@ impl MobileNetV2 {
     }
 }
 
-impl ModuleT for MobileNetV2 {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl MobileNetV2 {
+    /// The pooled features the classifier reads: [N, 3, S, S] -> [N, 1280].
+    pub fn features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (conv, bn) = &self.stem;
         let mut x = bn.forward_act(&conv.forward(x)?, train, Relu6)?;
         for b in &self.blocks {
@@ -215,7 +216,13 @@ impl ModuleT for MobileNetV2 {
         }
         let (conv, bn) = &self.head;
         x = bn.forward_act(&conv.forward(&x)?, train, Relu6)?;
-        let mut x = global_avg_pool(&x)?;
+        global_avg_pool(&x)
+    }
+}
+
+impl ModuleT for MobileNetV2 {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = self.features_t(x, train)?;
         if train {
             x = self.dropout(&x)?;
         }

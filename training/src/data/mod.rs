@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use augment::{eval_input, resize_shorter, train_input, Augment, AugmentParams};
-pub use fetch::{fetch, fetch_food_photos, run_fetch_cli, FetchTarget, FoodPhotos};
+pub use fetch::{
+    fetch, fetch_efficientnet_lite0, fetch_food_photos, run_fetch_cli, FetchTarget, FoodPhotos,
+};
 pub use folder::{open_folder_split, open_folder_unsplit, stratified_split};
 pub use food11::open_food11;
 pub use idx::{open_fashion_mnist, parse_idx, read_idx, IdxArray, FASHION_MNIST_LABELS};
