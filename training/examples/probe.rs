@@ -57,6 +57,11 @@ struct Args {
     /// Also probe the features of the horizontally flipped photo, averaged with the original.
     #[arg(long)]
     flip: bool,
+    /// Keep the dataset's test split out of the random splits (they draw from train + val
+    /// only, so the L2 strength can be chosen on them) and score it once per L2 strength with a
+    /// probe fitted on train + val.
+    #[arg(long)]
+    test_split: bool,
 }
 
 /// Features of every sample: [n][dim].
@@ -229,13 +234,22 @@ fn main() -> Result<()> {
         bail!("nothing to probe: pass --mobilenet-v2 and/or --efficientnet-lite0");
     }
 
-    // Stratified splits, the same for every backbone.
+    // Stratified splits, the same for every backbone, of the first `pool` samples.
+    let train_val = ds.train.len() + ds.val.len();
+    if args.test_split && train_val == samples.len() {
+        bail!("{} has no labelled test split", args.data.display());
+    }
+    let pool = if args.test_split {
+        train_val
+    } else {
+        samples.len()
+    };
     let mut splits = Vec::new();
     for s in 0..args.splits {
         let mut rng = StdRng::seed_from_u64(args.seed * 1000 + s as u64);
         let (mut train, mut test) = (Vec::new(), Vec::new());
         for c in 0..classes {
-            let mut idx: Vec<usize> = (0..samples.len()).filter(|&i| labels[i] == c).collect();
+            let mut idx: Vec<usize> = (0..pool).filter(|&i| labels[i] == c).collect();
             idx.shuffle(&mut rng);
             let k = (idx.len() as f64 * args.test_fraction).round() as usize;
             test.extend_from_slice(&idx[..k]);
@@ -244,7 +258,7 @@ fn main() -> Result<()> {
         splits.push((train, test));
     }
     println!(
-        "| backbone | L2 | mean test acc over {} splits | sd | paired diff vs first |",
+        "| backbone | L2 | mean test acc over {} splits of {pool} photos | sd | paired diff vs first |",
         args.splits
     );
     println!("|---|---|---|---|---|");
@@ -271,6 +285,25 @@ fn main() -> Result<()> {
                 "| {name} | {lambda} | {mean:.3} | {sd:.3} | {dm:+.3} (se {:.3}) |",
                 dsd / n.sqrt()
             );
+        }
+    }
+    if args.test_split {
+        let (fit, test): (Vec<usize>, Vec<usize>) = (
+            (0..train_val).collect(),
+            (train_val..samples.len()).collect(),
+        );
+        println!();
+        println!(
+            "| backbone | L2 | test split accuracy ({} photos; fitted on train + val, {}) |",
+            test.len(),
+            fit.len()
+        );
+        println!("|---|---|---|");
+        for &lambda in &l2 {
+            for (name, f) in &backbones {
+                let acc = probe(f, &labels, classes, &fit, &test, lambda);
+                println!("| {name} | {lambda} | {acc:.3} |");
+            }
         }
     }
     Ok(())
