@@ -27,7 +27,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{global_avg_pool, Bn, Conv, Linear, BN_EPS};
-use crate::ops::activation::Activation::{Identity, Relu6};
+use super::mobilenet_v2::inverted_residual_t;
+use crate::ops::activation::Activation::Relu6;
 
 /// (expansion t, kernel k, output channels c, repeats n, first stride s) of the seven stages.
 pub const STAGES: [(usize, usize, usize, usize, usize); 7] = [
@@ -140,19 +141,14 @@ impl MbConv {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.clone();
-        if let Some((conv, bn)) = &self.expand {
-            y = bn.forward_act(&conv.forward(&y)?, false, Relu6)?;
-        }
-        let (conv, bn) = &self.depthwise;
-        y = bn.forward_act(&conv.forward(&y)?, false, Relu6)?;
-        let (conv, bn) = &self.project;
-        y = bn.forward_act(&conv.forward(&y)?, false, Identity)?;
-        if self.residual {
-            y + x
-        } else {
-            Ok(y)
-        }
+        inverted_residual_t(
+            x,
+            self.expand.as_ref(),
+            &self.depthwise,
+            &self.project,
+            self.residual,
+            false,
+        )
     }
 }
 
@@ -229,11 +225,8 @@ pub fn from_checkpoint(
         Some(b) => b.dims1()?,
         None => candle_core::bail!("no `_fc.bias`: not an EfficientNet-Lite0 checkpoint"),
     };
-    let tensors = tensors
-        .into_iter()
-        .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(device)?)))
-        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    // The VarBuilder moves each tensor to `device` as f32 and ignores keys it is not asked for.
+    let tensors = tensors.into_iter().collect();
     EfficientNetLite0::new(
         classes,
         VarBuilder::from_tensors(tensors, DType::F32, device),

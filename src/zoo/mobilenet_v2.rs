@@ -88,19 +88,40 @@ impl InvertedResidual {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = x.clone();
-        if let Some((conv, bn)) = &self.expand {
-            y = bn.forward_act(&conv.forward(&y)?, train, Relu6)?;
-        }
-        let (conv, bn) = &self.depthwise;
+        inverted_residual_t(
+            x,
+            self.expand.as_ref(),
+            &self.depthwise,
+            &self.project,
+            self.residual,
+            train,
+        )
+    }
+}
+
+/// An inverted residual's forward, whatever its convolutions' padding (the zoo's [`Conv`]
+/// here, TensorFlow's "same" in EfficientNet-Lite0): [expand -> BN -> ReLU6] -> depthwise ->
+/// BN -> ReLU6 -> project -> BN [+ x].
+pub(crate) fn inverted_residual_t<C: Module>(
+    x: &Tensor,
+    expand: Option<&(C, Bn)>,
+    depthwise: &(C, Bn),
+    project: &(C, Bn),
+    residual: bool,
+    train: bool,
+) -> Result<Tensor> {
+    let mut y = x.clone();
+    if let Some((conv, bn)) = expand {
         y = bn.forward_act(&conv.forward(&y)?, train, Relu6)?;
-        let (conv, bn) = &self.project;
-        y = bn.forward_act(&conv.forward(&y)?, train, Identity)?;
-        if self.residual {
-            y + x
-        } else {
-            Ok(y)
-        }
+    }
+    let (conv, bn) = depthwise;
+    y = bn.forward_act(&conv.forward(&y)?, train, Relu6)?;
+    let (conv, bn) = project;
+    y = bn.forward_act(&conv.forward(&y)?, train, Identity)?;
+    if residual {
+        y + x
+    } else {
+        Ok(y)
     }
 }
 

@@ -92,6 +92,13 @@ fn features(
     Ok(out)
 }
 
+/// Class `c`'s logit for standardised features `x`: `w` holds one row of `x.len()` weights and
+/// a bias per class.
+fn logit(w: &[f32], c: usize, x: &[f32]) -> f32 {
+    let row = &w[c * (x.len() + 1)..(c + 1) * (x.len() + 1)];
+    row[x.len()] + row.iter().zip(x).map(|(a, b)| a * b).sum::<f32>()
+}
+
 /// Multinomial logistic regression on standardised features (full-batch Adam, 300 steps);
 /// returns the accuracy on `test`.
 fn probe(
@@ -132,12 +139,7 @@ fn probe(
     for step in 1..=300 {
         let mut g = vec![0f32; w.len()];
         for (x, &i) in xtr.iter().zip(train) {
-            let mut p: Vec<f32> = (0..classes)
-                .map(|c| {
-                    let row = &w[c * (d + 1)..(c + 1) * (d + 1)];
-                    row[d] + row[..d].iter().zip(x).map(|(a, b)| a * b).sum::<f32>()
-                })
-                .collect();
+            let mut p: Vec<f32> = (0..classes).map(|c| logit(&w, c, x)).collect();
             let max = p.iter().cloned().fold(f32::MIN, f32::max);
             let sum: f32 = p
                 .iter_mut()
@@ -171,12 +173,8 @@ fn probe(
         .iter()
         .filter(|&&i| {
             let x = z(i);
-            let score = |c: usize| {
-                let row = &w[c * (d + 1)..(c + 1) * (d + 1)];
-                row[d] + row[..d].iter().zip(&x).map(|(a, b)| a * b).sum::<f32>()
-            };
             let best = (0..classes)
-                .max_by(|&a, &b| score(a).total_cmp(&score(b)))
+                .max_by(|&a, &b| logit(&w, a, &x).total_cmp(&logit(&w, b, &x)))
                 .unwrap_or(0);
             best == labels[i]
         })

