@@ -330,8 +330,8 @@ fn quantize_then_export_onnx() {
 
 /// `bench` end to end at a tiny size: ONNX Runtime in its child and the fused engine take
 /// turns (a separable student, candle-only `group-conv` and the pretrained teacher's
-/// MobileNetV2, channels-last); the JSON rows carry both rates and their ratio, and bad
-/// settings are refused.
+/// MobileNetV2, channels-last); the JSON rows carry both rates, their ratio and the per-round
+/// ratios' quartiles, and bad settings are refused.
 #[test]
 fn bench_compares_the_fused_engine_with_onnx_runtime() {
     let py = python();
@@ -366,9 +366,20 @@ fn bench_compares_the_fused_engine_with_onnx_runtime() {
             // group-conv has no fused form: candle's path is the best there is.
             "group-conv" => {
                 assert!(row["fused_images_per_s"].is_null(), "{row}");
+                assert!(row["paired_ratio"].is_null(), "{row}");
                 candle
             }
-            _ => row["fused_images_per_s"].as_f64().unwrap().max(candle),
+            _ => {
+                // Per-round fused / ORT ratios: ordered quartiles, positive.
+                let q = &row["paired_ratio"];
+                let (q1, m, q3) = (
+                    q["q1"].as_f64().unwrap(),
+                    q["median"].as_f64().unwrap(),
+                    q["q3"].as_f64().unwrap(),
+                );
+                assert!(0.0 < q1 && q1 <= m && m <= q3, "{row}");
+                row["fused_images_per_s"].as_f64().unwrap().max(candle)
+            }
         };
         let ratio = row["ratio"].as_f64().unwrap();
         assert!((ratio - best / ort).abs() < 1e-9 * ratio.max(1.0), "{row}");

@@ -8,7 +8,9 @@
 //! It stays loaded while the fused engine and ONNX Runtime take turns in short windows
 //! (`--rounds`), and each side reports its median window: on a shared machine whose speed
 //! drifts, back-to-back runs of a few seconds each gave ratios from 0.6 to 1.1 for the same
-//! code.
+//! code. Each round's fused window over the ONNX Runtime window right after it is a paired
+//! ratio; their median and quartiles are printed beside the ratio of the medians (adjacent
+//! windows share the machine's phase; the quartiles show how far one run can be trusted).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -48,7 +50,8 @@ pub struct Args {
     seconds: f64,
     /// The fused engine and ONNX Runtime are measured in this many alternating windows
     /// (seconds / rounds each) and each reports its median window, so a slow phase of a
-    /// shared machine hits both sides alike.
+    /// shared machine hits both sides alike; each round's fused / ONNX Runtime ratio is
+    /// also summarised (median and quartiles: more rounds, tighter quartiles).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Python with onnxruntime and numpy (default: $SLIMSERVE_PYTHON, ./.venv/bin/python, python3).
@@ -89,6 +92,10 @@ struct Row {
     ort_images_per_s: f64,
     /// Fastest of candle and fused, over ONNX Runtime.
     ratio: f64,
+    /// The fused engine's window over the ONNX Runtime window right after it, per round:
+    /// median and quartiles (absent without a fused engine). Adjacent windows share the
+    /// machine's phase, so on a machine whose speed drifts this is steadier than `ratio`.
+    paired_ratio: Option<Quartiles>,
     /// Fastest path's GFLOP/s (2 FLOP per MAC) as a share of the sgemm peak of this run.
     peak_fraction: f64,
 }
@@ -525,6 +532,37 @@ impl Drop for Ort {
     }
 }
 
+/// First quartile, median and third quartile of a sample.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq)]
+struct Quartiles {
+    q1: f64,
+    median: f64,
+    q3: f64,
+}
+
+impl Quartiles {
+    /// `None` for an empty sample; quartiles interpolate between order statistics.
+    fn of(v: &[f64]) -> Option<Self> {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let pos = q * (v.len() - 1) as f64;
+            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+        };
+        (!v.is_empty()).then(|| Self {
+            q1: at(0.25),
+            median: at(0.5),
+            q3: at(0.75),
+        })
+    }
+
+    /// `1.06 [0.98, 1.12]`
+    fn bracketed(&self) -> String {
+        format!("{:.2} [{:.2}, {:.2}]", self.median, self.q1, self.q3)
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -536,13 +574,13 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Median images/s of the fused engine (when there is one) and of ONNX Runtime over
-/// `args.rounds` alternating windows.
+/// `args.rounds` alternating windows, and the quartiles of the per-round ratio.
 fn interleaved(
     fast: Option<Engine<'_>>,
     ort: &mut Ort,
     batch: usize,
     args: &Args,
-) -> Result<(Option<f64>, f64)> {
+) -> Result<(Option<f64>, f64, Option<Quartiles>)> {
     let window = args.seconds / args.rounds as f64;
     let (mut f, mut o) = (Vec::new(), Vec::new());
     for _ in 0..args.rounds {
@@ -551,7 +589,12 @@ fn interleaved(
         }
         o.push(ort.images_per_s(window)?);
     }
-    Ok((fast.map(|_| median(&mut f)), median(&mut o)))
+    let paired: Vec<f64> = f.iter().zip(&o).map(|(f, o)| f / o).collect();
+    Ok((
+        fast.map(|_| median(&mut f)),
+        median(&mut o),
+        Quartiles::of(&paired),
+    ))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -615,7 +658,7 @@ pub fn run(args: Args) -> Result<()> {
                 for &(weights, engine, onnx_path) in &engines {
                     let c = candle_images_per_s(&model, batch, args.input_size, args.seconds)?;
                     let mut ort = Ort::start(&py, &script, onnx_path, batch, args.threads)?;
-                    let (f, o) = interleaved(engine, &mut ort, batch, &args)?;
+                    let (f, o, paired) = interleaved(engine, &mut ort, batch, &args)?;
                     drop(ort);
                     let best = f.unwrap_or(0.0).max(c);
                     let row = Row {
@@ -629,18 +672,22 @@ pub fn run(args: Args) -> Result<()> {
                         fused_images_per_s: f,
                         ort_images_per_s: o,
                         ratio: best / o,
+                        paired_ratio: paired,
                         peak_fraction: best * 2.0 * model.macs() as f64 / 1e9 / peak,
                     };
                     if !args.json {
                         eprintln!(
-                        "{:<15} {:<5} batch {:>3}: candle {:>8.1} img/s, fused {:>8} img/s, onnxruntime {:>8.1} img/s, ratio {:.2}",
+                        "{:<15} {:<5} batch {:>3}: candle {:>8.1} img/s, fused {:>8} img/s, onnxruntime {:>8.1} img/s, ratio {:.2}{}",
                         row.arch,
                         weights,
                         batch,
                         c,
                         f.map(|f| format!("{f:.1}")).unwrap_or_else(|| "-".into()),
                         o,
-                        row.ratio
+                        row.ratio,
+                        paired
+                            .map(|q| format!(", per round {}", q.bracketed()))
+                            .unwrap_or_default()
                     );
                     }
                     rows.push(row);
@@ -658,14 +705,14 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         println!(
             "\nsgemm peak, {} threads, same run: {peak:.1} GFLOP/s; fused engine: {}\n\n\
-             | model | weights | batch | M MAC/img | candle img/s | fused img/s | ONNX Runtime img/s | best / ORT | share of sgemm peak |\n\
-             |---|---|---|---|---|---|---|---|---|",
+             | model | weights | batch | M MAC/img | candle img/s | fused img/s | ONNX Runtime img/s | best / ORT | fused / ORT per round, median [quartiles] | share of sgemm peak |\n\
+             |---|---|---|---|---|---|---|---|---|---|",
             args.threads,
             isa
         );
         for r in &rows {
             println!(
-                "| {} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.2} | {:.0}% |",
+                "| {} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.2} | {} | {:.0}% |",
                 r.arch,
                 r.weights,
                 r.batch,
@@ -676,6 +723,9 @@ pub fn run(args: Args) -> Result<()> {
                     .unwrap_or_else(|| "-".into()),
                 r.ort_images_per_s,
                 r.ratio,
+                r.paired_ratio
+                    .map(|q| q.bracketed())
+                    .unwrap_or_else(|| "-".into()),
                 r.peak_fraction * 100.0
             );
         }
@@ -686,6 +736,27 @@ pub fn run(args: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quartiles_interpolate_between_order_statistics() {
+        // Sorted: 1, 2, 4, 8, 16; positions 1, 2, 3 of 0..=4.
+        let q = Quartiles::of(&[8.0, 1.0, 16.0, 2.0, 4.0]).unwrap();
+        assert_eq!(
+            q,
+            Quartiles {
+                q1: 2.0,
+                median: 4.0,
+                q3: 8.0
+            }
+        );
+        // Four values: positions 0.75, 1.5, 2.25.
+        let q = Quartiles::of(&[0.0, 10.0, 20.0, 40.0]).unwrap();
+        assert_eq!((q.q1, q.median, q.q3), (7.5, 15.0, 25.0));
+        assert_eq!(q.bracketed(), "15.00 [7.50, 25.00]");
+        assert_eq!(Quartiles::of(&[]), None);
+        let one = Quartiles::of(&[1.25]).unwrap();
+        assert_eq!((one.q1, one.median, one.q3), (1.25, 1.25, 1.25));
+    }
 
     #[test]
     fn ort_nodes_are_grouped_by_the_layer_they_compute() {
