@@ -1,6 +1,7 @@
 //! `slimserve classify`: a small client of the own API, for people and scripts.
 
-use std::path::PathBuf;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -42,7 +43,10 @@ pub struct ClassifyArgs {
     #[arg(long, env = "SLIMSERVE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// Images to classify (JPEG, PNG, WebP, BMP, GIF).
+    /// Images to classify (JPEG, PNG, WebP, BMP, GIF). Each answer is printed as it comes;
+    /// an image that cannot be read or that the server refuses (not an image, truncated,
+    /// too large) is reported on stderr and the rest still go; the exit status is 1 if any
+    /// failed.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -115,35 +119,88 @@ pub async fn connect(args: &ClassifyArgs) -> Result<ClassifierClient<Channel>, C
     Ok(ClassifierClient::new(channel).max_decoding_message_size(usize::MAX))
 }
 
-/// Classifies each image in turn; stops at the first error.
+impl ClientError {
+    /// Whether the error is about one image (unreadable, or refused by the server as not an
+    /// image, truncated or too large) rather than the server, the model or the connection:
+    /// the other images can still be classified.
+    pub fn is_per_image(&self) -> bool {
+        match self {
+            ClientError::Read { .. } => true,
+            ClientError::Rpc { status, .. } => matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+            ),
+            ClientError::Address { .. } | ClientError::Connect { .. } => false,
+        }
+    }
+}
+
+/// Classifies each image in turn, handing each answer, or each [per-image
+/// error](ClientError::is_per_image), to `each` as it comes, until `each` breaks. Any other
+/// error (connection, TLS, unknown model, server unavailable) ends it as an `Err`: it would
+/// repeat for every image.
+pub async fn classify_each(
+    args: &ClassifyArgs,
+    mut each: impl FnMut(&Path, Result<pb::ClassifyResponse, ClientError>) -> ControlFlow<()>,
+) -> Result<(), ClientError> {
+    let mut client = connect(args).await?;
+    for path in &args.images {
+        let answer = match std::fs::read(path) {
+            Err(source) => Err(ClientError::Read {
+                path: path.clone(),
+                source,
+            }),
+            Ok(bytes) => {
+                let request = pb::ClassifyRequest {
+                    model: args.model.clone().unwrap_or_default(),
+                    model_version: args.model_version.clone().unwrap_or_default(),
+                    top_k: args.top_k,
+                    input: Some(pb::classify_request::Input::Image(bytes.into())),
+                    ..Default::default()
+                };
+                client
+                    .classify(request)
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|status| ClientError::Rpc {
+                        path: path.clone(),
+                        status,
+                    })
+            }
+        };
+        match answer {
+            Err(e) if !e.is_per_image() => return Err(e),
+            answer => {
+                if each(path, answer).is_break() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Classifies each image in turn; stops at the first error of any kind.
 pub async fn classify(
     args: &ClassifyArgs,
 ) -> Result<Vec<(PathBuf, pb::ClassifyResponse)>, ClientError> {
-    let mut client = connect(args).await?;
     let mut answers = Vec::with_capacity(args.images.len());
-    for path in &args.images {
-        let bytes = std::fs::read(path).map_err(|source| ClientError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let request = pb::ClassifyRequest {
-            model: args.model.clone().unwrap_or_default(),
-            model_version: args.model_version.clone().unwrap_or_default(),
-            top_k: args.top_k,
-            input: Some(pb::classify_request::Input::Image(bytes.into())),
-            ..Default::default()
-        };
-        let response = client
-            .classify(request)
-            .await
-            .map_err(|status| ClientError::Rpc {
-                path: path.clone(),
-                status,
-            })?
-            .into_inner();
-        answers.push((path.clone(), response));
+    let mut failed = None;
+    classify_each(args, |path, answer| match answer {
+        Ok(r) => {
+            answers.push((path.to_path_buf(), r));
+            ControlFlow::Continue(())
+        }
+        Err(e) => {
+            failed = Some(e);
+            ControlFlow::Break(())
+        }
+    })
+    .await?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(answers),
     }
-    Ok(answers)
 }
 
 /// Human-readable lines for one answer.

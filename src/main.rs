@@ -106,9 +106,27 @@ async fn soak(args: SoakArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints each answer as it comes and each image's own error on stderr, going on with the
+/// rest; fails at the end if any image failed (at once for a connection or model error).
 async fn classify(args: ClassifyArgs) -> anyhow::Result<()> {
-    for (path, answer) in client::classify(&args).await? {
-        print!("{}", client::format_answer(&path, &answer));
+    use std::io::Write;
+    let mut failed = 0usize;
+    client::classify_each(&args, |path, answer| {
+        match answer {
+            Ok(r) => {
+                print!("{}", client::format_answer(path, &r));
+                let _ = std::io::stdout().flush();
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("slimserve: error: {e}");
+            }
+        }
+        std::ops::ControlFlow::Continue(())
+    })
+    .await?;
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images failed", args.images.len());
     }
     Ok(())
 }

@@ -74,6 +74,48 @@ async fn classify_prints_top_labels_and_fails_clearly() {
             "cannot connect to 127.0.0.1:1",
         ),
     ];
+    // One bad file among good ones: every good answer is printed, every bad file named on
+    // stderr, the run fails at the end. A model error is not per image: it stops at once.
+    let photo2 = s.dir.path().join("second.png");
+    std::fs::write(&photo2, png(40, 30)).unwrap();
+    let out = run(vec![
+        "--addr".into(),
+        addr.clone(),
+        p.clone(),
+        junk.display().to_string(),
+        "/no/such/photo.jpg".into(),
+        photo2.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("photo.jpg (model cli"), "{stdout}");
+    assert!(stdout.contains("second.png (model cli"), "{stdout}");
+    assert!(
+        stderr.contains("notes.txt: server answered INVALID_ARGUMENT"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("/no/such/photo.jpg"), "{stderr}");
+    assert!(stderr.contains("2 of 4 images failed"), "{stderr}");
+    let out = run(vec![
+        "--addr".into(),
+        addr.clone(),
+        "--model".into(),
+        "nope".into(),
+        p.clone(),
+        photo2.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.matches("NOT_FOUND").count(), 1, "{stderr}");
+    assert!(out.stdout.is_empty());
+
     for (args, message) in failures {
         let out = run(args).await.unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
