@@ -214,13 +214,48 @@ pub fn format_answer(path: &std::path::Path, r: &pb::ClassifyResponse) -> String
         );
     }
     out += ")\n";
+    // Labels padded to the longest of this answer (at least 16), so the percentages line up.
+    let width = r
+        .predictions
+        .iter()
+        .map(|p| p.label.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     for (rank, p) in r.predictions.iter().enumerate() {
         out += &format!(
-            "  {}. {:<16} {:5.1}%\n",
+            "  {}. {:<width$} {:5.1}%\n",
             rank + 1,
             p.label,
             p.probability * 100.0
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_line_up_whatever_the_labels_length() {
+        let r = pb::ClassifyResponse {
+            model: "big".into(),
+            predictions: ["condiments_and_spices", "fruits"]
+                .iter()
+                .zip([0.9, 0.05])
+                .map(|(l, p)| pb::Prediction {
+                    label: l.to_string(),
+                    probability: p,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let text = format_answer(Path::new("a.jpg"), &r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "a.jpg (model big)");
+        assert_eq!(lines[1], "  1. condiments_and_spices  90.0%");
+        assert_eq!(lines[2], "  2. fruits                  5.0%");
+    }
 }
