@@ -563,16 +563,6 @@ impl Quartiles {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Median images/s of the fused engine (when there is one) and of ONNX Runtime over
 /// `args.rounds` alternating windows, and the quartiles of the per-round ratio.
 fn interleaved(
@@ -590,9 +580,10 @@ fn interleaved(
         o.push(ort.images_per_s(window)?);
     }
     let paired: Vec<f64> = f.iter().zip(&o).map(|(f, o)| f / o).collect();
+    let median = |v: &[f64]| Quartiles::of(v).map(|q| q.median);
     Ok((
-        fast.map(|_| median(&mut f)),
-        median(&mut o),
+        median(&f),
+        median(&o).expect("--rounds is positive"),
         Quartiles::of(&paired),
     ))
 }
