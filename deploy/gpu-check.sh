@@ -112,7 +112,7 @@ if ! ls "$MODELS"/*/config.json >/dev/null 2>&1; then
 fi
 LOG=$B/server.log
 "$BIN/slimserve" --models "$MODELS" --device cuda:0 \
-  --grpc-addr 127.0.0.1:18001 --metrics-addr 127.0.0.1:18002 >"$LOG" 2>&1 &
+  --grpc-addr 127.0.0.1:18001 --metrics-addr 127.0.0.1:18002 --http-addr 127.0.0.1:18000 >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

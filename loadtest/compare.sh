@@ -23,7 +23,7 @@ cargo build --release --bin slimserve
 BIN=target/release/slimserve
 [[ -n "${CARGO_TARGET_DIR:-}" ]] && BIN=$CARGO_TARGET_DIR/release/slimserve
 
-"$BIN" serve --models models --grpc-addr "$GRPC" --metrics-addr "$METRICS" >"$OUT/server.log" 2>&1 &
+"$BIN" serve --models models --grpc-addr "$GRPC" --metrics-addr "$METRICS" --http-addr off >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

@@ -22,6 +22,7 @@ pub mod load;
 pub mod ops;
 pub mod pipeline;
 pub mod preprocess;
+pub mod rest;
 pub mod scheduler;
 pub mod server;
 pub mod simd;

@@ -197,6 +197,14 @@ pub(super) fn to_request(
                 out.name, req.model_name
             )));
         }
+        // Answering FP32 logits where the client asked for classification strings would be
+        // decoded wrongly on its side.
+        if out.parameters.contains_key("classification") {
+            return Err(Error::invalid(format!(
+                "output `{OUTPUT_LOGITS}`: the classification extension (class_count) is not supported; \
+                 ask for the logits and take their top k, or use slimserve.v1.Classifier/Classify (top_k, labels)"
+            )));
+        }
     }
     let tensor = &req.inputs[0];
     let layout = layout_of(&tensor.name).ok_or_else(|| {

@@ -11,6 +11,10 @@ use crate::backend::DeviceSpec;
 use crate::grpc::KServeInput;
 use crate::pipeline::{Int8Engine, ModelControl, ShadowRule};
 use crate::preprocess::DEFAULT_MAX_PIXELS;
+use crate::rest::HttpAddr;
+
+/// The HTTP/REST port's address when `--http-addr` is unset (Triton's).
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8000";
 
 /// `--max-batch-size` when unset, on the CPU.
 pub const DEFAULT_CPU_MAX_BATCH: usize = 32;
@@ -63,6 +67,12 @@ pub struct Config {
     /// port, which perf_analyzer and tritonclient expect.
     #[arg(long, env = "SLIMSERVE_GRPC_ADDR", default_value = "0.0.0.0:8001")]
     pub grpc_addr: SocketAddr,
+
+    /// KServe v2 over HTTP/REST listen address (Triton's port 8000: perf_analyzer's default
+    /// `-i http`, tritonclient.http, curl), or `off`. Default: 0.0.0.0:8000, and `off` with
+    /// --tls-cert (this port has no TLS: name an address to serve it in plaintext anyway).
+    #[arg(long, env = "SLIMSERVE_HTTP_ADDR", value_name = "ADDR|off")]
+    pub http_addr: Option<HttpAddr>,
 
     /// Prometheus `/metrics` listen address (HTTP). 8002 is Triton's metrics port.
     #[arg(long, env = "SLIMSERVE_METRICS_ADDR", default_value = "0.0.0.0:8002")]
@@ -221,6 +231,34 @@ impl Config {
         Ok(())
     }
 
+    /// Where the HTTP/REST port listens: `--http-addr`, else 0.0.0.0:8000 without TLS and
+    /// nowhere with it.
+    pub fn http_listen_addr(&self) -> Option<SocketAddr> {
+        match self.http_addr {
+            Some(HttpAddr::On(addr)) => Some(addr),
+            Some(HttpAddr::Off) => None,
+            None if self.tls_cert.is_some() => None,
+            None => Some(DEFAULT_HTTP_ADDR.parse().expect("valid address")),
+        }
+    }
+
+    /// Why the HTTP/REST port refuses repository load/unload (`None`: it serves them, as far
+    /// as `--model-control` allows): it has no TLS, so only on loopback, or with
+    /// --allow-remote-model-control.
+    pub fn http_repository_refusal(&self) -> Option<String> {
+        let addr = self.http_listen_addr()?;
+        if self.model_control != ModelControl::Explicit
+            || addr.ip().is_loopback()
+            || self.allow_remote_model_control
+        {
+            return None;
+        }
+        Some(format!(
+            "repository load/unload over HTTP on {addr} (no TLS, not loopback) is refused: use gRPC \
+             (over TLS or on loopback), a loopback --http-addr, or --allow-remote-model-control"
+        ))
+    }
+
     /// The defaults, as `slimserve serve` with no flags and no environment would have them.
     pub fn with_models(models: impl Into<PathBuf>) -> Self {
         Self {
@@ -230,6 +268,7 @@ impl Config {
             load_model: Vec::new(),
             allow_remote_model_control: false,
             grpc_addr: "0.0.0.0:8001".parse().expect("valid address"),
+            http_addr: None,
             metrics_addr: "0.0.0.0:8002".parse().expect("valid address"),
             default_model: None,
             device: DeviceSpec::Cpu,

@@ -70,6 +70,8 @@ pub struct Server {
     /// Opened at bind time, so a bad `--device` fails before anything listens.
     device: candle_core::Device,
     grpc: TcpListener,
+    /// KServe v2 HTTP/REST (`--http-addr`), unless off.
+    http: Option<TcpListener>,
     metrics: TcpListener,
 }
 
@@ -90,11 +92,16 @@ impl Server {
                 .map_err(|source| ServerError::Bind { addr, source })
         };
         let grpc = bind(config.grpc_addr).await?;
+        let http = match config.http_listen_addr() {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         let metrics = bind(config.metrics_addr).await?;
         Ok(Self {
             config,
             device,
             grpc,
+            http,
             metrics,
         })
     }
@@ -103,6 +110,13 @@ impl Server {
         self.grpc
             .local_addr()
             .expect("bound listener has an address")
+    }
+
+    /// The HTTP/REST port's address, unless `--http-addr off` (or TLS without it).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
@@ -115,10 +129,12 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let grpc_addr = self.grpc_addr();
         let metrics_addr = self.metrics_addr();
+        let http_addr = self.http_addr();
         let Server {
             config,
             device,
             grpc: grpc_listener,
+            http: http_listener,
             metrics: metrics_listener,
         } = self;
         let prometheus = crate::telemetry::init();
@@ -151,6 +167,17 @@ impl Server {
             pipeline.clone(),
             config.kserve_input,
         );
+        let (stop_http, http_stopped) = oneshot::channel::<()>();
+        let http_task = http_listener.map(|listener| {
+            let rest = crate::rest::router(
+                grpc::KServeService::new(pipeline.clone(), config.kserve_input),
+                config.max_message_bytes,
+                config.http_repository_refusal(),
+            );
+            tokio::spawn(crate::rest::serve(listener, rest, async {
+                let _ = http_stopped.await;
+            }))
+        });
         let incoming = transport::accept(grpc_listener);
         let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = grpc_stopped.await;
@@ -160,14 +187,25 @@ impl Server {
         let metrics_task = tokio::spawn(serve_metrics(metrics_listener, prometheus, async {
             let _ = metrics_stopped.await;
         }));
+        let http_note = match (http_addr, config.tls_cert.is_some()) {
+            (Some(addr), false) => format!("KServe HTTP/REST on http://{addr}/v2"),
+            (Some(addr), true) => {
+                format!("KServe HTTP/REST on http://{addr}/v2 (plaintext: TLS covers gRPC only)")
+            }
+            (None, false) => "HTTP/REST off".into(),
+            (None, true) => {
+                "HTTP/REST off with TLS (--http-addr ADDR serves it in plaintext)".into()
+            }
+        };
         tracing::info!(
-            "gRPC on {grpc_addr}, metrics on http://{metrics_addr}/metrics; loading models from {}",
+            "gRPC on {grpc_addr}, {http_note}, metrics on http://{metrics_addr}/metrics; loading models from {}",
             config.models.display()
         );
 
         let stop = |mut grpc_task: tokio::task::JoinHandle<_>,
                     mut metrics_task: tokio::task::JoinHandle<_>| async move {
             let _ = stop_grpc.send(());
+            let _ = stop_http.send(());
             let _ = stop_metrics.send(());
             // The listeners close and each connection gets a GOAWAY, then the server task waits
             // for every connection to end. A client that never finishes the HTTP/2 handshake
@@ -189,6 +227,14 @@ impl Server {
                 .is_err()
             {
                 metrics_task.abort();
+            }
+            if let Some(mut http_task) = http_task {
+                if tokio::time::timeout(CLOSE_GRACE, &mut http_task)
+                    .await
+                    .is_err()
+                {
+                    http_task.abort();
+                }
             }
             match grpc_result {
                 Ok(r) => r.map_err(ServerError::from),

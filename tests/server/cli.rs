@@ -136,6 +136,8 @@ fn serve_without_models_says_so_and_stops_on_sigterm() {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
             "--models",
         ])
         .arg(dir.path().join("models"))

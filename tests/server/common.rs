@@ -65,6 +65,8 @@ pub fn python(modules: &str) -> std::path::PathBuf {
 
 pub struct TestServer {
     pub grpc: SocketAddr,
+    /// KServe v2 HTTP/REST (on, at loopback port 0, unless a test turns it off).
+    pub http: Option<SocketAddr>,
     pub metrics: SocketAddr,
     pub dir: TempDir,
     /// How the harness's own clients connect, when the server uses TLS.
@@ -78,6 +80,9 @@ pub fn config(dir: &Path) -> Config {
     let mut c = Config::with_models(dir);
     c.grpc_addr = "127.0.0.1:0".parse().unwrap();
     c.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    c.http_addr = Some(slimserve::rest::HttpAddr::On(
+        "127.0.0.1:0".parse().unwrap(),
+    ));
     c
 }
 
@@ -109,13 +114,18 @@ impl TestServer {
         let mut c = config(dir.path());
         tweak(&mut c);
         let server = Server::bind(c).await.unwrap();
-        let (grpc, metrics) = (server.grpc_addr(), server.metrics_addr());
+        let (grpc, metrics, http) = (
+            server.grpc_addr(),
+            server.metrics_addr(),
+            server.http_addr(),
+        );
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async {
             let _ = stopped.await;
         }));
         Self {
             grpc,
+            http,
             metrics,
             dir,
             tls: None,

@@ -49,6 +49,7 @@ impl Proc {
             .arg(models)
             .args(["--grpc-addr", &addr.to_string()])
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -15,5 +15,6 @@ mod overload;
 mod own_api;
 mod prometheus;
 mod repository;
+mod rest;
 mod tls;
 mod triton;

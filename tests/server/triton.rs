@@ -37,19 +37,40 @@ async fn run_script(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_infers_the_same_logits_as_the_rust_client() {
+    same_logits_as_the_rust_client("grpc").await;
+}
+
+/// tritonclient.http against the HTTP/REST port: binary tensors and JSON numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tritonclient_http_infers_the_same_logits_as_the_rust_client() {
+    same_logits_as_the_rust_client("http").await;
+}
+
+async fn same_logits_as_the_rust_client(protocol: &str) {
     const M: &str = "triton";
     const SEED: u32 = 42;
-    let python = python("numpy, tritonclient.grpc");
+    let python = python(&format!("numpy, tritonclient.{protocol}"));
     let s = TestServer::start(&[M], |_| {}).await;
+    let addr = match protocol {
+        "http" => s.http.expect("HTTP/REST is on in the test config"),
+        _ => s.grpc,
+    };
     let out = run_script(
         python,
         "triton_client.py",
-        vec![s.grpc.to_string().into(), M.into(), SEED.to_string().into()],
+        vec![
+            addr.to_string().into(),
+            M.into(),
+            SEED.to_string().into(),
+            protocol.into(),
+        ],
     )
     .await;
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(answer["model"], M);
-    assert_eq!(answer["inference_count"], 2);
+    // Over HTTP the batch of two went twice (binary, then JSON numbers).
+    let sent = if protocol == "http" { 4 } else { 2 };
+    assert_eq!(answer["inference_count"], sent);
     // Numeric versions: perf_analyzer parses the version as an integer and aborts otherwise.
     assert_eq!(answer["versions"], serde_json::json!(["1"]));
     let py: Vec<Vec<f32>> = serde_json::from_value(answer["logits"].clone()).unwrap();
