@@ -391,6 +391,33 @@ mod tests {
     }
 
     #[test]
+    fn http_port_defaults_to_8000_and_is_off_with_tls_unless_named() {
+        if std::env::var_os("SLIMSERVE_HTTP_ADDR").is_some() {
+            panic!("unset SLIMSERVE_HTTP_ADDR to run this test");
+        }
+        let addr = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        assert_eq!(parse(&[]).http_listen_addr(), addr("0.0.0.0:8000"));
+        assert_eq!(parse(&["--http-addr", "off"]).http_listen_addr(), None);
+        let tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"];
+        assert_eq!(parse(&tls).http_listen_addr(), None);
+        let named = [&tls[..], &["--http-addr", "127.0.0.1:9000"]].concat();
+        assert_eq!(parse(&named).http_listen_addr(), addr("127.0.0.1:9000"));
+        // Repository changes over plaintext HTTP: loopback, or allowed explicitly.
+        let explicit = [
+            "--model-control",
+            "explicit",
+            "--grpc-addr",
+            "127.0.0.1:8001",
+        ];
+        assert!(parse(&explicit).http_repository_refusal().is_some());
+        let lo = [&explicit[..], &["--http-addr", "127.0.0.1:8000"]].concat();
+        assert_eq!(parse(&lo).http_repository_refusal(), None);
+        let allowed = [&explicit[..], &["--allow-remote-model-control"]].concat();
+        assert_eq!(parse(&allowed).http_repository_refusal(), None);
+        assert_eq!(parse(&[]).http_repository_refusal(), None);
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
         assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
