@@ -16,7 +16,7 @@ use prost::Message;
 use slimserve::formats::model_dir;
 use slimserve::formats::model_dir::ModelConfig;
 use slimserve::formats::weights::{self, WeightFormat};
-use slimserve::fuzzing::{join_model_dir, INPUT_SIZE};
+use slimserve::fuzzing::{join_model_dir, join_rest_infer, INPUT_SIZE};
 use slimserve::grpc::pb::{inference, slimserve::v1 as own};
 use slimserve::infer::qmodel::Int8Model;
 use slimserve::infer::FastModel;
@@ -118,6 +118,75 @@ fn classify_requests(dir: &Path) {
     ];
     for (name, req) in seeds {
         write(dir, &format!("{name}.pb"), &req.encode_to_vec());
+    }
+}
+
+/// KServe v2 HTTP/REST bodies as tritonclient.http and curl send them: JSON numbers (flat and
+/// nested) and the binary tensor extension.
+fn rest_infer_requests(dir: &Path) {
+    let s = INPUT_SIZE;
+    let n = 3 * s * s;
+    let json = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
+    let pixels: Vec<u8> = (0..n).map(|i| (i * 7 % 256) as u8).collect();
+    let nested: Vec<Vec<Vec<f32>>> = (0..3)
+        .map(|c| {
+            (0..s)
+                .map(|y| (0..s).map(|x| ((c + y + x) % 10) as f32 / 10.0).collect())
+                .collect()
+        })
+        .collect();
+    let binary = |name: &str, datatype: &str, shape: Vec<usize>, data: &[u8]| {
+        let head = json(serde_json::json!({
+            "id": "seed",
+            "inputs": [{
+                "name": name, "datatype": datatype, "shape": shape,
+                "parameters": { "binary_data_size": data.len() },
+            }],
+            "outputs": [{ "name": "logits", "parameters": { "binary_data": true } }],
+        }));
+        let mut body = head.clone();
+        body.extend_from_slice(data);
+        (Some(head.len() as u16), body)
+    };
+    let f32_bytes: Vec<u8> = (0..2 * n)
+        .flat_map(|i| ((i % 100) as f32 / 100.0).to_le_bytes())
+        .collect();
+    let (len, mut leftover) = binary("image", "UINT8", vec![1, s, s, 3], &pixels);
+    leftover.push(0);
+    let seeds = [
+        (
+            "json-image",
+            None,
+            json(serde_json::json!({
+                "inputs": [{ "name": "image", "datatype": "UINT8", "shape": [1, s, s, 3], "data": pixels }],
+            })),
+        ),
+        (
+            "json-input-nested",
+            None,
+            json(serde_json::json!({
+                "inputs": [{ "name": "input", "datatype": "FP32", "shape": [1, 3, s, s], "data": [nested] }],
+                "outputs": [{ "name": "logits" }],
+                "parameters": { "binary_data_output": false },
+            })),
+        ),
+        {
+            let (len, body) = binary("image", "UINT8", vec![1, s, s, 3], &pixels);
+            ("binary-image", len, body)
+        },
+        {
+            let (len, body) = binary("input", "FP32", vec![2, 3, s, s], &f32_bytes);
+            ("binary-input-batch2", len, body)
+        },
+        ("bad-binary-leftover", len, leftover),
+        (
+            "bad-json-truncated",
+            None,
+            br#"{"inputs":[{"name":"image""#.to_vec(),
+        ),
+    ];
+    for (name, len, body) in seeds {
+        write(dir, &format!("{name}.bin"), &join_rest_infer(len, &body));
     }
 }
 
@@ -246,6 +315,7 @@ fn main() {
     images(&out.join("image"));
     classify_requests(&out.join("classify_request"));
     model_infer_requests(&out.join("model_infer_request"));
+    rest_infer_requests(&out.join("rest_infer_request"));
     model_dirs(&out.join("model_dir"), &out.join("checkpoint"));
     println!("seeds written under {}", out.display());
 }

@@ -20,7 +20,7 @@ else
   [[ "$1" =~ ^[0-9]+$ ]] || usage
   limit=(-max_total_time="$1"); shift
 fi
-all=(image classify_request model_infer_request model_dir checkpoint)
+all=(image classify_request model_infer_request rest_infer_request model_dir checkpoint)
 targets=("${@:-${all[@]}}")
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

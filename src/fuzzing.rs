@@ -57,6 +57,27 @@ pub fn model_infer_request(data: &[u8]) -> Result<usize, Error> {
     payload(crate::grpc::model_infer_request(req)?.payload)
 }
 
+/// A KServe v2 HTTP/REST inference body: a little-endian `u16` first, the
+/// Inference-Header-Content-Length header's value (`0xFFFF`: no header, the body is all JSON),
+/// then the body (JSON, then binary tensor data). Returns the inputs it makes.
+pub fn rest_infer_request(data: &[u8]) -> Result<usize, Error> {
+    let (len, body) = data
+        .split_first_chunk::<2>()
+        .ok_or_else(|| Error::invalid("input too short"))?;
+    let len = u16::from_le_bytes(*len);
+    let header = (len != u16::MAX).then(|| len.to_string());
+    let req = crate::rest::model_infer_from_http(header.as_deref(), body, 1 << 20)
+        .map_err(Error::invalid)?;
+    payload(crate::grpc::model_infer_request(req)?.payload)
+}
+
+/// The inverse of the split [`rest_infer_request`] makes, for writing seeds.
+pub fn join_rest_infer(header_length: Option<u16>, body: &[u8]) -> Vec<u8> {
+    let mut out = header_length.unwrap_or(u16::MAX).to_le_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
 /// Splits a model-directory fuzz input: a little-endian `u16` length, that many bytes of
 /// `config.json`, then the weight file.
 pub fn split_model_dir(data: &[u8]) -> Option<(&[u8], &[u8])> {

@@ -198,56 +198,45 @@ fn health(ok: bool) -> Response {
     }
 }
 
-async fn live(State(s): State<Rest>) -> Response {
-    match s
-        .kserve
-        .server_live(Request::new(pb::ServerLiveRequest {}))
-        .await
-    {
-        Ok(r) => health(r.into_inner().live),
+/// The gRPC service's answer through `f`, or its status as an HTTP error.
+fn answer<T>(r: Result<tonic::Response<T>, Status>, f: impl FnOnce(T) -> Response) -> Response {
+    match r {
+        Ok(r) => f(r.into_inner()),
         Err(e) => from_status(e),
     }
 }
 
+async fn live(State(s): State<Rest>) -> Response {
+    let r = s.kserve.server_live(Request::new(pb::ServerLiveRequest {}));
+    answer(r.await, |r| health(r.live))
+}
+
 async fn ready(State(s): State<Rest>) -> Response {
-    match s
+    let r = s
         .kserve
-        .server_ready(Request::new(pb::ServerReadyRequest {}))
-        .await
-    {
-        Ok(r) => health(r.into_inner().ready),
-        Err(e) => from_status(e),
-    }
+        .server_ready(Request::new(pb::ServerReadyRequest {}));
+    answer(r.await, |r| health(r.ready))
 }
 
 async fn model_ready(State(s): State<Rest>, Path(p): Path<HashMap<String, String>>) -> Response {
     let (name, version) = model_version(&p);
-    match s
+    let r = s
         .kserve
-        .model_ready(Request::new(pb::ModelReadyRequest { name, version }))
-        .await
-    {
-        Ok(r) => health(r.into_inner().ready),
-        Err(e) => from_status(e),
-    }
+        .model_ready(Request::new(pb::ModelReadyRequest { name, version }));
+    answer(r.await, |r| health(r.ready))
 }
 
 async fn server_metadata(State(s): State<Rest>) -> Response {
-    match s
+    let r = s
         .kserve
-        .server_metadata(Request::new(pb::ServerMetadataRequest {}))
-        .await
-    {
-        Ok(r) => {
-            let m = r.into_inner();
-            json_response(json!({
-                "name": m.name,
-                "version": m.version,
-                "extensions": m.extensions,
-            }))
-        }
-        Err(e) => from_status(e),
-    }
+        .server_metadata(Request::new(pb::ServerMetadataRequest {}));
+    answer(r.await, |m| {
+        json_response(json!({
+            "name": m.name,
+            "version": m.version,
+            "extensions": m.extensions,
+        }))
+    })
 }
 
 fn tensor_metadata(t: &pb::model_metadata_response::TensorMetadata) -> Value {
@@ -256,23 +245,18 @@ fn tensor_metadata(t: &pb::model_metadata_response::TensorMetadata) -> Value {
 
 async fn metadata(State(s): State<Rest>, Path(p): Path<HashMap<String, String>>) -> Response {
     let (name, version) = model_version(&p);
-    match s
+    let r = s
         .kserve
-        .model_metadata(Request::new(pb::ModelMetadataRequest { name, version }))
-        .await
-    {
-        Ok(r) => {
-            let m = r.into_inner();
-            json_response(json!({
-                "name": m.name,
-                "versions": m.versions,
-                "platform": m.platform,
-                "inputs": m.inputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
-                "outputs": m.outputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
-            }))
-        }
-        Err(e) => from_status(e),
-    }
+        .model_metadata(Request::new(pb::ModelMetadataRequest { name, version }));
+    answer(r.await, |m| {
+        json_response(json!({
+            "name": m.name,
+            "versions": m.versions,
+            "platform": m.platform,
+            "inputs": m.inputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
+            "outputs": m.outputs.iter().map(tensor_metadata).collect::<Vec<_>>(),
+        }))
+    })
 }
 
 /// Triton's JSON form of a model configuration (protobuf field names, enum names as strings,
@@ -332,17 +316,13 @@ fn config_json(c: &pb::ModelConfig) -> Value {
 
 async fn config(State(s): State<Rest>, Path(p): Path<HashMap<String, String>>) -> Response {
     let (name, version) = model_version(&p);
-    match s
+    let r = s
         .kserve
-        .model_config(Request::new(pb::ModelConfigRequest { name, version }))
-        .await
-    {
-        Ok(r) => match r.into_inner().config {
-            Some(c) => json_response(config_json(&c)),
-            None => error(StatusCode::INTERNAL_SERVER_ERROR, "no configuration"),
-        },
-        Err(e) => from_status(e),
-    }
+        .model_config(Request::new(pb::ModelConfigRequest { name, version }));
+    answer(r.await, |r| match r.config {
+        Some(c) => json_response(config_json(&c)),
+        None => error(StatusCode::INTERNAL_SERVER_ERROR, "no configuration"),
+    })
 }
 
 fn duration_json(d: &Option<pb::StatisticDuration>) -> Value {
@@ -351,43 +331,38 @@ fn duration_json(d: &Option<pb::StatisticDuration>) -> Value {
 }
 
 async fn statistics(s: Rest, name: String, version: String) -> Response {
-    match s
+    let r = s
         .kserve
-        .model_statistics(Request::new(pb::ModelStatisticsRequest { name, version }))
-        .await
-    {
-        Ok(r) => {
-            let stats: Vec<Value> = r
-                .into_inner()
-                .model_stats
-                .iter()
-                .map(|m| {
-                    let i = m.inference_stats.unwrap_or_default();
-                    json!({
-                        "name": m.name,
-                        "version": m.version,
-                        "last_inference": m.last_inference,
-                        "inference_count": m.inference_count,
-                        "execution_count": m.execution_count,
-                        "inference_stats": {
-                            "success": duration_json(&i.success),
-                            "fail": duration_json(&i.fail),
-                            "queue": duration_json(&i.queue),
-                            "compute_input": duration_json(&i.compute_input),
-                            "compute_infer": duration_json(&i.compute_infer),
-                            "compute_output": duration_json(&i.compute_output),
-                            // No response cache here.
-                            "cache_hit": duration_json(&None),
-                            "cache_miss": duration_json(&None),
-                        },
-                        "batch_stats": [],
-                    })
+        .model_statistics(Request::new(pb::ModelStatisticsRequest { name, version }));
+    answer(r.await, |r| {
+        let stats: Vec<Value> = r
+            .model_stats
+            .iter()
+            .map(|m| {
+                let i = m.inference_stats.unwrap_or_default();
+                json!({
+                    "name": m.name,
+                    "version": m.version,
+                    "last_inference": m.last_inference,
+                    "inference_count": m.inference_count,
+                    "execution_count": m.execution_count,
+                    "inference_stats": {
+                        "success": duration_json(&i.success),
+                        "fail": duration_json(&i.fail),
+                        "queue": duration_json(&i.queue),
+                        "compute_input": duration_json(&i.compute_input),
+                        "compute_infer": duration_json(&i.compute_infer),
+                        "compute_output": duration_json(&i.compute_output),
+                        // No response cache here.
+                        "cache_hit": duration_json(&None),
+                        "cache_miss": duration_json(&None),
+                    },
+                    "batch_stats": [],
                 })
-                .collect();
-            json_response(json!({ "model_stats": stats }))
-        }
-        Err(e) => from_status(e),
-    }
+            })
+            .collect();
+        json_response(json!({ "model_stats": stats }))
+    })
 }
 
 async fn all_stats(State(s): State<Rest>) -> Response {
@@ -508,6 +483,31 @@ fn flatten(name: &str, datatype: &str, v: &Value, out: &mut Vec<u8>) -> Result<(
             "input `{name}` data holds {other}: data is an array of numbers (nested or flat, row-major)"
         )),
     }
+}
+
+/// A KServe REST inference body as the server reads it (what the `rest_infer_request` fuzz
+/// target drives): `header_length` is the Inference-Header-Content-Length header, if sent.
+/// Returns the gRPC request every check after it sees, or the refusal's message.
+pub fn model_infer_from_http(
+    header_length: Option<&str>,
+    body: &[u8],
+    max_message_bytes: usize,
+) -> Result<pb::ModelInferRequest, String> {
+    let mut headers = HeaderMap::new();
+    if let Some(v) = header_length {
+        let v = HeaderValue::from_str(v).map_err(|e| format!("header value: {e}"))?;
+        headers.insert(HEADER_LENGTH, v);
+    }
+    let body = Bytes::copy_from_slice(body);
+    to_model_infer(
+        "fuzz".into(),
+        String::new(),
+        &headers,
+        &body,
+        max_message_bytes,
+    )
+    .map(|(req, _)| req)
+    .map_err(|r| r.message)
 }
 
 /// A JSON (and binary) inference request as the gRPC one; the second value says whether the
@@ -770,31 +770,26 @@ async fn index(State(s): State<Rest>, body: Body) -> Response {
         Err(r) => return r.into_response(),
     };
     let ready = body.get("ready").and_then(Value::as_bool).unwrap_or(false);
-    match s
+    let r = s
         .kserve
         .repository_index(Request::new(pb::RepositoryIndexRequest {
             repository_name: String::new(),
             ready,
-        }))
-        .await
-    {
-        Ok(r) => {
-            let models: Vec<Value> = r
-                .into_inner()
-                .models
-                .iter()
-                .map(|m| {
-                    let mut v = json!({ "name": m.name, "state": m.state, "reason": m.reason });
-                    if !m.version.is_empty() {
-                        v["version"] = json!(m.version);
-                    }
-                    v
-                })
-                .collect();
-            json_response(Value::Array(models))
-        }
-        Err(e) => from_status(e),
-    }
+        }));
+    answer(r.await, |r| {
+        let models: Vec<Value> = r
+            .models
+            .iter()
+            .map(|m| {
+                let mut v = json!({ "name": m.name, "state": m.state, "reason": m.reason });
+                if !m.version.is_empty() {
+                    v["version"] = json!(m.version);
+                }
+                v
+            })
+            .collect();
+        json_response(Value::Array(models))
+    })
 }
 
 /// Load/unload parameters as the gRPC request's (refused there unless supported).

@@ -72,6 +72,13 @@ fn model_infer_request_seeds_and_regressions() {
 }
 
 #[test]
+fn rest_infer_request_seeds_and_regressions() {
+    check("rest_infer_request", |b| {
+        string_err(slimserve::fuzzing::rest_infer_request(b))
+    });
+}
+
+#[test]
 fn model_dir_seeds_and_regressions() {
     check("model_dir", |b| {
         string_err(slimserve::fuzzing::model_dir(b))
