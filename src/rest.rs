@@ -18,7 +18,6 @@
 //! `binary_data_output`) come back the same way.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 
 use axum::body::{Body, Bytes};
@@ -29,7 +28,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::net::TcpListener;
 use tonic::{Code, Request, Status};
 
 use crate::grpc::pb::inference as pb;
@@ -91,20 +89,6 @@ pub fn router(
             )
         })
         .with_state(state)
-}
-
-/// Serves the router on `listener` until `stop` resolves (connections then finish).
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: impl Future<Output = ()> + Send + 'static,
-) {
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        tracing::error!("HTTP/REST server: {e}");
-    }
 }
 
 /// `--http-addr`: an address, or `off`.

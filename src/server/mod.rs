@@ -174,7 +174,7 @@ impl Server {
                 config.max_message_bytes,
                 config.http_repository_refusal(),
             );
-            tokio::spawn(crate::rest::serve(listener, rest, async {
+            tokio::spawn(serve_http("HTTP/REST", listener, rest, async {
                 let _ = http_stopped.await;
             }))
         });
@@ -203,7 +203,7 @@ impl Server {
         );
 
         let stop = |mut grpc_task: tokio::task::JoinHandle<_>,
-                    mut metrics_task: tokio::task::JoinHandle<_>| async move {
+                    metrics_task: tokio::task::JoinHandle<()>| async move {
             let _ = stop_grpc.send(());
             let _ = stop_http.send(());
             let _ = stop_metrics.send(());
@@ -222,19 +222,9 @@ impl Server {
                         Ok(Ok(()))
                     }
                 };
-            if tokio::time::timeout(CLOSE_GRACE, &mut metrics_task)
-                .await
-                .is_err()
-            {
-                metrics_task.abort();
-            }
-            if let Some(mut http_task) = http_task {
-                if tokio::time::timeout(CLOSE_GRACE, &mut http_task)
-                    .await
-                    .is_err()
-                {
-                    http_task.abort();
-                }
+            close_within(CLOSE_GRACE, metrics_task).await;
+            if let Some(http_task) = http_task {
+                close_within(CLOSE_GRACE, http_task).await;
             }
             match grpc_result {
                 Ok(r) => r.map_err(ServerError::from),
@@ -380,10 +370,27 @@ async fn serve_metrics(
             }
         }),
     );
-    if let Err(e) = axum::serve(listener, app)
+    serve_http("metrics", listener, app, stop).await;
+}
+
+/// Serves an HTTP/1 router on `listener` until `stop` resolves (connections then finish).
+async fn serve_http(
+    what: &str,
+    listener: TcpListener,
+    router: axum::Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    if let Err(e) = axum::serve(listener, router)
         .with_graceful_shutdown(stop)
         .await
     {
-        tracing::error!("metrics server: {e}");
+        tracing::error!("{what} server: {e}");
+    }
+}
+
+/// Waits up to `grace` for a server task to finish its connections, then drops them.
+async fn close_within(grace: std::time::Duration, mut task: tokio::task::JoinHandle<()>) {
+    if tokio::time::timeout(grace, &mut task).await.is_err() {
+        task.abort();
     }
 }
